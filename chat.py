@@ -1,0 +1,1310 @@
+#!/usr/bin/env python3
+"""chat.py — a WebSocket chat, server and terminal client, in one file.
+
+RFC 6455 (https://www.rfc-editor.org/rfc/rfc6455) written out by hand over
+asyncio streams, with nothing but the Python standard library (3.10 or later):
+
+    python chat.py server                  # the chat room, and a page for browsers
+    python chat.py client --name bob       # a terminal client
+    python chat.py echo --port 9001        # a bare echo server for conformance suites
+
+Read it top to bottom; the sections come in the order a learner needs them
+(``grep '^# [0-9]' chat.py`` prints this table of contents):
+
+    1. Constants      the GUID, opcodes, close codes, limits and why they are what they are
+    2. Errors         each error knows the close code or HTTP status it becomes
+    3. Handshake      HTTP/1.1 Upgrade, both sides (RFC 6455 §1.3, §4)
+    4. Frames         the §5.2 header, masking, encoding and parsing (§5.2-§5.5)
+    5. Messages       fragments, UTF-8 and close payloads (§5.4, §5.6, §7.4, §8.1)
+       --- everything above is pure: no await, no I/O, no logging ---
+    6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7)
+    7. Server         accept TCP, run the handshake, hand connections to a handler
+    8. Chat room      names, history, broadcast, commands, rate limits, the web page
+    9. Client         connect, read the keyboard, show the room safely
+   10. Command line   argparse subcommands; main(argv) -> exit status
+
+Left out on purpose: extensions (permessage-deflate), subprotocols, HTTP
+redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import codecs
+import collections
+import dataclasses
+import enum
+import hashlib
+import http
+import logging
+import os
+import re
+import secrets
+import signal
+import ssl
+import struct
+import sys
+import threading
+import time
+import typing
+import urllib.parse
+from collections.abc import Awaitable, Callable, Collection
+
+__all__ = [
+    "Opcode", "CloseCode", "Frame", "Connection", "ConnectionClosed",
+    "ProtocolError", "HandshakeError", "connect", "serve", "WebSocketServer",
+    "ChatRoom", "main",
+]
+
+logger = logging.getLogger("chat")
+
+
+# 1. Constants ##############################################################
+
+#: RFC 6455 §1.3: the server proves it read the handshake by hashing the
+#: client's key with this fixed GUID, which no non-WebSocket server would know.
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: RFC 6455 §4.1: the only version of the protocol; anything else gets 426.
+WEBSOCKET_VERSION = "13"
+
+
+class Opcode(enum.IntEnum):
+    """What a frame carries (RFC 6455 §5.2, §11.8)."""
+
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+DATA_OPCODES = frozenset({Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY})
+CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
+
+
+class CloseCode(enum.IntEnum):
+    """Why a connection closed (RFC 6455 §7.4.1 and the IANA registry)."""
+
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS_RCVD = 1005     # never sent: "the close frame had no code"
+    ABNORMAL_CLOSURE = 1006   # never sent: "TCP closed without a close frame"
+    INVALID_PAYLOAD = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+    TLS_HANDSHAKE = 1015      # never sent: "the TLS handshake failed"
+
+
+#: RFC 6455 §7.4.1-§7.4.2: codes an endpoint may put in a close frame. 1005,
+#: 1006 and 1015 only report what happened locally; 1004 is reserved;
+#: 3000-4999 belong to libraries and applications.
+SENDABLE_CLOSE_CODES = frozenset(CloseCode) - {
+    CloseCode.NO_STATUS_RCVD, CloseCode.ABNORMAL_CLOSURE, CloseCode.TLS_HANDSHAKE}
+
+# The §5.2 header, bit by bit.
+FIN_BIT = 0x80
+RSV_BITS = 0x70
+OPCODE_BITS = 0x0F
+MASK_BIT = 0x80
+LENGTH_BITS = 0x7F
+LENGTH_16 = 126   # "the next 2 bytes hold the length"
+LENGTH_64 = 127   # "the next 8 bytes hold the length"
+
+#: RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less."
+MAX_CONTROL_PAYLOAD = 125
+
+#: The largest message we accept (1 MiB): a chat line is far smaller, and a
+#: limit checked against the frame header stops a peer that announces a huge
+#: message before we buffer any of it. ``--max-size`` changes it.
+MAX_MESSAGE_SIZE = 2**20
+
+#: The request or response head: 8 KiB and 100 header lines is what common
+#: HTTP servers allow; past that we answer 431 instead of buffering more.
+MAX_HEAD_SIZE = 8 * 1024
+MAX_HEADER_LINES = 100
+
+#: The stream reader's buffer: reading pauses once this much is waiting, so a
+#: peer can never make us buffer more than about twice this per connection.
+READ_BUFFER_LIMIT = 64 * 1024
+
+#: Seconds a peer gets to finish the opening handshake, and the closing one.
+#: Both are bounded so that a silent peer can't hold a connection forever.
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
+
+#: A ping every 20 s; a peer that hasn't answered by the next one is gone.
+KEEPALIVE_INTERVAL = 20.0
+
+#: Bytes we let pile up for a peer that doesn't read before we drop it: four
+#: maximum-size messages. A slow reader costs memory, so the bound is firm.
+MAX_OUTGOING_BUFFER = 4 * MAX_MESSAGE_SIZE
+
+
+# 2. Errors #################################################################
+
+class WebSocketError(Exception):
+    """Base class for everything this module raises."""
+
+
+class HandshakeError(WebSocketError):
+    """The opening handshake failed; on the server this becomes an HTTP error."""
+
+    def __init__(self, status: http.HTTPStatus, reason: str,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+class InvalidStatus(HandshakeError):
+    """The server answered the handshake with something other than 101."""
+
+    def __str__(self) -> str:
+        text = f"server answered {self.status.value} {self.status.phrase}"
+        return f"{text}: {self.reason}" if self.reason else text
+
+
+class ProtocolError(WebSocketError):
+    """The peer broke RFC 6455; the connection fails with ``close_code``."""
+
+    close_code = CloseCode.PROTOCOL_ERROR
+
+
+class InvalidPayload(ProtocolError):
+    """Text that is not UTF-8 (RFC 6455 §8.1)."""
+
+    close_code = CloseCode.INVALID_PAYLOAD
+
+
+class MessageTooBig(ProtocolError):
+    """A message over our size limit (RFC 6455 §7.4.1, code 1009)."""
+
+    close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class ConnectionClosed(WebSocketError):
+    """The connection is over; ``code`` and ``reason`` say why (§7.1.5, §7.1.6)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{describe_close_code(self.code)}{': ' + self.reason if self.reason else ''}"
+
+
+def describe_close_code(code: int) -> str:
+    """'1001 (going away)' for a log line or a person."""
+    try:
+        name = CloseCode(code).name.replace("_", " ").lower()
+    except ValueError:
+        name = "application" if code >= 3000 else "unknown"
+    return f"{code} ({name})"
+
+
+# 3. Handshake ##############################################################
+#
+# A WebSocket connection starts life as an HTTP/1.1 request that asks to
+# "upgrade" the TCP connection (RFC 6455 §1.3, §4):
+#
+#   GET /chat HTTP/1.1                       HTTP/1.1 101 Switching Protocols
+#   Host: example.com                        Upgrade: websocket
+#   Upgrade: websocket              ──►      Connection: Upgrade
+#   Connection: Upgrade             ◄──      Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=
+#   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==
+#   Sec-WebSocket-Version: 13
+#
+# After the 101 both sides speak frames (section 4) on the same socket.
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_HTTP_VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+
+
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §1.3, §4.2.2)."""
+    digest = hashlib.sha1((key + GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def new_key() -> str:
+    """A fresh Sec-WebSocket-Key: 16 random bytes, base64-encoded (§4.1)."""
+    return base64.b64encode(secrets.token_bytes(16)).decode("ascii")
+
+
+@dataclasses.dataclass
+class Request:
+    """An HTTP request head; header names are lowercase (they are case-insensitive)."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return urllib.parse.urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        query = urllib.parse.urlsplit(self.target).query
+        return dict(urllib.parse.parse_qsl(query))
+
+
+@dataclasses.dataclass
+class Response:
+    """An HTTP response the server sends instead of upgrading."""
+
+    status: http.HTTPStatus
+    body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "text/plain; charset=utf-8"
+
+
+def bad_request(reason: str) -> HandshakeError:
+    return HandshakeError(http.HTTPStatus.BAD_REQUEST, reason)
+
+
+async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """Read lines up to the blank line that ends an HTTP head, within our limits."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # one line longer than the whole read buffer
+            raise HandshakeError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 "request head too large") from None
+        if not line.endswith(b"\n"):
+            raise asyncio.IncompleteReadError(line, None)  # the peer hung up mid-head
+        size += len(line)
+        if size > MAX_HEAD_SIZE or len(lines) > MAX_HEADER_LINES:
+            raise HandshakeError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 f"request head over {MAX_HEAD_SIZE} bytes or {MAX_HEADER_LINES} lines")
+        line = line.rstrip(b"\r\n")
+        if not line:
+            return lines
+        lines.append(line)
+
+
+def parse_headers(lines: list[bytes]) -> dict[str, str]:
+    """Header lines to a dict; a repeated header's values are joined with ", " (RFC 9110 §5.3)."""
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise bad_request(f"malformed header line {line[:40]!r}")
+        value = value.strip(b" \t")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise bad_request(f"control character in header {name.decode()}")
+        key = name.decode("ascii").lower()
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
+def parse_request(lines: list[bytes]) -> Request:
+    """The request line and headers (RFC 9112 §3), checked only as far as HTTP goes."""
+    if not lines:
+        raise bad_request("empty request")
+    try:
+        method, target, version = lines[0].decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise bad_request("malformed request line") from None
+    match = _HTTP_VERSION.fullmatch(version)
+    if not match or (int(match[1]), int(match[2])) < (1, 1):
+        raise bad_request("WebSocket needs HTTP/1.1 or later (RFC 6455 §4.1)")
+    if not target.startswith("/"):
+        raise bad_request("request target must be a path")
+    return Request(method, target, parse_headers(lines[1:]))
+
+
+def header_tokens(headers: dict[str, str], name: str) -> set[str]:
+    """A comma-separated header as a set of lowercase tokens ("keep-alive, Upgrade")."""
+    return {token.strip().lower() for token in headers.get(name, "").split(",")}
+
+
+def check_request(request: Request) -> str:
+    """Check a client's upgrade request (RFC 6455 §4.2.1); return its key."""
+    if request.method != "GET":
+        raise HandshakeError(http.HTTPStatus.METHOD_NOT_ALLOWED,
+                             "only GET can open a WebSocket", (("Allow", "GET"),))
+    headers = request.headers
+    if "host" not in headers:
+        raise bad_request("missing Host header")
+    if "websocket" not in header_tokens(headers, "upgrade"):
+        raise bad_request("this is a WebSocket endpoint: expected Upgrade: websocket")
+    if "upgrade" not in header_tokens(headers, "connection"):
+        raise bad_request("expected Connection: Upgrade")
+    version = headers.get("sec-websocket-version")
+    if version is None:
+        raise bad_request("missing Sec-WebSocket-Version")
+    if version != WEBSOCKET_VERSION:
+        # §4.4: say which version we speak, so the client can retry with it.
+        raise HandshakeError(http.HTTPStatus.UPGRADE_REQUIRED,
+                             f"unsupported WebSocket version {version}; this server speaks 13",
+                             (("Sec-WebSocket-Version", WEBSOCKET_VERSION), ("Upgrade", "websocket")))
+    key = headers.get("sec-websocket-key", "")
+    try:
+        raw_key = base64.b64decode(key, validate=True)
+    except ValueError:
+        raw_key = b""
+    if len(raw_key) != 16:
+        raise bad_request("Sec-WebSocket-Key must be 16 bytes in base64")
+    return key
+
+
+def http_response(status: http.HTTPStatus, headers: tuple[tuple[str, str], ...] = (),
+                  body: bytes = b"") -> bytes:
+    """Serialize an HTTP/1.1 response head (and body)."""
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def switching_protocols(key: str) -> bytes:
+    """The 101 response that completes the server's side of the handshake (§4.2.2)."""
+    return http_response(http.HTTPStatus.SWITCHING_PROTOCOLS, (
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", accept_key(key)),
+    ))
+
+
+def error_response(response: Response) -> bytes:
+    """A complete HTTP response that refuses or answers a request, then closes."""
+    body = response.body.encode("utf-8")
+    headers = response.headers + (
+        ("Content-Type", response.content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    )
+    return http_response(response.status, headers, body)
+
+
+@dataclasses.dataclass
+class WebSocketURI:
+    """A parsed ws:// or wss:// URI (RFC 6455 §3)."""
+
+    secure: bool
+    host: str
+    port: int
+    resource: str   # path and query: what goes in the request line
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        default = 443 if self.secure else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def parse_uri(uri: str) -> WebSocketURI:
+    """Split a WebSocket URI into what the client needs to connect (RFC 6455 §3)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"{uri!r} is not a ws:// or wss:// URI")
+    if parts.fragment or uri.endswith("#"):
+        raise ValueError("a WebSocket URI can't have a #fragment (RFC 6455 §3)")
+    if not parts.hostname:
+        raise ValueError(f"{uri!r} has no host")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)   # .port raises ValueError if out of range
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return WebSocketURI(secure, parts.hostname, port, resource)
+
+
+def build_request(uri: WebSocketURI, key: str, origin: str | None = None) -> bytes:
+    """The client's opening handshake (RFC 6455 §4.1)."""
+    lines = [
+        f"GET {uri.resource} HTTP/1.1",
+        f"Host: {uri.host_header}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        f"Sec-WebSocket-Version: {WEBSOCKET_VERSION}",
+    ]
+    if origin:
+        lines.append(f"Origin: {origin}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def parse_status_line(line: bytes) -> http.HTTPStatus:
+    """'HTTP/1.1 101 Switching Protocols' -> HTTPStatus.SWITCHING_PROTOCOLS."""
+    version, _, rest = line.decode("latin-1").partition(" ")
+    code = rest[:3]
+    if not _HTTP_VERSION.fullmatch(version) or not code.isdigit():
+        raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"not an HTTP response: {line[:40]!r}")
+    try:
+        return http.HTTPStatus(int(code))
+    except ValueError:
+        raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"unknown HTTP status {code}") from None
+
+
+def check_response(headers: dict[str, str], key: str) -> None:
+    """Check the server's 101 response (RFC 6455 §4.1, the client's steps 1-6)."""
+    def fail(reason: str) -> HandshakeError:
+        return HandshakeError(http.HTTPStatus.BAD_GATEWAY, reason)
+
+    if "websocket" not in header_tokens(headers, "upgrade"):
+        raise fail("response lacks Upgrade: websocket")
+    if "upgrade" not in header_tokens(headers, "connection"):
+        raise fail("response lacks Connection: Upgrade")
+    if headers.get("sec-websocket-accept") != accept_key(key):
+        raise fail("wrong Sec-WebSocket-Accept")
+    # §4.1 steps 5 and 6: we offered no extension and no subprotocol, so the
+    # server may not select one: we wouldn't know how to speak it.
+    if "sec-websocket-extensions" in headers:
+        raise fail("server selected an extension we did not offer")
+    if "sec-websocket-protocol" in headers:
+        raise fail("server selected a subprotocol we did not offer")
+
+
+# 4. Frames #################################################################
+#
+# RFC 6455 §5.2: every message travels in frames with this header.
+#
+#    0                   1                   2                   3
+#    0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+#   +-+-+-+-+-------+-+-------------+-------------------------------+
+#   |F|R|R|R| opcode|M| Payload len |    Extended payload length    |
+#   |I|S|S|S|  (4)  |A|     (7)     |             (16/64)           |
+#   |N|V|V|V|       |S|             |   (if payload len==126/127)   |
+#   | |1|2|3|       |K|             |                               |
+#   +-+-+-+-+-------+-+-------------+ - - - - - - - - - - - - - - - +
+#   |     Extended payload length continued, if payload len == 127  |
+#   + - - - - - - - - - - - - - - - +-------------------------------+
+#   |                               |Masking-key, if MASK set to 1  |
+#   +-------------------------------+-------------------------------+
+#   | Masking-key (continued)       |          Payload Data         |
+#   +-------------------------------- - - - - - - - - - - - - - - - +
+#   :                     Payload Data continued ...                :
+#   + - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - +
+#
+# A client masks every frame it sends with a fresh random key (§5.3) so that
+# an attacker's script can't choose the bytes a proxy sees (§10.3); a server
+# never masks. Each side fails the connection if the other gets it wrong.
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One frame: the header's bits and the (unmasked) payload."""
+
+    opcode: int
+    payload: bytes = b""
+    fin: bool = True
+    rsv: int = 0   # the three reserved bits, as a number from 0 to 7
+
+
+class FrameHeader(typing.NamedTuple):
+    """The first two bytes of a frame, decoded (§5.2).
+
+    A NamedTuple rather than a dataclass: one is made for every frame read,
+    and a tuple is the cheapest object Python can build.
+    """
+
+    fin: bool
+    rsv: int
+    opcode: int
+    masked: bool
+    length7: int   # 0-125 is the length itself; 126 and 127 announce a longer field
+
+    @property
+    def rest_size(self) -> int:
+        """How many more header bytes follow: extended length, then mask key."""
+        extended = {LENGTH_16: 2, LENGTH_64: 8}.get(self.length7, 0)
+        return extended + (4 if self.masked else 0)
+
+
+def apply_mask(data: bytes, mask_key: bytes) -> bytes:
+    """XOR data with the mask key repeated (§5.3); masking and unmasking are the same.
+
+    A per-byte Python loop costs about a microsecond per byte. Instead we turn
+    the data and the key, repeated to the same length, into two big integers
+    and XOR them in one operation that CPython runs in C, then turn the result
+    back into bytes. Byte order doesn't matter as long as both sides use the
+    same one: XOR never carries from one byte into another.
+    """
+    length = len(data)
+    key = (mask_key * (length // 4 + 1))[:length]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
+
+
+def rotate_mask(mask_key: bytes, offset: int) -> bytes:
+    """The mask key as seen from ``offset`` bytes into the payload (§5.3: byte i uses key[i % 4])."""
+    shift = offset % 4
+    return mask_key[shift:] + mask_key[:shift]
+
+
+def encode_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = False,
+                 mask_key: bytes | None = None, rsv: int = 0) -> bytes:
+    """Serialize a frame (§5.2); a client passes ``mask=True`` (§5.3)."""
+    first = (FIN_BIT if fin else 0) | rsv << 4 | opcode
+    mask_bit = MASK_BIT if mask else 0
+    length = len(payload)
+    # §5.2: "the minimal number of bytes MUST be used to encode the length".
+    if length < LENGTH_16:
+        header = bytes((first, mask_bit | length))
+    elif length < 2**16:
+        header = struct.pack("!BBH", first, mask_bit | LENGTH_16, length)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | LENGTH_64, length)
+    if not mask:
+        return header + payload
+    if mask_key is None:
+        mask_key = secrets.token_bytes(4)   # §5.3: "derived from a strong source of entropy"
+    return header + mask_key + apply_mask(payload, mask_key)
+
+
+def parse_header(first_two: bytes) -> FrameHeader:
+    """Decode the two bytes every frame starts with."""
+    first, second = first_two
+    return FrameHeader(fin=bool(first & FIN_BIT), rsv=(first & RSV_BITS) >> 4,
+                       opcode=first & OPCODE_BITS, masked=bool(second & MASK_BIT),
+                       length7=second & LENGTH_BITS)
+
+
+def check_header(header: FrameHeader, *, expect_masked: bool) -> None:
+    """Everything §5.2-§5.5 lets us reject before reading further."""
+    if header.rsv:
+        # §5.2: "MUST be 0 unless an extension is negotiated" - we negotiate none.
+        raise ProtocolError("reserved bits set without an extension")
+    if header.opcode not in DATA_OPCODES and header.opcode not in CONTROL_OPCODES:
+        raise ProtocolError(f"unknown opcode {header.opcode:#x}")
+    if header.masked != expect_masked:
+        # §5.1: a server MUST close on an unmasked frame; a client on a masked one.
+        raise ProtocolError("client frames must be masked" if expect_masked
+                            else "server frames must not be masked")
+    if header.opcode in CONTROL_OPCODES:
+        # §5.5: control frames "MUST NOT be fragmented" and carry at most 125 bytes.
+        if not header.fin:
+            raise ProtocolError("fragmented control frame")
+        if header.length7 > MAX_CONTROL_PAYLOAD:
+            raise ProtocolError("control frame payload over 125 bytes")
+
+
+def parse_header_rest(header: FrameHeader, rest: bytes) -> tuple[int, bytes | None]:
+    """The payload length and mask key from the bytes after the first two."""
+    if header.length7 == LENGTH_16:
+        length, rest = struct.unpack("!H", rest[:2])[0], rest[2:]
+    elif header.length7 == LENGTH_64:
+        length, rest = struct.unpack("!Q", rest[:8])[0], rest[8:]
+        if length >= 2**63:
+            # §5.2: "the most significant bit MUST be 0".
+            raise ProtocolError("64-bit payload length with the high bit set")
+    else:
+        length = header.length7
+    return length, (rest if header.masked else None)
+
+
+def parse_frame(data: bytes, *, expect_masked: bool) -> tuple[Frame, int]:
+    """Decode one complete frame from the start of ``data``; return it and its size.
+
+    The connection reads frames piece by piece from a socket instead; this
+    whole-buffer version shares its steps and lets tests check the RFC's bytes.
+    """
+    header = parse_header(data[:2])
+    check_header(header, expect_masked=expect_masked)
+    end_of_header = 2 + header.rest_size
+    length, mask_key = parse_header_rest(header, data[2:end_of_header])
+    payload = data[end_of_header:end_of_header + length]
+    if len(payload) < length:
+        raise ValueError("incomplete frame")
+    if mask_key is not None:
+        payload = apply_mask(payload, mask_key)
+    return Frame(header.opcode, payload, header.fin, header.rsv), end_of_header + length
+
+
+# 5. Messages ###############################################################
+
+class MessageAssembler:
+    """Joins data frames into messages (§5.4) and checks text as it arrives (§8.1).
+
+    A message is one TEXT or BINARY frame followed by CONTINUATION frames
+    until one has FIN set. Control frames may come in between (§5.4), so they
+    never pass through here. Text is decoded incrementally: an invalid byte
+    fails the connection the moment it arrives, not when the message ends.
+    """
+
+    __slots__ = ("max_size", "opcode", "size", "parts", "decoder")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.opcode: int | None = None   # TEXT or BINARY while a message is in progress
+        self.size = 0
+        self.parts: list = []
+        self.decoder: codecs.IncrementalDecoder | None = None
+
+    def start_frame(self, opcode: int, length: int) -> None:
+        """Check a data frame's header against the message in progress, before its payload."""
+        if opcode == Opcode.CONTINUATION:
+            if self.opcode is None:
+                raise ProtocolError("continuation frame with no message to continue")
+        elif self.opcode is not None:
+            raise ProtocolError("new message before the previous one's final fragment")
+        else:
+            self.opcode = opcode
+            self.size = 0
+            if opcode == Opcode.TEXT:
+                self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.size += length
+        if self.size > self.max_size:
+            # Checked against the header, so the payload is never read at all.
+            raise MessageTooBig(f"message over {self.max_size} bytes")
+
+    def add(self, chunk: bytes) -> None:
+        """Take the next piece of (unmasked) payload."""
+        if self.decoder is None:
+            self.parts.append(chunk)
+            return
+        try:
+            self.parts.append(self.decoder.decode(chunk))
+        except UnicodeDecodeError as error:
+            raise InvalidPayload(f"invalid UTF-8 in text message: {error.reason}") from None
+
+    def finish(self) -> str | bytes:
+        """The complete message, after the frame with FIN set."""
+        parts, decoder = self.parts, self.decoder
+        self.opcode, self.parts, self.decoder = None, [], None
+        if decoder is None:
+            return b"".join(parts)
+        try:
+            parts.append(decoder.decode(b"", True))   # a sequence cut off at the end?
+        except UnicodeDecodeError:
+            raise InvalidPayload("text message ends inside a UTF-8 sequence") from None
+        return "".join(parts)
+
+
+def encode_close_payload(code: int, reason: str = "") -> bytes:
+    """A close frame's payload: a 2-byte code, then a UTF-8 reason (§5.5.1)."""
+    if code == CloseCode.NO_STATUS_RCVD:
+        return b""   # "no code" is expressed by an empty payload
+    encoded = reason.encode("utf-8")
+    # Trim the reason so the frame stays within 125 bytes, without splitting a character.
+    encoded = encoded[:MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore").encode("utf-8")
+    return struct.pack("!H", code) + encoded
+
+
+def parse_close_payload(payload: bytes) -> tuple[int, str]:
+    """A received close frame's code and reason (§5.5.1, §7.4)."""
+    if not payload:
+        return CloseCode.NO_STATUS_RCVD, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame with a 1-byte payload")
+    code = struct.unpack("!H", payload[:2])[0]
+    if code not in SENDABLE_CLOSE_CODES and not 3000 <= code <= 4999:
+        raise ProtocolError(f"close code {code} is not allowed on the wire")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidPayload("close reason is not UTF-8") from None
+    return code, reason
+
+
+# 6. Connection #############################################################
+#
+# Theory of operation. A Connection runs no task of its own: the task that
+# calls recv() reads frames, answers pings, and notices the closing handshake
+# on the way to the next message. That keeps an idle connection small (one
+# task per connection in all) and keeps every frame in order: a message that
+# arrived before a broken frame is delivered before the connection fails.
+#
+# States (§7): OPEN -> CLOSING once we have sent a close frame -> CLOSED once
+# TCP is closed. Whenever we send a close frame we also start a timer that
+# aborts TCP if the peer doesn't finish the handshake in time; that one timer
+# covers a peer that never answers, never reads, or never hangs up.
+
+class State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+def format_peer(writer: asyncio.StreamWriter) -> str:
+    """'127.0.0.1:50312' or '[::1]:50312' for log lines."""
+    peer = writer.get_extra_info("peername")
+    if not peer:
+        return "?"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Connection:
+    """One WebSocket connection after the opening handshake, in either role."""
+
+    __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote",
+                 "max_buffer", "close_timeout", "state", "close_code", "close_reason",
+                 "_message", "_read_lock", "_pong_waiters", "_close_timer",
+                 "_keepalive_pending", "_trace")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 is_client: bool, path: str = "/", max_size: int = MAX_MESSAGE_SIZE,
+                 max_buffer: int = MAX_OUTGOING_BUFFER,
+                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.is_client = is_client
+        self.path = path                      # the request target, e.g. "/chat?name=bob"
+        self.remote = format_peer(writer)
+        self.max_buffer = max_buffer
+        self.close_timeout = close_timeout
+        self.state = State.OPEN
+        self.close_code: int | None = None    # set once: what the application will see
+        self.close_reason = ""
+        self._message = MessageAssembler(max_size)
+        self._read_lock = asyncio.Lock()      # frames must be read by one task at a time
+        self._pong_waiters: dict[bytes, asyncio.Future] = {}
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._keepalive_pending = False
+        self._trace = logger.isEnabledFor(logging.DEBUG)
+
+    # -- receiving ----------------------------------------------------------
+
+    async def recv(self) -> str | bytes:
+        """The next message: str for text, bytes for binary; ConnectionClosed once over."""
+        async with self._read_lock:
+            return await self._receive()
+
+    def __aiter__(self) -> Connection:
+        return self
+
+    async def __anext__(self) -> str | bytes:
+        """``async for message in conn`` ends quietly when the connection closes."""
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    async def _receive(self) -> str | bytes:
+        """Read the next message; every way a connection can end becomes ConnectionClosed."""
+        if self.state is State.CLOSED:
+            raise self._closed()
+        try:
+            return await self._read_message()
+        except ProtocolError as error:        # this is the one place errors become close codes
+            await self._fail(error.close_code, str(error))
+        except (asyncio.IncompleteReadError, OSError):
+            self._set_close(CloseCode.ABNORMAL_CLOSURE, "")   # TCP ended without a close frame
+            self._finish()
+        raise self._closed()
+
+    async def _read_message(self) -> str | bytes:
+        """Read frames until a data message is complete, handling control frames on the way."""
+        while True:
+            header, length, mask_key = await self._read_header()
+            if header.opcode in CONTROL_OPCODES:   # §5.4: may come between fragments
+                payload = await self.reader.readexactly(length)
+                if mask_key is not None:
+                    payload = apply_mask(payload, mask_key)
+                await self._on_control(header.opcode, payload)
+                continue
+            self._message.start_frame(header.opcode, length)
+            await self._read_payload(length, mask_key)
+            if header.fin:
+                message = self._message.finish()
+                if self.state is State.OPEN:   # once we sent a close frame, data is dropped
+                    return message
+
+    async def _read_header(self) -> tuple[FrameHeader, int, bytes | None]:
+        """The frame header, checked as soon as each part of it arrives (§5.2)."""
+        header = parse_header(await self.reader.readexactly(2))
+        check_header(header, expect_masked=not self.is_client)
+        rest = await self.reader.readexactly(header.rest_size) if header.rest_size else b""
+        length, mask_key = parse_header_rest(header, rest)
+        if self._trace:
+            self._log_frame("<<<", header.opcode, header.fin, length, mask_key)
+        return header, length, mask_key
+
+    async def _read_payload(self, length: int, mask_key: bytes | None) -> None:
+        """Feed a data frame's payload to the message as it arrives.
+
+        Reading whatever has arrived, rather than waiting for the whole
+        payload, lets invalid UTF-8 fail the connection the moment it shows
+        up, even in the middle of a frame (§8.1). Usually the whole payload
+        is already buffered and this loop runs once.
+        """
+        received = 0
+        while received < length:
+            chunk = await self.reader.read(length - received)
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", length - received)
+            if mask_key is not None:
+                chunk = apply_mask(chunk, rotate_mask(mask_key, received))
+            received += len(chunk)
+            self._message.add(chunk)
+
+    async def _on_control(self, opcode: int, payload: bytes) -> None:
+        if opcode == Opcode.PING:
+            # §5.5.2: "an endpoint MUST send a Pong frame in response", with the same data,
+            # unless it has already sent a close frame.
+            if self.state is State.OPEN:
+                self._write_frame(Opcode.PONG, payload)
+        elif opcode == Opcode.PONG:
+            self._on_pong(payload)
+        else:
+            await self._on_close(payload)
+
+    def _on_pong(self, payload: bytes) -> None:
+        """Wake ping() callers; an unsolicited pong is simply ignored (§5.5.3)."""
+        self._keepalive_pending = False   # any pong shows the peer is alive
+        if payload not in self._pong_waiters:
+            return
+        # §5.5.3: a pong may answer only the latest ping, so it settles earlier ones too.
+        for data in list(self._pong_waiters):
+            waiter = self._pong_waiters.pop(data)
+            if not waiter.done():
+                waiter.set_result(None)
+            if data == payload:
+                break
+
+    async def _on_close(self, payload: bytes) -> None:
+        """The peer's close frame: answer it if it started the closing handshake (§5.5.1)."""
+        code, reason = parse_close_payload(payload)
+        self._set_close(code, reason)
+        if self.state is State.OPEN:
+            # §5.5.1: "the endpoint MUST send a Close frame in response ...
+            # typically echoing the status code it received".
+            self._send_close(code)
+        if self.is_client:
+            # §7.1.1: the server closes TCP first; the client waits for that.
+            await self._discard_until_eof()
+        self._finish()
+        raise self._closed()
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one message: str as a text frame, bytes as a binary frame (§5.6)."""
+        if self.state is not State.OPEN:
+            raise self._closed()
+        if isinstance(message, str):
+            self._write_frame(Opcode.TEXT, message.encode("utf-8"))
+        else:
+            self._write_frame(Opcode.BINARY, bytes(message))
+        try:
+            await self.writer.drain()   # wait while the peer is slow to read
+        except OSError:
+            self.transport.abort()      # the reading side will see the end too
+            raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE) from None
+
+    def write_frame(self, frame: bytes) -> None:
+        """Queue an already-encoded frame without waiting: the broadcast path.
+
+        A peer that lets more than ``max_buffer`` bytes pile up is dropped
+        with 1008, so a slow reader can neither make us buffer without bound
+        nor delay anyone else: we never wait for it.
+        """
+        transport = self.transport
+        if self.state is not State.OPEN or transport.is_closing():
+            return
+        transport.write(frame)
+        if transport.get_write_buffer_size() > self.max_buffer:
+            self.fail_nowait(CloseCode.POLICY_VIOLATION,
+                             f"too slow: over {self.max_buffer} bytes waiting to be read")
+
+    def _write_frame(self, opcode: int, payload: bytes) -> None:
+        if self._trace:
+            self._log_frame(">>>", opcode, True, len(payload), b"mask" if self.is_client else None)
+        if not self.transport.is_closing():
+            self.transport.write(encode_frame(opcode, payload, mask=self.is_client))
+
+    async def ping(self, data: bytes = b"") -> None:
+        """Send a ping and wait for its pong (§5.5.2).
+
+        The pong arrives through recv(), so some task must be reading
+        (a server handler always is; a client usually runs a receive loop).
+        """
+        if self.state is not State.OPEN:
+            raise self._closed()
+        waiter = self._pong_waiters.get(data)
+        if waiter is None:
+            waiter = self._pong_waiters[data] = asyncio.get_running_loop().create_future()
+            self._write_frame(Opcode.PING, data)
+        await waiter
+
+    def keepalive_tick(self) -> None:
+        """Called every keepalive interval: ping, or drop a peer that missed the last ping.
+
+        We close with 1011, as the websockets library does: from our side the
+        connection has become unusable, which is an unexpected condition.
+        """
+        if self.state is not State.OPEN:
+            return
+        if self._keepalive_pending:
+            self.fail_nowait(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        else:
+            self._keepalive_pending = True
+            self._write_frame(Opcode.PING, b"keepalive")
+
+    # -- closing ------------------------------------------------------------
+
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Run the closing handshake (§7.1.2) and return once TCP is closed."""
+        self.close_nowait(code, reason)
+        # If another task is in recv(), it will read the peer's close frame;
+        # otherwise we read (and drop) whatever comes before it ourselves.
+        async with self._read_lock:
+            while self.state is not State.CLOSED:
+                try:
+                    await self._receive()
+                except ConnectionClosed:
+                    pass
+
+    def close_nowait(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Send a close frame now; whichever task reads will finish the handshake."""
+        if self.state is State.OPEN:
+            self._send_close(code, reason)
+
+    def fail_nowait(self, code: int, reason: str) -> None:
+        """Fail the connection from code that can't wait (a broadcast, a timer)."""
+        if self.state is State.OPEN:
+            logger.info("%s: closing with %s: %s", self.remote, describe_close_code(code), reason)
+            self._set_close(code, reason)
+            self._send_close(code, reason)
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Fail the WebSocket Connection (§7.1.7) after the peer broke the protocol."""
+        logger.info("%s: protocol error, closing with %s: %s",
+                    self.remote, describe_close_code(code), reason)
+        self._set_close(code, reason)
+        if self.state is not State.OPEN:   # already closing: no second close frame
+            self.transport.abort()
+        else:
+            self._send_close(code, reason)
+            # The peer may be halfway through frames we will never parse. We
+            # stop writing (a server closes first, §7.1.1), then discard what
+            # it sends until it hangs up, so that closing our socket with
+            # unread data doesn't send a TCP reset that could destroy our
+            # close frame before the peer reads it.
+            if not self.is_client and self.transport.can_write_eof():
+                self.transport.write_eof()
+            await self._discard_until_eof()
+        self._finish()
+
+    def _send_close(self, code: int, reason: str = "") -> None:
+        self._write_frame(Opcode.CLOSE, encode_close_payload(code, reason))
+        self.state = State.CLOSING
+        loop = asyncio.get_running_loop()
+        self._close_timer = loop.call_later(self.close_timeout, self.transport.abort)
+
+    async def _discard_until_eof(self) -> None:
+        """Read and drop bytes until the peer closes TCP (or the close timer aborts it)."""
+        try:
+            while await self.reader.read(READ_BUFFER_LIMIT):
+                pass
+        except OSError:
+            pass
+
+    def _set_close(self, code: int, reason: str) -> None:
+        """Record why the connection ended; the first explanation wins."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+
+    def _finish(self) -> None:
+        """TCP is (being) closed: settle everything still waiting on this connection."""
+        self.state = State.CLOSED
+        self._set_close(CloseCode.ABNORMAL_CLOSURE, "")
+        self.writer.close()
+        # Keep the timer only while our last bytes are still queued for a
+        # peer that isn't reading: then it is what finally aborts TCP.
+        if self._close_timer is not None and not self.transport.get_write_buffer_size():
+            self._close_timer.cancel()
+        for waiter in self._pong_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(self._closed())
+        self._pong_waiters.clear()
+
+    def _closed(self) -> ConnectionClosed:
+        code = CloseCode.ABNORMAL_CLOSURE if self.close_code is None else self.close_code
+        return ConnectionClosed(code, self.close_reason)
+
+    def _log_frame(self, direction: str, opcode: int, fin: bool, length: int,
+                   mask_key: bytes | None) -> None:
+        """The -v frame trace: a learner can watch the protocol at work."""
+        name = Opcode(opcode).name if opcode in DATA_OPCODES | CONTROL_OPCODES else hex(opcode)
+        logger.debug("%s %s %s fin=%d len=%d%s", self.remote, direction, name, fin, length,
+                     " masked" if mask_key is not None else "")
+
+
+async def keepalive(connections: Collection[Connection], interval: float) -> None:
+    """Ping every connection each interval, dropping those that missed the last ping.
+
+    One loop for the whole server, instead of a timer task per connection.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        for conn in list(connections):
+            conn.keepalive_tick()
+
+
+# 7. Server #################################################################
+
+Handler = Callable[[Connection], Awaitable[None]]
+RequestHook = Callable[[Request], "Response | None"]
+
+
+class WebSocketServer:
+    """Accepts TCP connections, runs the opening handshake, hands each WebSocket to a handler.
+
+    ``process_request`` may answer a request itself (a web page, a 404, a
+    refusal) by returning a Response; returning None lets the upgrade go on.
+    """
+
+    def __init__(self, handler: Handler, *, process_request: RequestHook | None = None,
+                 max_size: int = MAX_MESSAGE_SIZE, max_buffer: int = MAX_OUTGOING_BUFFER,
+                 max_clients: int | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 close_timeout: float = CLOSE_TIMEOUT,
+                 keepalive_interval: float | None = KEEPALIVE_INTERVAL) -> None:
+        self.handler = handler
+        self.process_request = process_request
+        self.max_size = max_size
+        self.max_buffer = max_buffer
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.close_timeout = close_timeout
+        self.keepalive_interval = keepalive_interval
+        self.connections: set[Connection] = set()
+        self._tasks: dict[asyncio.Task, Connection | None] = {}
+        self._server: asyncio.Server | None = None
+        self._keepalive: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(
+            self._serve_tcp, host, port, ssl=ssl_context, limit=READ_BUFFER_LIMIT, backlog=1024)
+        if self.keepalive_interval:
+            self._keepalive = asyncio.create_task(keepalive(self.connections, self.keepalive_interval))
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TCP connection, from the first byte to the last."""
+        task = asyncio.current_task()
+        self._tasks[task] = None
+        try:
+            conn = await self._handshake(reader, writer)
+            if conn is not None:
+                self._tasks[task] = conn
+                await self._run_handler(conn)
+        finally:
+            del self._tasks[task]
+            writer.close()
+
+    async def _run_handler(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        code = CloseCode.NORMAL_CLOSURE
+        try:
+            await self.handler(conn)
+        except Exception:   # a bug in the handler must not take the server down
+            logger.exception("%s: handler failed", conn.remote)
+            code = CloseCode.INTERNAL_ERROR
+        finally:
+            self.connections.discard(conn)
+        await conn.close(code)
+
+    async def _handshake(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> Connection | None:
+        """Read the request; answer 101 and return a Connection, or refuse and return None."""
+        peer = format_peer(writer)
+        timer = asyncio.get_running_loop().call_later(
+            self.handshake_timeout, self._handshake_timed_out, writer, peer)
+        try:
+            request = parse_request(await read_http_head(reader))
+            response, key = self._route(request)
+        except HandshakeError as error:
+            response = Response(error.status, error.reason + "\n", error.headers)
+        except (asyncio.IncompleteReadError, OSError):
+            return None   # the peer left mid-handshake, or the timer cut it off
+        finally:
+            timer.cancel()
+        if response is not None:
+            if response.status >= 400:
+                logger.info("%s: refused handshake: %d %s", peer, response.status, response.body.strip()[:200])
+            writer.write(error_response(response))
+            return None
+        writer.write(switching_protocols(key))
+        return Connection(reader, writer, is_client=False, path=request.target,
+                          max_size=self.max_size, max_buffer=self.max_buffer,
+                          close_timeout=self.close_timeout)
+
+    def _route(self, request: Request) -> tuple[Response | None, str]:
+        """Decide what a request gets: (a response, "") or (None, the WebSocket key)."""
+        if request.method != "GET":
+            raise HandshakeError(http.HTTPStatus.METHOD_NOT_ALLOWED,
+                                 "only GET is supported", (("Allow", "GET"),))
+        if self.process_request is not None:
+            response = self.process_request(request)
+            if response is not None:
+                return response, ""
+        key = check_request(request)
+        if self.max_clients is not None and len(self.connections) >= self.max_clients:
+            return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                            f"server full ({self.max_clients} clients); try again later\n",
+                            (("Retry-After", "30"),)), ""
+        return None, key
+
+    @staticmethod
+    def _handshake_timed_out(writer: asyncio.StreamWriter, peer: str) -> None:
+        logger.info("%s: handshake not completed in time; dropping", peer)
+        writer.transport.abort()
+
+    async def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
+        """Stop listening, close every connection with ``code``, wait for them (bounded)."""
+        if self._server is not None:
+            self._server.close()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        for task, conn in list(self._tasks.items()):
+            if conn is None:
+                task.cancel()             # still in its handshake
+            else:
+                conn.close_nowait(code, reason)
+        tasks = list(self._tasks)
+        if tasks:
+            # Each close frame carries its own abort timer, so this wait is
+            # bounded; the margin covers a handler still tidying up.
+            _, pending = await asyncio.wait(tasks, timeout=self.close_timeout + 1)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(tasks)
+
+
+async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
+                ssl_context: ssl.SSLContext | None = None, **options: typing.Any) -> WebSocketServer:
+    """Start a WebSocket server; ``options`` go to WebSocketServer."""
+    server = WebSocketServer(handler, **options)
+    await server.start(host, port, ssl_context)
+    return server
+
+
+async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
+                  origin: str | None = None, max_size: int = MAX_MESSAGE_SIZE,
+                  open_timeout: float = HANDSHAKE_TIMEOUT,
+                  close_timeout: float = CLOSE_TIMEOUT) -> Connection:
+    """Open a client connection to a ws:// or wss:// URI (RFC 6455 §4.1)."""
+    target = parse_uri(uri)
+    if target.secure and ssl_context is None:
+        ssl_context = ssl.create_default_context()   # verifies the certificate and host name
+
+    async def open_and_handshake() -> Connection:
+        reader, writer = await asyncio.open_connection(
+            target.host, target.port, ssl=ssl_context if target.secure else None,
+            limit=READ_BUFFER_LIMIT)
+        try:
+            await client_handshake(reader, writer, target, origin)
+        except BaseException:
+            writer.close()
+            raise
+        return Connection(reader, writer, is_client=True, path=target.resource,
+                          max_size=max_size, close_timeout=close_timeout)
+
+    try:
+        return await asyncio.wait_for(open_and_handshake(), open_timeout)
+    except asyncio.TimeoutError:
+        raise HandshakeError(http.HTTPStatus.GATEWAY_TIMEOUT,
+                             f"no handshake within {open_timeout:g} s") from None
+
+
+async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           target: WebSocketURI, origin: str | None) -> None:
+    """Send the request and check the response (§4.1); raise HandshakeError if refused."""
+    key = new_key()
+    writer.write(build_request(target, key, origin))
+    try:
+        lines = await read_http_head(reader)
+    except asyncio.IncompleteReadError:
+        raise HandshakeError(http.HTTPStatus.BAD_GATEWAY,
+                             "connection closed during the handshake") from None
+    if not lines:
+        raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, "empty response")
+    status = parse_status_line(lines[0])
+    headers = parse_headers(lines[1:])
+    if status != http.HTTPStatus.SWITCHING_PROTOCOLS:
+        raise InvalidStatus(status, await read_short_body(reader, headers))
+    check_response(headers, key)
+
+
+async def read_short_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> str:
+    """The first line of an error response's body: servers put the reason there."""
+    try:
+        length = min(int(headers.get("content-length", "0")), 4096)
+        body = await reader.readexactly(length)
+    except (ValueError, asyncio.IncompleteReadError, OSError):
+        return ""
+    lines = body.decode("utf-8", "replace").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+# 10. Command line ##########################################################
+
+async def echo(conn: Connection) -> None:
+    """Send every message back unchanged: the server conformance suites expect."""
+    async for message in conn:
+        await conn.send(message)
+
+
+async def run_until_signalled(server: WebSocketServer) -> None:
+    """Serve until Ctrl-C or SIGTERM, then close every connection with 1001."""
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+    try:
+        await stop
+    finally:
+        logger.info("shutting down: closing %d connection(s) with 1001", len(server.connections))
+        await server.close()
+
+
+async def run_echo(args: argparse.Namespace) -> int:
+    server = await serve(echo, args.host, args.port, max_size=args.max_size,
+                         max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
+    logger.info("echo server on ws://%s:%d/", args.host, server.port)
+    await run_until_signalled(server)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chat.py", description="A WebSocket chat (RFC 6455) in one file, standard library only.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every frame (direction, opcode, FIN, length, mask)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    echo_cmd = commands.add_parser("echo", help="an echo server for conformance suites (Autobahn)")
+    echo_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    echo_cmd.add_argument("--port", type=int, default=9001, help="port to listen on (default: %(default)s)")
+    echo_cmd.add_argument("--max-size", type=int, default=MAX_MESSAGE_SIZE,
+                          help="largest message accepted, in bytes (default: %(default)s)")
+    echo_cmd.set_defaults(run=run_echo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return asyncio.run(args.run(args))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as error:   # e.g. the port is taken
+        print(f"chat.py: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
