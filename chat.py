@@ -1248,6 +1248,544 @@ async def read_short_body(reader: asyncio.StreamReader, headers: dict[str, str])
     return lines[0] if lines else ""
 
 
+# 8. Chat room ##############################################################
+#
+# The application on top of the protocol, after the Ktor hands-on "Creating a
+# WebSocket chat": everyone in one room, every line relayed to everyone.
+# Everything on the wire is a plain text line, readable in any WebSocket
+# client (wscat, a browser console):
+#
+#   [bob]: hello                  a message, the name attached by the server
+#   [bob → alice]: psst           a private message (/msg alice psst)
+#   (history) [bob]: earlier      the recent past, sent to a newcomer
+#   * alice joined                a notice from the server
+
+CHAT_PATH = "/chat"
+
+#: A newcomer sees the last 50 messages.
+HISTORY_SIZE = 50
+
+#: Names fit on a line and can't be confused with the "[name]:" framing.
+MAX_NAME_LENGTH = 32
+
+#: Announcing each arrival to every member costs N² writes while a room
+#: fills; past this size joins and leaves are not announced, as in big IRC
+#: channels. ``--announce-limit`` changes it.
+ANNOUNCE_LIMIT = 100
+
+#: Flood control: a burst of 20 messages, then 2 per second. A member who
+#: keeps sending into a refusal 20 times in a row is disconnected (1008).
+RATE_BURST = 20
+RATE_PER_SECOND = 2.0
+
+#: What the server adds around a member's text when it relays it, at most:
+#: a client must accept messages this much larger than the server's limit.
+RELAY_OVERHEAD = 1024
+
+HELP = "* commands: /who (who is here), /msg NAME TEXT (private message), /quit"
+
+
+def check_name(raw: str) -> str:
+    """A usable name, or ValueError saying why not."""
+    name = raw.strip()
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise ValueError(f"a name must have 1 to {MAX_NAME_LENGTH} characters")
+    # /msg NAME TEXT needs names without spaces; "[" and "]" would blur "[name]:".
+    if not name.isprintable() or any(c.isspace() or c in "[]" for c in name):
+        raise ValueError("a name can't contain spaces, brackets or control characters")
+    return name
+
+
+class TokenBucket:
+    """Rate limiting: ``burst`` tokens, refilled at ``rate`` per second, one per message."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class ChatRoom:
+    """Who is here, what they said lately, and relaying it to everyone."""
+
+    def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
+                 burst: int = RATE_BURST, announce_limit: int = ANNOUNCE_LIMIT,
+                 allowed_origins: Collection[str] = (), secure: bool = False) -> None:
+        self.members: dict[str, Connection] = {}
+        self.history: collections.deque[str] = collections.deque(maxlen=history_size)
+        self.rate, self.burst = rate, burst
+        self.announce_limit = announce_limit
+        self.allowed_origins = {origin.lower().rstrip("/") for origin in allowed_origins}
+        self.secure = secure
+        self._guest_number = 0
+
+    # -- before the upgrade ------------------------------------------------
+
+    def process_request(self, request: Request) -> Response | None:
+        """Serve the page at /, refuse other paths and foreign origins, upgrade /chat."""
+        upgrade = "websocket" in header_tokens(request.headers, "upgrade")
+        if request.path == "/" and not upgrade:
+            return Response(http.HTTPStatus.OK, PAGE, content_type="text/html; charset=utf-8")
+        if request.path != CHAT_PATH:
+            return Response(http.HTTPStatus.NOT_FOUND, "not found: the chat is at /chat, the page at /\n")
+        origin = request.headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin, request.headers.get("host", "")):
+            return Response(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed here\n")
+        return None
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        """RFC 6455 §10.2: browsers say which site opened the socket; accept only ours.
+
+        Without this check any web page a member visits could open a socket
+        to the chat with their cookies and speak in their name (cross-site
+        WebSocket hijacking). Non-browser clients send no Origin at all.
+        """
+        origin = origin.lower().rstrip("/")
+        own = f"{'https' if self.secure else 'http'}://{host.lower()}"
+        return origin == own or origin in self.allowed_origins
+
+    # -- a member's life ---------------------------------------------------
+
+    async def handle(self, conn: Connection) -> None:
+        """The WebSocket handler: admit, relay until the member leaves, say goodbye."""
+        try:
+            name = self.admit(conn)
+        except ValueError as refusal:
+            # Refused after the upgrade, with a close reason, rather than with
+            # an HTTP error: browsers never show a page the body of a failed
+            # handshake, but they do show a close frame's reason.
+            logger.info("%s: refused: %s", conn.remote, refusal)
+            await conn.close(CloseCode.POLICY_VIOLATION, str(refusal))
+            return
+        logger.info("%s: %s joined (%d here)", conn.remote, name, len(self.members))
+        try:
+            await self.relay_messages(name, conn)
+        finally:
+            del self.members[name]
+            logger.info("%s: %s left (%s)", conn.remote, name, describe_close_code(conn.close_code or 1006))
+            if len(self.members) < self.announce_limit:
+                self.broadcast(f"* {name} left")
+
+    def admit(self, conn: Connection) -> str:
+        """Give the newcomer a name, a greeting and the recent history; tell the others."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(conn.path).query)
+        name = check_name(query["name"][0]) if "name" in query else self.guest_name()
+        if name in self.members:
+            raise ValueError(f"the name {name} is taken; pick another")
+        if len(self.members) < self.announce_limit:
+            self.broadcast(f"* {name} joined")
+        self.members[name] = conn
+        count = len(self.members)
+        self.tell(conn, f"* You are connected as {name}! There {'is' if count == 1 else 'are'} "
+                        f"{count} user{'' if count == 1 else 's'} here. Type /help for commands.")
+        for line in self.history:
+            self.tell(conn, f"(history) {line}")
+        return name
+
+    def guest_name(self) -> str:
+        while True:
+            self._guest_number += 1
+            name = f"user{self._guest_number}"
+            if name not in self.members:
+                return name
+
+    async def relay_messages(self, name: str, conn: Connection) -> None:
+        """Read the member's messages until the connection ends."""
+        bucket = TokenBucket(self.rate, self.burst) if self.rate else None
+        refused_in_a_row = 0
+        async for message in conn:
+            if isinstance(message, bytes):
+                conn.fail_nowait(CloseCode.UNSUPPORTED_DATA, "binary messages are not chat; send text")
+            elif bucket is not None and not bucket.take():
+                refused_in_a_row += 1
+                if refused_in_a_row >= self.burst:
+                    conn.fail_nowait(CloseCode.POLICY_VIOLATION, "flooding")
+                else:
+                    self.tell(conn, f"* slow down: message not sent (at most {self.rate:g} per second)")
+            else:
+                refused_in_a_row = 0
+                self.on_text(name, conn, message)
+
+    def on_text(self, name: str, conn: Connection, text: str) -> None:
+        if not text.startswith("/"):
+            line = f"[{name}]: {text}"
+            self.history.append(line)
+            self.broadcast(line)
+            return
+        command, _, argument = text.partition(" ")
+        if command == "/who":
+            self.tell(conn, f"* {len(self.members)} here: {', '.join(sorted(self.members))}")
+        elif command == "/msg":
+            self.private_message(name, conn, argument)
+        elif command == "/quit":
+            conn.close_nowait(CloseCode.NORMAL_CLOSURE, "bye")
+        else:
+            self.tell(conn, HELP)
+
+    def private_message(self, name: str, conn: Connection, argument: str) -> None:
+        recipient, _, text = argument.strip().partition(" ")
+        if not recipient or not text:
+            self.tell(conn, "* usage: /msg NAME TEXT")
+        elif recipient not in self.members:
+            self.tell(conn, f"* there is no {recipient} here; /who lists who is")
+        else:
+            line = f"[{name} → {recipient}]: {text}"
+            self.tell(self.members[recipient], line)
+            if recipient != name:
+                self.tell(conn, line)
+
+    # -- sending -----------------------------------------------------------
+
+    def tell(self, conn: Connection, text: str) -> None:
+        """Send one line to one member, without waiting."""
+        conn.write_frame(encode_frame(Opcode.TEXT, text.encode("utf-8")))
+
+    def broadcast(self, text: str) -> None:
+        """Send one line to every member.
+
+        The frame is encoded once and the same bytes are written to every
+        socket (a server's frames are unmasked, so they are identical). We
+        never wait for one member's socket to drain before the next: a slow
+        reader only fills its own buffer, and write_frame cuts it off there.
+        """
+        frame = encode_frame(Opcode.TEXT, text.encode("utf-8"))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("broadcast >>> TEXT fin=1 len=%d to %d member(s)", len(frame), len(self.members))
+        for conn in self.members.values():
+            conn.write_frame(frame)
+
+
+#: The browser page served at "/": self-contained (no external scripts,
+#: styles or fonts), text shown with textContent so it is never parsed as
+#: HTML, and the socket URL taken from the page's own location.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chat.py</title>
+<style>
+body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
+header, form { padding: .5em 1em; background: #f3f3f3; display: flex; gap: .5em; }
+#log { flex: 1; overflow-y: auto; padding: .5em 1em; margin: 0; list-style: none; white-space: pre-wrap; }
+.notice { color: #777; font-style: italic; } .history { color: #999; } .private { color: #a0a; }
+.mine { color: #070; } input[type=text] { flex: 1; }
+</style></head>
+<body>
+<header><strong>chat.py</strong><span id="status">not connected</span></header>
+<ul id="log"></ul>
+<form id="join"><input id="name" type="text" placeholder="your name" maxlength="32" autofocus>
+<button>Join</button></form>
+<form id="send" hidden><input id="text" type="text" placeholder="message, /who, /msg NAME TEXT" autocomplete="off">
+<button>Send</button></form>
+<script>
+"use strict";
+const log = document.getElementById("log"), status = document.getElementById("status");
+const joinForm = document.getElementById("join"), sendForm = document.getElementById("send");
+let socket = null, myName = "";
+
+function show(text) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  if (text.startsWith("* ")) item.className = "notice";
+  else if (text.startsWith("(history) ")) item.className = "history";
+  else if (/^\\[[^\\]]* → /.test(text)) item.className = "private";
+  else if (text.startsWith("[" + myName + "]: ")) item.className = "mine";
+  const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
+  log.appendChild(item);
+  if (atBottom) log.scrollTop = log.scrollHeight;
+}
+
+joinForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  myName = document.getElementById("name").value.trim();
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const query = myName ? "?name=" + encodeURIComponent(myName) : "";
+  socket = new WebSocket(scheme + "//" + location.host + "/chat" + query);
+  status.textContent = "connecting…";
+  socket.onopen = () => {
+    status.textContent = "connected";
+    joinForm.hidden = true; sendForm.hidden = false;
+    document.getElementById("text").focus();
+  };
+  socket.onmessage = (event) => {
+    const named = /^\\* You are connected as (\\S+)!/.exec(event.data);
+    if (named) myName = named[1];
+    show(event.data);
+  };
+  socket.onclose = (event) => {
+    show("* disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")");
+    status.textContent = "not connected";
+    joinForm.hidden = false; sendForm.hidden = true;
+  };
+});
+
+sendForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("text");
+  if (input.value && socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(input.value);
+    input.value = "";
+  }
+});
+</script>
+</body></html>
+"""
+
+
+# 9. Client #################################################################
+#
+# The terminal client: a thread reads the keyboard (input() blocks, and the
+# event loop must not), the event loop receives and prints. Lines from the
+# network are printed *above* the line being typed, and nothing a peer sends
+# reaches the terminal unescaped.
+
+#: Close codes after which the server may well come back: reconnect then.
+#: Anything else (a refused name, a protocol error) would only repeat.
+RECONNECT_CODES = frozenset({
+    CloseCode.GOING_AWAY, CloseCode.ABNORMAL_CLOSURE, CloseCode.INTERNAL_ERROR,
+    CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
+
+#: Reconnection waits 1, 2, 4 ... seconds, never more than 30.
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+
+#: Print a line above the one being typed, leaving it (and the cursor) intact;
+#: the technique of the websockets library's interactive client. In words:
+#: save the cursor; open a new line and come back up; insert a blank line,
+#: which pushes the typed line down; print there; restore the cursor, which
+#: is now one line above the typed line (or on it, if the screen scrolled),
+#: and step down.
+ABOVE_PROMPT = "\x1b7\n\x1b[A\x1b[L{}\n\x1b8\x1b[B"
+
+STYLES = {"mine": "1;32", "private": "35", "notice": "33", "history": "2", "error": "31"}
+
+
+def printable(text: str) -> str:
+    """Escape every control or invisible character, so a peer can't drive our terminal.
+
+    An escape sequence could clear the screen, move the cursor or retitle
+    the window; a newline or a right-to-left override could fake a line from
+    someone else. Each one is shown as its Python escape instead (\\x1b, \\n).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+class Screen:
+    """Where the room's lines go: escaped, coloured if wanted, above the typed line."""
+
+    def __init__(self, out: typing.TextIO, *, interactive: bool, color: bool, name: str = "") -> None:
+        self.out = out
+        self.interactive = interactive   # a person typing at a terminal, with a prompt
+        self.color = color
+        self.name = name
+        self.prompt = "> " if interactive else ""
+        self._lock = threading.Lock()    # the keyboard thread writes too
+
+    def classify(self, line: str) -> str:
+        if line.startswith("* "):
+            return "notice"
+        if line.startswith("(history) "):
+            return "history"
+        if re.match(r"\[[^\]]* → ", line):
+            return "private"
+        if self.name and line.startswith(f"[{self.name}]: "):
+            return "mine"
+        return ""
+
+    def show(self, line: str, style: str | None = None) -> None:
+        named = re.match(r"\* You are connected as (\S+)!", line)
+        if named:
+            self.name = named[1]
+        text = printable(line)
+        code = STYLES.get(self.classify(line) if style is None else style)
+        if self.color and code:
+            text = f"\x1b[{code}m{text}\x1b[0m"
+        with self._lock:
+            self.out.write(ABOVE_PROMPT.format(text) if self.interactive else text + "\n")
+            self.out.flush()
+
+    def erase_typed_line(self) -> None:
+        """After Enter, remove the typed line: the server's echo will show it."""
+        with self._lock:
+            self.out.write("\x1b[A\x1b[2K")
+            self.out.flush()
+
+
+class Keyboard:
+    """Lines the user typed, read by a daemon thread so Ctrl-C or exit never waits for Enter.
+
+    None in the queue means "the user is done" (Ctrl-D, end of input, Ctrl-C).
+    """
+
+    def __init__(self, screen: Screen, stdin: typing.TextIO) -> None:
+        self.screen = screen
+        self.stdin = stdin
+        self.lines: collections.deque[str | None] = collections.deque()
+        self.ready = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="keyboard", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                line: str | None = input(self.screen.prompt) if self.screen.interactive \
+                    else self.stdin.readline()
+            except (EOFError, OSError, ValueError):
+                line = None
+            if not self.screen.interactive:
+                line = line.rstrip("\n") if line else None   # "" means end of input
+            elif line is not None:
+                self.screen.erase_typed_line()
+            self.loop.call_soon_threadsafe(self.put, line)
+            if line is None:
+                return
+
+    def put(self, line: str | None) -> None:
+        self.lines.append(line)
+        self.ready.set()
+
+    def interrupt(self) -> None:
+        """Ctrl-C: quit before anything still queued."""
+        self.lines.appendleft(None)
+        self.ready.set()
+
+    async def wait(self) -> None:
+        while not self.lines:
+            self.ready.clear()
+            await self.ready.wait()
+
+
+def explain_connect_error(error: BaseException) -> str:
+    """What went wrong, in words a person can act on."""
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused — is the server running?"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"{error.verify_message}: the server's certificate is not trusted " \
+               "(--cafile FILE trusts a private CA; --insecure skips the check)"
+    if isinstance(error, (HandshakeError, ValueError)):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def with_name(url: str, name: str | None) -> str:
+    """The chat URL with ?name=... set (or left to the server when no name is given)."""
+    if not name:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "name"]
+    query.append(("name", name))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+class ChatClient:
+    """Connects, shows the room, sends what is typed, reconnects when the server goes away."""
+
+    def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *,
+                 reconnect: bool = True, ssl_context: ssl.SSLContext | None = None,
+                 max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD) -> None:
+        self.url, self.screen, self.keyboard = url, screen, keyboard
+        self.reconnect = reconnect
+        self.ssl_context = ssl_context
+        self.max_size = max_size
+
+    async def run(self) -> int:
+        """The whole session; returns the exit status."""
+        backoff, connected_before = FIRST_BACKOFF, False
+        while True:
+            try:
+                conn = await connect(self.url, ssl_context=self.ssl_context, max_size=self.max_size)
+            except (OSError, HandshakeError, ValueError) as error:
+                if not (connected_before and self.reconnect):
+                    self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}", "error")
+                    return 1
+                self.screen.show(f"* reconnecting in {backoff:g} s ({explain_connect_error(error)})", "notice")
+                if await self.quit_requested_within(backoff):
+                    return 0
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            connected_before, backoff = True, FIRST_BACKOFF
+            closed = await self.session(conn)
+            if closed is None:
+                return 0
+            self.screen.show(f"* disconnected: {closed}", "error")
+            if not self.reconnect or closed.code not in RECONNECT_CODES:
+                return 1
+            self.screen.show(f"* reconnecting in {backoff:g} s", "notice")
+            if await self.quit_requested_within(backoff):
+                return 0
+
+    async def session(self, conn: Connection) -> ConnectionClosed | None:
+        """One connection: None if the user quit, else how the connection ended."""
+        receiving = asyncio.create_task(self.show_incoming(conn))
+        pinging = asyncio.create_task(keepalive({conn}, KEEPALIVE_INTERVAL))
+        try:
+            while True:
+                typed = asyncio.create_task(self.keyboard.wait())
+                await asyncio.wait({typed, receiving}, return_when=asyncio.FIRST_COMPLETED)
+                typed.cancel()
+                if receiving.done():
+                    return receiving.result()
+                line = self.keyboard.lines.popleft()
+                if line is None or line.strip() == "/quit":
+                    await conn.close(CloseCode.NORMAL_CLOSURE)
+                    return None
+                if line.strip():
+                    await self.send(conn, line)
+        finally:
+            receiving.cancel()
+            pinging.cancel()
+
+    async def send(self, conn: Connection, line: str) -> None:
+        try:
+            await conn.send(line)
+        except ConnectionClosed:
+            self.keyboard.lines.appendleft(line)   # not lost: sent after reconnecting
+            await asyncio.sleep(0)                 # let the receiving task report the close
+
+    async def show_incoming(self, conn: Connection) -> ConnectionClosed:
+        while True:
+            try:
+                message = await conn.recv()
+            except ConnectionClosed as closed:
+                return closed
+            if isinstance(message, bytes):
+                message = f"* (binary message of {len(message)} bytes)"
+            self.screen.show(message)
+
+    async def quit_requested_within(self, delay: float) -> bool:
+        """Wait ``delay`` seconds; True if the user quit meanwhile (typed lines stay queued)."""
+        deadline = asyncio.get_running_loop().time() + delay
+        while True:
+            if None in self.keyboard.lines or any(
+                    line is not None and line.strip() == "/quit" for line in self.keyboard.lines):
+                return True
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            self.keyboard.ready.clear()
+            try:
+                await asyncio.wait_for(self.keyboard.ready.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+
+
 # 10. Command line ##########################################################
 
 async def echo(conn: Connection) -> None:
@@ -1272,22 +1810,138 @@ async def run_until_signalled(server: WebSocketServer) -> None:
 async def run_echo(args: argparse.Namespace) -> int:
     server = await serve(echo, args.host, args.port, max_size=args.max_size,
                          max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
-    logger.info("echo server on ws://%s:%d/", args.host, server.port)
+    logger.info("echo server on ws://%s/", host_port(args.host, server.port))
     await run_until_signalled(server)
     return 0
 
 
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    if not certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cafile)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def run_server(args: argparse.Namespace) -> int:
+    ssl_context = server_ssl_context(args.certfile, args.keyfile)
+    room = ChatRoom(rate=args.rate, burst=args.burst, announce_limit=args.announce_limit,
+                    allowed_origins=args.allow_origin, secure=ssl_context is not None)
+    server = await serve(room.handle, args.host, args.port, ssl_context=ssl_context,
+                         process_request=room.process_request, max_size=args.max_size,
+                         max_buffer=args.max_buffer, max_clients=args.max_clients)
+    address = host_port(args.host, server.port)
+    secure = "s" if ssl_context else ""
+    logger.info("chat server ready: ws%s://%s%s for clients, http%s://%s/ in a browser",
+                secure, address, CHAT_PATH, secure, address)
+    await run_until_signalled(server)
+    return 0
+
+
+async def run_client(args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    screen = Screen(sys.stdout, interactive=interactive, color=color, name=args.name or "")
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:   # not on every platform; plain input() still works
+            pass
+    keyboard = Keyboard(screen, sys.stdin)
+    url = with_name(args.url, args.name)
+    ssl_context = client_ssl_context(args.cafile, args.insecure) if url.startswith("wss:") else None
+    if args.insecure:
+        screen.show("* --insecure: the server's certificate is NOT checked", "error")
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, keyboard.interrupt)
+    keyboard.start()
+    client = ChatClient(url, screen, keyboard, reconnect=not args.no_reconnect,
+                        ssl_context=ssl_context, max_size=args.max_size)
+    return await client.run()
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chat.py", description="A WebSocket chat (RFC 6455) in one file, standard library only.")
+        prog="chat.py",
+        description="A WebSocket chat (RFC 6455) in one file, standard library only.",
+        epilog="Try: 'python chat.py server' in one terminal, "
+               "'python chat.py client --name bob' in another, http://127.0.0.1:8080/ in a browser.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every frame (direction, opcode, FIN, length, mask)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    echo_cmd = commands.add_parser("echo", help="an echo server for conformance suites (Autobahn)")
+    server = commands.add_parser(
+        "server", help="run the chat room (WebSocket at /chat, web page at /)",
+        description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
+                    "Ctrl-C closes every connection with 1001 (going away) and exits.")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    server.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    server.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
+                        help="largest message accepted, in bytes; larger ones close with 1009 "
+                             "(default: %(default)s)")
+    server.add_argument("--max-clients", type=positive_int, default=1000,
+                        help="connections beyond this get HTTP 503 (default: %(default)s)")
+    server.add_argument("--max-buffer", type=positive_int, default=MAX_OUTGOING_BUFFER,
+                        help="bytes a client may leave unread before it is dropped with 1008 "
+                             "(default: %(default)s)")
+    server.add_argument("--rate", type=float, default=RATE_PER_SECOND,
+                        help="messages per second allowed per client after a burst; 0 turns "
+                             "flood control off (default: %(default)s)")
+    server.add_argument("--burst", type=positive_int, default=RATE_BURST,
+                        help="messages a client may send at once (default: %(default)s)")
+    server.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT,
+                        help="stop announcing joins and leaves past this many members "
+                             "(default: %(default)s)")
+    server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also accept browsers from this origin, e.g. https://example.com "
+                             "(repeatable; the server's own origin is always accepted)")
+    server.add_argument("--certfile", help="serve https:// and wss:// with this certificate (PEM)")
+    server.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
+    server.set_defaults(run=run_server)
+
+    client = commands.add_parser(
+        "client", help="join the chat from this terminal",
+        description="Join the chat. Type a line and Enter to send it; /who, /msg NAME TEXT; "
+                    "/quit, Ctrl-D or Ctrl-C to leave. If the server goes away the client "
+                    "reconnects, waiting 1, 2, 4 ... up to 30 seconds between attempts.")
+    client.add_argument("--name", help="your name in the room (default: the server picks userN)")
+    client.add_argument("--url", default=f"ws://127.0.0.1:8080{CHAT_PATH}",
+                        help="the chat's WebSocket URL (default: %(default)s)")
+    client.add_argument("--no-reconnect", action="store_true",
+                        help="exit with status 1 when the connection is lost")
+    client.add_argument("--cafile", help="trust the CA certificate(s) in this PEM file for wss://")
+    client.add_argument("--insecure", action="store_true",
+                        help="don't verify the server's certificate (testing only)")
+    client.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
+                        help="largest message accepted, in bytes (default: %(default)s)")
+    client.set_defaults(run=run_client)
+
+    echo_cmd = commands.add_parser(
+        "echo", help="an echo server for conformance suites (Autobahn)",
+        description="Send every message back unchanged, on any path.")
     echo_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     echo_cmd.add_argument("--port", type=int, default=9001, help="port to listen on (default: %(default)s)")
-    echo_cmd.add_argument("--max-size", type=int, default=MAX_MESSAGE_SIZE,
+    echo_cmd.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                           help="largest message accepted, in bytes (default: %(default)s)")
     echo_cmd.set_defaults(run=run_echo)
     return parser
@@ -1295,15 +1949,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if args.command == "client" and not args.verbose:
+        level = logging.WARNING   # the client's screen is for the chat
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    terminal = save_terminal() if args.command == "client" else None
     try:
         return asyncio.run(args.run(args))
     except KeyboardInterrupt:
         return 0
-    except OSError as error:   # e.g. the port is taken
+    except (OSError, ssl.SSLError) as error:   # e.g. the port is taken, a bad certificate file
         print(f"chat.py: {error.strerror or error}", file=sys.stderr)
         return 1
+    finally:
+        restore_terminal(terminal)
+
+
+def save_terminal() -> list | None:
+    """The terminal's settings, to restore if we exit while readline holds it in raw mode."""
+    if not sys.stdin.isatty():
+        return None
+    try:
+        import termios   # Unix only; imported here so the rest runs anywhere
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (ImportError, OSError):
+        return None
+
+
+def restore_terminal(settings: list | None) -> None:
+    if settings is not None:
+        import termios
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
 
 
 if __name__ == "__main__":
