@@ -1670,6 +1670,11 @@ class Keyboard:
             await self.ready.wait()
 
 
+def wants_color(out: typing.TextIO, environ: typing.Mapping[str, str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return out.isatty() and not environ.get("NO_COLOR")
+
+
 def explain_connect_error(error: BaseException) -> str:
     """What went wrong, in words a person can act on."""
     if isinstance(error, ConnectionRefusedError):
@@ -1699,15 +1704,17 @@ class ChatClient:
 
     def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *,
                  reconnect: bool = True, ssl_context: ssl.SSLContext | None = None,
-                 max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD) -> None:
+                 max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
+                 first_backoff: float = FIRST_BACKOFF) -> None:
         self.url, self.screen, self.keyboard = url, screen, keyboard
         self.reconnect = reconnect
+        self.first_backoff = first_backoff
         self.ssl_context = ssl_context
         self.max_size = max_size
 
     async def run(self) -> int:
         """The whole session; returns the exit status."""
-        backoff, connected_before = FIRST_BACKOFF, False
+        backoff, connected_before = self.first_backoff, False
         while True:
             try:
                 conn = await connect(self.url, ssl_context=self.ssl_context, max_size=self.max_size)
@@ -1720,7 +1727,7 @@ class ChatClient:
                     return 0
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            connected_before, backoff = True, FIRST_BACKOFF
+            connected_before, backoff = True, self.first_backoff
             closed = await self.session(conn)
             if closed is None:
                 return 0
@@ -1852,7 +1859,7 @@ async def run_server(args: argparse.Namespace) -> int:
 
 async def run_client(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    color = wants_color(sys.stdout, os.environ)
     screen = Screen(sys.stdout, interactive=interactive, color=color, name=args.name or "")
     if interactive:
         try:

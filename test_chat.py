@@ -1,0 +1,822 @@
+"""Tests for chat.py, in the order of its sections; standard library only.
+
+    python -m unittest -v test_chat
+
+Each class names the part of RFC 6455 it checks. Network tests use real
+sockets on 127.0.0.1 with port 0, and every await runs under a timeout.
+"""
+
+import asyncio
+import base64
+import http
+import io
+import logging
+import os
+import random
+import socket
+import ssl
+import struct
+import tempfile
+import unittest
+
+import chat
+from chat import CloseCode, Opcode
+
+#: No single step of a test may take longer than this (seconds).
+TIMEOUT = 10.0
+
+MASK = b"\x37\xfa\x21\x3d"   # the mask key of RFC 6455 §5.7's examples
+
+
+async def within(awaitable, seconds: float = TIMEOUT):
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0) -> bytes:
+    """A frame as a client sends it: masked."""
+    return chat.encode_frame(opcode, payload, fin=fin, mask=True, mask_key=MASK, rsv=rsv)
+
+
+def close_frame_payload(code: int, reason: str = "") -> bytes:
+    return struct.pack("!H", code) + reason.encode()
+
+
+class QuietLogs(unittest.TestCase):
+    """Keep the expected refusals out of the test output."""
+
+    @classmethod
+    def setUpClass(cls):
+        logging.getLogger("chat").setLevel(logging.CRITICAL)
+
+    @classmethod
+    def tearDownClass(cls):
+        logging.getLogger("chat").setLevel(logging.NOTSET)
+
+
+# 3. Handshake ##############################################################
+
+class TestHandshake(unittest.TestCase):
+    """RFC 6455 §1.3 and §4: the opening handshake, as pure functions."""
+
+    def request(self, **overrides):
+        headers = {
+            "host": "example.com", "upgrade": "websocket", "connection": "Upgrade",
+            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13",
+        }
+        headers.update(overrides)
+        return chat.Request("GET", "/chat", {k: v for k, v in headers.items() if v is not None})
+
+    def assert_refused(self, request, status):
+        with self.assertRaises(chat.HandshakeError) as caught:
+            chat.check_request(request)
+        self.assertEqual(caught.exception.status, status)
+        return caught.exception
+
+    def test_accept_key_matches_rfc_example(self):
+        # RFC 6455 §1.3
+        self.assertEqual(chat.accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_new_key_is_16_random_bytes_in_base64(self):
+        keys = {chat.new_key() for _ in range(10)}
+        self.assertEqual(len(keys), 10)
+        for key in keys:
+            self.assertEqual(len(base64.b64decode(key)), 16)
+
+    def test_valid_request_returns_key(self):
+        self.assertEqual(chat.check_request(self.request()), "dGhlIHNhbXBsZSBub25jZQ==")
+
+    def test_header_values_are_case_insensitive_and_token_lists(self):
+        request = self.request(upgrade="WebSocket", connection="keep-alive, UPGRADE")
+        self.assertEqual(chat.check_request(request), "dGhlIHNhbXBsZSBub25jZQ==")
+
+    def test_rejects_missing_host(self):
+        self.assert_refused(self.request(host=None), http.HTTPStatus.BAD_REQUEST)
+
+    def test_rejects_plain_http_request(self):
+        self.assert_refused(self.request(upgrade=None, connection=None), http.HTTPStatus.BAD_REQUEST)
+
+    def test_rejects_connection_without_upgrade_token(self):
+        self.assert_refused(self.request(connection="keep-alive"), http.HTTPStatus.BAD_REQUEST)
+
+    def test_rejects_key_that_is_not_16_bytes(self):
+        for key in ("", "not base64!", base64.b64encode(b"x" * 15).decode(), None):
+            with self.subTest(key=key):
+                self.assert_refused(self.request(**{"sec-websocket-key": key}), http.HTTPStatus.BAD_REQUEST)
+
+    def test_rejects_other_version_with_426_naming_13(self):
+        error = self.assert_refused(self.request(**{"sec-websocket-version": "8"}),
+                                    http.HTTPStatus.UPGRADE_REQUIRED)
+        self.assertIn(("Sec-WebSocket-Version", "13"), error.headers)
+
+    def test_rejects_missing_version(self):
+        self.assert_refused(self.request(**{"sec-websocket-version": None}), http.HTTPStatus.BAD_REQUEST)
+
+    def test_rejects_method_other_than_get_with_405(self):
+        request = self.request()
+        request.method = "POST"
+        self.assert_refused(request, http.HTTPStatus.METHOD_NOT_ALLOWED)
+
+    def test_parse_request_rejects_http_1_0_and_garbage(self):
+        for line in (b"GET / HTTP/1.0", b"GET /", b"GET  / HTTP/1.1", b"\xff / HTTP/1.1", b"GET x HTTP/1.1"):
+            with self.subTest(line=line):
+                with self.assertRaises(chat.HandshakeError) as caught:
+                    chat.parse_request([line, b"Host: x"])
+                self.assertEqual(caught.exception.status, http.HTTPStatus.BAD_REQUEST)
+
+    def test_parse_headers_joins_repeats_and_rejects_malformed_lines(self):
+        headers = chat.parse_headers([b"Connection: keep-alive", b"connection:  Upgrade "])
+        self.assertEqual(headers["connection"], "keep-alive, Upgrade")
+        for line in (b"no colon", b"bad name: x", b" folded: x", b"X: a\x00b"):
+            with self.subTest(line=line), self.assertRaises(chat.HandshakeError):
+                chat.parse_headers([line])
+
+    def test_parse_uri(self):
+        cases = {
+            "ws://example.com": (False, "example.com", 80, "/", "example.com"),
+            "wss://example.com/chat?name=bob": (True, "example.com", 443, "/chat?name=bob", "example.com"),
+            "ws://example.com:8080/a/b": (False, "example.com", 8080, "/a/b", "example.com:8080"),
+            "wss://example.com:443/": (True, "example.com", 443, "/", "example.com"),
+            "ws://[::1]:9000/chat": (False, "::1", 9000, "/chat", "[::1]:9000"),
+            "ws://[::1]/": (False, "::1", 80, "/", "[::1]"),
+        }
+        for uri, (secure, host, port, resource, host_header) in cases.items():
+            with self.subTest(uri=uri):
+                parsed = chat.parse_uri(uri)
+                self.assertEqual((parsed.secure, parsed.host, parsed.port, parsed.resource, parsed.host_header),
+                                 (secure, host, port, resource, host_header))
+
+    def test_parse_uri_rejects_other_schemes_fragments_and_bad_ports(self):
+        for uri in ("http://example.com/", "ws://example.com/#frag", "ws:///path", "ws://host:99999/"):
+            with self.subTest(uri=uri), self.assertRaises(ValueError):
+                chat.parse_uri(uri)
+
+    def test_build_request_has_every_required_header(self):
+        request = chat.build_request(chat.parse_uri("ws://[::1]:9000/chat?x=1"), "KEY", "http://o")
+        lines = request.decode().split("\r\n")
+        self.assertEqual(lines[0], "GET /chat?x=1 HTTP/1.1")
+        for line in ("Host: [::1]:9000", "Upgrade: websocket", "Connection: Upgrade",
+                     "Sec-WebSocket-Key: KEY", "Sec-WebSocket-Version: 13", "Origin: http://o"):
+            self.assertIn(line, lines)
+        self.assertTrue(request.endswith(b"\r\n\r\n"))
+
+    def test_check_response(self):
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        good = {"upgrade": "websocket", "connection": "Upgrade",
+                "sec-websocket-accept": "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="}
+        chat.check_response(good, key)
+        for change in ({"upgrade": "h2c"}, {"connection": "close"}, {"sec-websocket-accept": "wrong"},
+                       {"sec-websocket-extensions": "permessage-deflate"}, {"sec-websocket-protocol": "chat"}):
+            with self.subTest(change=change), self.assertRaises(chat.HandshakeError):
+                chat.check_response({**good, **change}, key)
+
+
+# 4. Frames #################################################################
+
+class TestFrames(unittest.TestCase):
+    """RFC 6455 §5.2-§5.7: every §5.7 example, bytes -> frame and frame -> bytes."""
+
+    EXAMPLES = [
+        # (description, bytes on the wire, masked, opcode, payload, fin)
+        ("unmasked text 'Hello'", bytes.fromhex("810548656c6c6f"), False, Opcode.TEXT, b"Hello", True),
+        ("masked text 'Hello'", bytes.fromhex("818537fa213d7f9f4d5158"), True, Opcode.TEXT, b"Hello", True),
+        ("first fragment 'Hel'", bytes.fromhex("010348656c"), False, Opcode.TEXT, b"Hel", False),
+        ("final fragment 'lo'", bytes.fromhex("80026c6f"), False, Opcode.CONTINUATION, b"lo", True),
+        ("unmasked ping 'Hello'", bytes.fromhex("890548656c6c6f"), False, Opcode.PING, b"Hello", True),
+        ("masked pong 'Hello'", bytes.fromhex("8a8537fa213d7f9f4d5158"), True, Opcode.PONG, b"Hello", True),
+        ("256 bytes binary", bytes.fromhex("827e0100") + bytes(256), False, Opcode.BINARY, bytes(256), True),
+        ("64 KiB binary", bytes.fromhex("827f0000000000010000") + bytes(65536), False, Opcode.BINARY,
+         bytes(65536), True),
+    ]
+
+    def test_rfc_examples_decode(self):
+        for description, wire, masked, opcode, payload, fin in self.EXAMPLES:
+            with self.subTest(description):
+                frame, size = chat.parse_frame(wire, expect_masked=masked)
+                self.assertEqual(frame, chat.Frame(opcode, payload, fin))
+                self.assertEqual(size, len(wire))
+
+    def test_rfc_examples_encode(self):
+        for description, wire, masked, opcode, payload, fin in self.EXAMPLES:
+            with self.subTest(description):
+                encoded = chat.encode_frame(opcode, payload, fin=fin, mask=masked,
+                                            mask_key=MASK if masked else None)
+                self.assertEqual(encoded, wire)
+
+    def test_lengths_use_the_smallest_field(self):
+        for length, header_size in ((0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)):
+            with self.subTest(length=length):
+                encoded = chat.encode_frame(Opcode.BINARY, bytes(length))
+                self.assertEqual(len(encoded) - length, header_size)
+                self.assertEqual(chat.parse_frame(encoded, expect_masked=False)[0].payload, bytes(length))
+
+    def test_masking_uses_a_fresh_key_each_time(self):
+        frames = {chat.encode_frame(Opcode.TEXT, b"same", mask=True) for _ in range(10)}
+        self.assertEqual(len(frames), 10)
+        for frame in frames:
+            self.assertEqual(chat.parse_frame(frame, expect_masked=True)[0].payload, b"same")
+
+    def test_apply_mask_is_its_own_inverse_and_matches_a_byte_loop(self):
+        data = bytes(range(256)) * 5 + b"xyz"
+        expected = bytes(b ^ MASK[i % 4] for i, b in enumerate(data))
+        self.assertEqual(chat.apply_mask(data, MASK), expected)
+        self.assertEqual(chat.apply_mask(expected, MASK), data)
+        self.assertEqual(chat.apply_mask(b"", MASK), b"")
+
+    def test_rotated_mask_unmasks_a_payload_read_in_pieces(self):
+        data = bytes(range(50))
+        masked = chat.apply_mask(data, MASK)
+        pieces = [masked[:3], masked[3:10], masked[10:11], masked[11:]]
+        offset, out = 0, b""
+        for piece in pieces:
+            out += chat.apply_mask(piece, chat.rotate_mask(MASK, offset))
+            offset += len(piece)
+        self.assertEqual(out, data)
+
+    def assert_header_rejected(self, wire: bytes, *, expect_masked: bool):
+        with self.assertRaises(chat.ProtocolError) as caught:
+            chat.parse_frame(wire, expect_masked=expect_masked)
+        self.assertEqual(caught.exception.close_code, CloseCode.PROTOCOL_ERROR)
+
+    def test_server_rejects_unmasked_client_frame(self):
+        self.assert_header_rejected(bytes.fromhex("810548656c6c6f"), expect_masked=True)
+
+    def test_client_rejects_masked_server_frame(self):
+        self.assert_header_rejected(bytes.fromhex("818537fa213d7f9f4d5158"), expect_masked=False)
+
+    def test_rejects_reserved_bits(self):
+        for rsv in range(1, 8):
+            with self.subTest(rsv=rsv):
+                self.assert_header_rejected(client_frame(Opcode.TEXT, b"x", rsv=rsv), expect_masked=True)
+
+    def test_rejects_unknown_opcodes(self):
+        for opcode in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF):
+            with self.subTest(opcode=opcode):
+                self.assert_header_rejected(client_frame(opcode), expect_masked=True)
+
+    def test_rejects_fragmented_and_oversized_control_frames(self):
+        self.assert_header_rejected(client_frame(Opcode.PING, b"x", fin=False), expect_masked=True)
+        self.assert_header_rejected(client_frame(Opcode.PING, bytes(126)), expect_masked=True)
+        self.assertEqual(chat.parse_frame(client_frame(Opcode.PING, bytes(125)), expect_masked=True)[0].payload,
+                         bytes(125))
+
+    def test_rejects_64_bit_length_with_high_bit(self):
+        self.assert_header_rejected(bytes.fromhex("827f8000000000000000"), expect_masked=False)
+
+
+# 5. Messages ###############################################################
+
+class TestMessages(unittest.TestCase):
+    """RFC 6455 §5.4 (fragments), §8.1 (UTF-8), §5.5.1 and §7.4 (close payloads)."""
+
+    def test_reassembles_fragmented_text(self):
+        assembler = chat.MessageAssembler(100)
+        assembler.start_frame(Opcode.TEXT, 3)
+        assembler.add(b"Hel")
+        assembler.start_frame(Opcode.CONTINUATION, 2)
+        assembler.add(b"lo")
+        self.assertEqual(assembler.finish(), "Hello")
+
+    def test_continuation_with_nothing_to_continue_is_1002(self):
+        with self.assertRaises(chat.ProtocolError) as caught:
+            chat.MessageAssembler(100).start_frame(Opcode.CONTINUATION, 1)
+        self.assertEqual(caught.exception.close_code, CloseCode.PROTOCOL_ERROR)
+
+    def test_new_message_before_final_fragment_is_1002(self):
+        assembler = chat.MessageAssembler(100)
+        assembler.start_frame(Opcode.TEXT, 1)
+        with self.assertRaises(chat.ProtocolError) as caught:
+            assembler.start_frame(Opcode.BINARY, 1)
+        self.assertEqual(caught.exception.close_code, CloseCode.PROTOCOL_ERROR)
+
+    def test_size_limit_counts_every_fragment_and_is_1009(self):
+        assembler = chat.MessageAssembler(10)
+        assembler.start_frame(Opcode.BINARY, 6)
+        with self.assertRaises(chat.MessageTooBig) as caught:
+            assembler.start_frame(Opcode.CONTINUATION, 5)
+        self.assertEqual(caught.exception.close_code, CloseCode.MESSAGE_TOO_BIG)
+
+    def test_invalid_utf8_fails_at_the_byte_not_at_the_end(self):
+        assembler = chat.MessageAssembler(100)
+        assembler.start_frame(Opcode.TEXT, 20)
+        assembler.add("κό".encode())
+        with self.assertRaises(chat.InvalidPayload) as caught:
+            assembler.add(b"\xed\xa0\x80")   # a UTF-16 surrogate: never valid in UTF-8
+        self.assertEqual(caught.exception.close_code, CloseCode.INVALID_PAYLOAD)
+
+    def test_utf8_split_across_fragments_is_fine_but_cut_off_is_1007(self):
+        assembler = chat.MessageAssembler(100)
+        assembler.start_frame(Opcode.TEXT, 2)
+        assembler.add("é".encode()[:1])
+        assembler.add("é".encode()[1:])
+        self.assertEqual(assembler.finish(), "é")
+        assembler.start_frame(Opcode.TEXT, 1)
+        assembler.add(b"\xc3")
+        with self.assertRaises(chat.InvalidPayload):
+            assembler.finish()
+
+    def test_close_payloads(self):
+        self.assertEqual(chat.parse_close_payload(b""), (CloseCode.NO_STATUS_RCVD, ""))
+        self.assertEqual(chat.parse_close_payload(close_frame_payload(1000, "bye")), (1000, "bye"))
+        for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999):
+            with self.subTest(code=code):
+                self.assertEqual(chat.parse_close_payload(struct.pack("!H", code))[0], code)
+
+    def test_close_payload_of_one_byte_is_1002(self):
+        with self.assertRaises(chat.ProtocolError) as caught:
+            chat.parse_close_payload(b"\x03")
+        self.assertEqual(caught.exception.close_code, CloseCode.PROTOCOL_ERROR)
+
+    def test_close_codes_not_allowed_on_the_wire_are_1002(self):
+        for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535):
+            with self.subTest(code=code), self.assertRaises(chat.ProtocolError) as caught:
+                chat.parse_close_payload(struct.pack("!H", code))
+            self.assertEqual(caught.exception.close_code, CloseCode.PROTOCOL_ERROR)
+
+    def test_close_reason_that_is_not_utf8_is_1007(self):
+        with self.assertRaises(chat.InvalidPayload) as caught:
+            chat.parse_close_payload(struct.pack("!H", 1000) + b"\xff")
+        self.assertEqual(caught.exception.close_code, CloseCode.INVALID_PAYLOAD)
+
+    def test_encoded_close_reason_fits_in_a_control_frame(self):
+        payload = chat.encode_close_payload(1000, "é" * 200)
+        self.assertLessEqual(len(payload), 125)
+        self.assertEqual(chat.parse_close_payload(payload)[0], 1000)
+        self.assertEqual(chat.encode_close_payload(CloseCode.NO_STATUS_RCVD), b"")
+
+
+# 6. Connection #############################################################
+
+class FakeTransport(asyncio.Transport):
+    """Records what the connection writes; closing it ends the reader, as TCP would."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        super().__init__()
+        self.reader = reader
+        self.written = bytearray()
+        self.closing = False
+        self.eof_written = False
+
+    def write(self, data):
+        self.written += data
+
+    def is_closing(self):
+        return self.closing
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.eof_written = True
+
+    def close(self):
+        self.closing = True
+
+    def abort(self):
+        self.closing = True
+        self.reader.feed_eof()
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 12345) if name == "peername" else default
+
+
+class FakeWriter:
+    """Just the StreamWriter methods a Connection uses."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def get_extra_info(self, name, default=None):
+        return self.transport.get_extra_info(name, default)
+
+    def close(self):
+        self.transport.close()
+
+    async def drain(self):
+        pass
+
+
+class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """RFC 6455 §5-§7 on one connection, fed through a bare asyncio.StreamReader."""
+
+    def connect(self, *, is_client=False, max_size=2**20):
+        self.reader = asyncio.StreamReader()
+        self.transport = FakeTransport(self.reader)
+        return chat.Connection(self.reader, FakeWriter(self.transport), is_client=is_client,
+                               max_size=max_size, close_timeout=1.0)
+
+    def sent_frames(self, *, by_client=False):
+        data, frames = bytes(self.transport.written), []
+        while data:
+            frame, size = chat.parse_frame(data, expect_masked=by_client)
+            frames.append(frame)
+            data = data[size:]
+        return frames
+
+    async def feed_slowly(self, data: bytes, then_eof: bool = False):
+        """One byte per turn of the event loop, like the slowest possible network."""
+        for i in range(len(data)):
+            self.reader.feed_data(data[i:i + 1])
+            await asyncio.sleep(0)
+        if then_eof:
+            self.reader.feed_eof()
+
+    async def assert_fails_with(self, conn, code: int, data: bytes):
+        self.reader.feed_data(data)
+        self.reader.feed_eof()
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(conn.recv())
+        self.assertEqual(caught.exception.code, code)
+        close = self.sent_frames(by_client=conn.is_client)[-1]
+        self.assertEqual(close.opcode, Opcode.CLOSE)
+        self.assertEqual(chat.parse_close_payload(close.payload)[0], code)
+        self.assertEqual(conn.state, chat.State.CLOSED)
+
+    async def test_frame_reader_fed_one_byte_at_a_time(self):
+        conn = self.connect()
+        wire = (client_frame(Opcode.TEXT, b"Hel", fin=False) + client_frame(Opcode.PING, b"p")
+                + client_frame(Opcode.CONTINUATION, b"lo") + client_frame(Opcode.BINARY, bytes(300)))
+        feeding = asyncio.create_task(self.feed_slowly(wire))
+        self.assertEqual(await within(conn.recv()), "Hello")
+        self.assertEqual(await within(conn.recv()), bytes(300))
+        await feeding
+        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.PONG, b"p")])
+
+    async def test_ping_is_answered_with_same_payload_and_unsolicited_pong_ignored(self):
+        conn = self.connect()
+        self.reader.feed_data(client_frame(Opcode.PONG, b"nobody asked")
+                              + client_frame(Opcode.PING, b"data") + client_frame(Opcode.TEXT, b"after"))
+        self.assertEqual(await within(conn.recv()), "after")
+        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.PONG, b"data")])
+
+    async def test_ping_returns_when_its_pong_arrives(self):
+        conn = self.connect(is_client=True)
+        pinging = asyncio.create_task(conn.ping(b"42"))
+        receiving = asyncio.create_task(conn.recv())
+        await asyncio.sleep(0)
+        self.assertFalse(pinging.done())
+        self.reader.feed_data(chat.encode_frame(Opcode.PONG, b"42") + chat.encode_frame(Opcode.TEXT, b"x"))
+        await within(pinging)
+        self.assertEqual(await within(receiving), "x")
+        self.assertEqual(self.sent_frames(by_client=True), [chat.Frame(Opcode.PING, b"42")])
+
+    async def test_server_rejects_unmasked_client_frame_with_1002(self):
+        await self.assert_fails_with(self.connect(), CloseCode.PROTOCOL_ERROR,
+                                     chat.encode_frame(Opcode.TEXT, b"hi"))
+
+    async def test_client_rejects_masked_server_frame_with_1002(self):
+        await self.assert_fails_with(self.connect(is_client=True), CloseCode.PROTOCOL_ERROR,
+                                     client_frame(Opcode.TEXT, b"hi"))
+
+    async def test_protocol_errors_close_with_1002(self):
+        cases = {
+            "reserved bit": client_frame(Opcode.TEXT, b"x", rsv=4),
+            "unknown opcode": client_frame(0x3, b"x"),
+            "fragmented ping": client_frame(Opcode.PING, b"x", fin=False),
+            "ping over 125": client_frame(Opcode.PING, bytes(126)),
+            "lone continuation": client_frame(Opcode.CONTINUATION, b"x"),
+            "text inside text": client_frame(Opcode.TEXT, b"a", fin=False) + client_frame(Opcode.TEXT, b"b"),
+            "1-byte close": client_frame(Opcode.CLOSE, b"\x03"),
+            "close code 1005": client_frame(Opcode.CLOSE, close_frame_payload(1005)),
+            "close code 999": client_frame(Opcode.CLOSE, close_frame_payload(999)),
+        }
+        for name, wire in cases.items():
+            with self.subTest(name):
+                await self.assert_fails_with(self.connect(), CloseCode.PROTOCOL_ERROR, wire)
+
+    async def test_invalid_utf8_closes_with_1007(self):
+        await self.assert_fails_with(self.connect(), CloseCode.INVALID_PAYLOAD,
+                                     client_frame(Opcode.TEXT, b"ok \xff"))
+        await self.assert_fails_with(self.connect(), CloseCode.INVALID_PAYLOAD,
+                                     client_frame(Opcode.CLOSE, close_frame_payload(1000) + b"\xff"))
+
+    async def test_invalid_utf8_fails_before_the_frame_is_complete(self):
+        conn = self.connect()
+        wire = client_frame(Opcode.TEXT, b"valid, then \xf4\x90 and more that never arrives")
+        # Only the header and the first bytes of the payload: a reader that waits
+        # for the whole frame would see the end of the stream (1006) instead.
+        await self.assert_fails_with(conn, CloseCode.INVALID_PAYLOAD, wire[:6 + 14])
+
+    async def test_message_over_the_limit_closes_with_1009_before_the_payload(self):
+        conn = self.connect(max_size=1000)
+        header_only = client_frame(Opcode.BINARY, bytes(1001))[:8]
+        await self.assert_fails_with(conn, CloseCode.MESSAGE_TOO_BIG, header_only)
+
+    async def test_message_before_a_broken_frame_is_delivered_first(self):
+        conn = self.connect()
+        self.reader.feed_data(client_frame(Opcode.TEXT, b"first") + client_frame(Opcode.TEXT, b"x", rsv=1))
+        self.reader.feed_eof()
+        self.assertEqual(await within(conn.recv()), "first")
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(conn.recv())
+        self.assertEqual(caught.exception.code, CloseCode.PROTOCOL_ERROR)
+
+    async def test_peer_close_is_echoed_and_reported(self):
+        conn = self.connect()
+        self.reader.feed_data(client_frame(Opcode.CLOSE, close_frame_payload(1001, "bye")))
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(conn.recv())
+        self.assertEqual((caught.exception.code, caught.exception.reason), (1001, "bye"))
+        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.CLOSE, struct.pack("!H", 1001))])
+        self.assertTrue(self.transport.closing)   # the server closes TCP first (§7.1.1)
+
+    async def test_empty_close_is_reported_as_1005_and_answered_empty(self):
+        conn = self.connect()
+        self.reader.feed_data(client_frame(Opcode.CLOSE))
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(conn.recv())
+        self.assertEqual(caught.exception.code, CloseCode.NO_STATUS_RCVD)
+        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.CLOSE, b"")])
+
+    async def test_tcp_dying_is_reported_as_1006(self):
+        conn = self.connect()
+        self.reader.feed_data(client_frame(Opcode.TEXT, b"half")[:5])
+        self.reader.feed_eof()
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(conn.recv())
+        self.assertEqual(caught.exception.code, CloseCode.ABNORMAL_CLOSURE)
+        self.assertEqual(self.sent_frames(), [])
+
+    async def test_close_waits_for_the_peers_close_and_drops_data_in_between(self):
+        conn = self.connect()
+        closing = asyncio.create_task(conn.close(CloseCode.GOING_AWAY, "later"))
+        await asyncio.sleep(0)
+        self.assertEqual(self.sent_frames()[-1].payload, close_frame_payload(1001, "later"))
+        self.reader.feed_data(client_frame(Opcode.TEXT, b"late") + client_frame(Opcode.CLOSE, close_frame_payload(1001)))
+        await within(closing)
+        self.assertEqual(conn.state, chat.State.CLOSED)
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await conn.recv()
+        self.assertEqual(caught.exception.code, CloseCode.GOING_AWAY)
+        with self.assertRaises(chat.ConnectionClosed):
+            await conn.send("too late")
+
+    async def test_close_gives_up_after_the_timeout_when_the_peer_is_silent(self):
+        conn = self.connect()
+        await within(conn.close(), 5)   # close_timeout is 1 s here
+        self.assertEqual(conn.state, chat.State.CLOSED)
+        self.assertEqual(conn.close_code, CloseCode.ABNORMAL_CLOSURE)
+
+    async def test_client_waits_for_the_server_to_close_tcp(self):
+        conn = self.connect(is_client=True)
+        self.reader.feed_data(chat.encode_frame(Opcode.CLOSE, close_frame_payload(1000)))
+        receiving = asyncio.create_task(conn.recv())
+        for _ in range(10):                     # let it run as far as it can
+            await asyncio.sleep(0)
+        self.assertFalse(receiving.done())      # still waiting for the server's FIN
+        self.reader.feed_eof()
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(receiving)
+        self.assertEqual(caught.exception.code, 1000)
+
+
+# 7. Server and client over real sockets ####################################
+
+async def raw_exchange(port: int, data: bytes, *, read_until_eof: bool = True) -> bytes:
+    """Send raw bytes to the server and return everything it answers before closing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await within(reader.read()) if read_until_eof else b""
+    finally:
+        writer.close()
+
+
+def upgrade_request(path: str = "/", extra: str = "", version: str = "13") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
+            f"{extra}\r\n").encode()
+
+
+class ServerTestCase(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """Starts servers on 127.0.0.1:0 and closes them (and their clients) afterwards."""
+
+    async def start(self, handler=chat.echo, **options):
+        options.setdefault("keepalive_interval", None)
+        options.setdefault("close_timeout", 2.0)
+        server = await chat.serve(handler, "127.0.0.1", 0, **options)
+        self.addAsyncCleanup(server.close)   # after its clients: cleanups run last-in, first-out
+        return server
+
+    async def open(self, server, path="/", **options):
+        conn = await within(chat.connect(f"ws://127.0.0.1:{server.port}{path}", **options))
+        self.addAsyncCleanup(conn.close)
+        return conn
+
+
+class TestEchoRoundTrips(ServerTestCase):
+    """The client and server roles talking to each other (RFC 6455 §5-§7)."""
+
+    async def test_text_and_binary_at_every_length_boundary(self):
+        server = await self.start()
+        conn = await self.open(server)
+        for size in (0, 125, 126, 65535, 65536, 2**20):
+            with self.subTest(size=size):
+                text = "é" * (size // 2) + "x" * (size % 2)   # multi-byte UTF-8, exactly `size` bytes
+                await within(conn.send(text))
+                self.assertEqual(await within(conn.recv()), text)
+                data = os.urandom(size)
+                await within(conn.send(data))
+                self.assertEqual(await within(conn.recv()), data)
+
+    async def test_async_for_and_ping(self):
+        server = await self.start()
+        conn = await self.open(server)
+        await conn.send("one")
+        await conn.send("two")
+        received = []
+        async for message in conn:
+            received.append(message)
+            if len(received) == 2:
+                pinging = asyncio.create_task(conn.ping(b"are you there"))
+                await conn.close()
+        self.assertEqual(received, ["one", "two"])
+        with self.assertRaises(chat.ConnectionClosed):
+            await within(pinging)   # the connection ended before a pong could be read
+
+    async def test_ping_round_trip(self):
+        server = await self.start()
+        conn = await self.open(server)
+        receiving = asyncio.create_task(conn.recv())
+        await within(conn.ping(b"hello"))
+        await conn.send("done")
+        self.assertEqual(await within(receiving), "done")
+
+    async def test_client_starts_the_closing_handshake(self):
+        seen = asyncio.get_running_loop().create_future()
+
+        async def handler(conn):
+            try:
+                await conn.recv()
+            except chat.ConnectionClosed as closed:
+                seen.set_result((closed.code, closed.reason))
+
+        server = await self.start(handler)
+        conn = await self.open(server)
+        await within(conn.close(CloseCode.NORMAL_CLOSURE, "bye"))
+        self.assertEqual(await within(seen), (1000, "bye"))
+        self.assertEqual(conn.close_code, 1000)   # the server's echo
+
+    async def test_server_starts_the_closing_handshake(self):
+        async def handler(conn):
+            await conn.close(CloseCode.POLICY_VIOLATION, "go away")
+
+        server = await self.start(handler)
+        conn = await self.open(server)
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(conn.recv())
+        self.assertEqual((caught.exception.code, caught.exception.reason), (1008, "go away"))
+
+    async def test_handler_crash_closes_with_1011(self):
+        async def handler(conn):
+            raise RuntimeError("bug")
+
+        server = await self.start(handler)
+        with self.assertLogs("chat", logging.ERROR) as logs, self.assertRaises(chat.ConnectionClosed) as caught:
+            conn = await self.open(server)
+            await within(conn.recv())
+        self.assertEqual(caught.exception.code, CloseCode.INTERNAL_ERROR)
+        self.assertIn("handler failed", logs.output[0])
+
+    async def test_frame_pipelined_with_the_handshake_is_not_lost(self):
+        server = await self.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(upgrade_request() + client_frame(Opcode.TEXT, b"early bird"))
+        head = await within(reader.readuntil(b"\r\n\r\n"))
+        self.assertIn(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", head)
+        echoed = await within(reader.readexactly(2 + len(b"early bird")))
+        self.assertEqual(echoed, chat.encode_frame(Opcode.TEXT, b"early bird"))
+        writer.close()
+
+    async def test_server_shutdown_closes_clients_with_1001(self):
+        server = await self.start()
+        conns = [await self.open(server) for _ in range(3)]
+        receiving = [asyncio.create_task(conn.recv()) for conn in conns]
+        await within(server.close())
+        for task in receiving:
+            with self.assertRaises(chat.ConnectionClosed) as caught:
+                await within(task)
+            self.assertEqual(caught.exception.code, CloseCode.GOING_AWAY)
+
+    async def test_http_errors_for_bad_handshakes(self):
+        server = await self.start()
+        cases = [
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
+            (b"GET / HTTP/1.0\r\n\r\n", b"400"),
+            (b"nonsense\r\n\r\n", b"400"),
+            (upgrade_request(version="8"), b"426"),
+            (upgrade_request().replace(b"Host: 127.0.0.1\r\n", b""), b"400"),
+            (upgrade_request(extra="X-Big: " + "a" * 9000 + "\r\n"), b"431"),
+            (upgrade_request(extra="".join(f"X-{i}: 1\r\n" for i in range(101))), b"431"),
+        ]
+        for request, status in cases:
+            with self.subTest(request=request[:30], status=status):
+                response = await raw_exchange(server.port, request)
+                self.assertTrue(response.startswith(b"HTTP/1.1 " + status), response[:60])
+                head, _, body = response.partition(b"\r\n\r\n")
+                self.assertIn(b"Content-Length: %d" % len(body), head)
+                self.assertTrue(body.strip())   # a one-line reason
+        response = await raw_exchange(server.port, upgrade_request(version="8"))
+        self.assertIn(b"Sec-WebSocket-Version: 13", response)
+
+    async def test_client_error_names_the_status_and_reason(self):
+        server = await self.start(process_request=lambda request: chat.Response(
+            http.HTTPStatus.FORBIDDEN, "no entry\n"))
+        with self.assertRaises(chat.InvalidStatus) as caught:
+            await within(chat.connect(f"ws://127.0.0.1:{server.port}/"))
+        self.assertEqual(caught.exception.status, 403)
+        self.assertIn("403 Forbidden: no entry", str(caught.exception))
+
+
+class FakeServer:
+    """A TCP server that answers the handshake with whatever bytes a test chooses."""
+
+    def __init__(self, respond):
+        self.respond = respond   # key -> bytes to send after reading the request
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.received = asyncio.get_running_loop().create_future()
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+    async def serve(self, reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = chat.parse_headers(head.split(b"\r\n")[1:-2])["sec-websocket-key"]
+        response = self.respond(key)
+        if response is None:   # hang up without answering
+            writer.close()
+            return
+        writer.write(response)
+        rest = await reader.read()   # whatever the client says before it hangs up
+        if not self.received.done():
+            self.received.set_result((head, rest))
+        writer.close()
+
+
+def accept(key: str, extra: str = "") -> bytes:
+    return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {chat.accept_key(key)}\r\n{extra}\r\n").encode()
+
+
+class TestClientRole(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """The client is as strict as the server (RFC 6455 §4.1, §5.1)."""
+
+    async def test_client_sends_a_correct_request(self):
+        async with FakeServer(lambda key: accept(key)) as fake:
+            conn = await within(chat.connect(f"ws://localhost:{fake.port}/chat?name=bob"))
+            await within(conn.send("hi"))
+            conn.transport.close()
+            head, rest = await within(fake.received)
+        lines = head.decode().split("\r\n")
+        self.assertEqual(lines[0], "GET /chat?name=bob HTTP/1.1")
+        self.assertIn(f"Host: localhost:{fake.port}", lines)
+        frame, _ = chat.parse_frame(rest, expect_masked=True)   # masked, as a client must
+        self.assertEqual(frame, chat.Frame(Opcode.TEXT, b"hi"))
+
+    async def test_client_refuses_bad_responses(self):
+        responses = {
+            "wrong accept": lambda key: accept("AAAAAAAAAAAAAAAAAAAAAA=="),
+            "extension": lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate\r\n"),
+            "subprotocol": lambda key: accept(key, "Sec-WebSocket-Protocol: chat\r\n"),
+            "no upgrade": lambda key: accept(key).replace(b"Upgrade: websocket\r\n", b""),
+            "not http": lambda key: b"SSH-2.0-OpenSSH\r\n\r\n",
+            "hang up": lambda key: None,
+        }
+        for name, respond in responses.items():
+            with self.subTest(name):
+                async with FakeServer(respond) as fake:
+                    with self.assertRaises(chat.HandshakeError):
+                        await within(chat.connect(f"ws://127.0.0.1:{fake.port}/"))
+
+    async def test_client_reports_non_101_status(self):
+        body = "name taken\n"
+        respond = lambda key: (f"HTTP/1.1 409 Conflict\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
+        async with FakeServer(respond) as fake:
+            with self.assertRaises(chat.InvalidStatus) as caught:
+                await within(chat.connect(f"ws://127.0.0.1:{fake.port}/"))
+        self.assertEqual(str(caught.exception), "server answered 409 Conflict: name taken")
+
+    async def test_client_fails_masked_server_frame_with_1002(self):
+        async with FakeServer(lambda key: accept(key) + client_frame(Opcode.TEXT, b"masked!")) as fake:
+            # This fake never closes TCP, so the client waits for its close timeout.
+            conn = await within(chat.connect(f"ws://127.0.0.1:{fake.port}/", close_timeout=0.2))
+            with self.assertRaises(chat.ConnectionClosed) as caught:
+                await within(conn.recv())
+            _, rest = await within(fake.received)
+        self.assertEqual(caught.exception.code, CloseCode.PROTOCOL_ERROR)
+        close, _ = chat.parse_frame(rest, expect_masked=True)
+        self.assertEqual(chat.parse_close_payload(close.payload)[0], CloseCode.PROTOCOL_ERROR)
+
+    async def test_client_reads_frames_that_came_with_the_101(self):
+        greeting = chat.encode_frame(Opcode.TEXT, b"welcome")
+        async with FakeServer(lambda key: accept(key) + greeting) as fake:
+            conn = await within(chat.connect(f"ws://127.0.0.1:{fake.port}/"))
+            self.assertEqual(await within(conn.recv()), "welcome")
+            conn.transport.close()
