@@ -1015,10 +1015,12 @@ class Connection:
         """TCP is (being) closed: settle everything still waiting on this connection."""
         self.state = State.CLOSED
         self._set_close(CloseCode.ABNORMAL_CLOSURE, "")
+        # Asked before closing: a closed TLS transport can no longer tell.
+        unsent = 0 if self.transport.is_closing() else self.transport.get_write_buffer_size()
         self.writer.close()
         # Keep the timer only while our last bytes are still queued for a
         # peer that isn't reading: then it is what finally aborts TCP.
-        if self._close_timer is not None and not self.transport.get_write_buffer_size():
+        if self._close_timer is not None and not unsent:
             self._close_timer.cancel()
         for waiter in self._pong_waiters.values():
             if not waiter.done():
