@@ -909,9 +909,16 @@ class Connection:
         if self.state is not State.OPEN or transport.is_closing():
             return
         transport.write(frame)
-        if transport.get_write_buffer_size() > self.max_buffer:
+        if self._unsent_bytes() > self.max_buffer:
             self.fail_nowait(CloseCode.POLICY_VIOLATION,
                              f"too slow: over {self.max_buffer} bytes waiting to be read")
+
+    def _unsent_bytes(self) -> int:
+        """Bytes written but not yet taken by the kernel; 0 once the connection is gone."""
+        try:
+            return self.transport.get_write_buffer_size()
+        except AttributeError:   # a TLS transport that lost its connection (Python 3.10-3.11)
+            return 0
 
     def _write_frame(self, opcode: int, payload: bytes) -> None:
         if self._trace:
@@ -1015,8 +1022,7 @@ class Connection:
         """TCP is (being) closed: settle everything still waiting on this connection."""
         self.state = State.CLOSED
         self._set_close(CloseCode.ABNORMAL_CLOSURE, "")
-        # Asked before closing: a closed TLS transport can no longer tell.
-        unsent = 0 if self.transport.is_closing() else self.transport.get_write_buffer_size()
+        unsent = self._unsent_bytes()   # asked before closing: a closed TLS transport can't tell
         self.writer.close()
         # Keep the timer only while our last bytes are still queued for a
         # peer that isn't reading: then it is what finally aborts TCP.
@@ -1052,6 +1058,19 @@ async def keepalive(connections: Collection[Connection], interval: float) -> Non
 
 # 7. Server #################################################################
 
+def log_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Event-loop errors caused by a peer (a failed TLS handshake, a reset) get one line.
+
+    asyncio would log them with a traceback; a peer must not be able to put
+    tracebacks in our log. Anything else is a real bug and keeps its traceback.
+    """
+    error = context.get("exception")
+    if isinstance(error, (OSError, ssl.SSLError)):
+        logger.info("%s: %s", context.get("message", "network error"), error)
+    else:
+        loop.default_exception_handler(context)
+
+
 Handler = Callable[[Connection], Awaitable[None]]
 RequestHook = Callable[[Request], "Response | None"]
 
@@ -1082,6 +1101,9 @@ class WebSocketServer:
         self._keepalive: asyncio.Task | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(log_network_errors)
         self._server = await asyncio.start_server(
             self._serve_tcp, host, port, ssl=ssl_context, limit=READ_BUFFER_LIMIT, backlog=1024)
         if self.keepalive_interval:

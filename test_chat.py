@@ -41,6 +41,28 @@ def close_frame_payload(code: int, reason: str = "") -> bytes:
     return struct.pack("!H", code) + reason.encode()
 
 
+class LogCatcher(logging.Handler):
+    """Collects the "chat" logger's records; next() waits for the next one."""
+
+    def __init__(self, level):
+        super().__init__(level)
+        self.records = asyncio.Queue()
+        logger = logging.getLogger("chat")
+        self.previous_level = logger.level
+        logger.setLevel(level)
+        logger.addHandler(self)
+
+    def emit(self, record):
+        self.records.put_nowait(record)
+
+    async def next(self) -> logging.LogRecord:
+        return await self.records.get()
+
+    def remove(self):
+        logging.getLogger("chat").removeHandler(self)
+        logging.getLogger("chat").setLevel(self.previous_level)
+
+
 class QuietLogs(unittest.TestCase):
     """Keep the expected refusals out of the test output."""
 
@@ -1175,8 +1197,13 @@ class TestTLS(ChatTestCase):
 
     async def test_unknown_certificate_is_refused_unless_insecure(self):
         url = await self.start_tls_room()
+        logged = LogCatcher(logging.INFO)
+        self.addCleanup(logged.remove)
         with self.assertRaises(ssl.SSLCertVerificationError):
             await within(chat.connect(url))   # the system's CAs don't know ours
+        record = await within(logged.next())  # the server logs one line, not a traceback
+        self.assertIn("Error on transport creation", record.getMessage())
+        self.assertIsNone(record.exc_info)
         conn = await within(chat.connect(url, ssl_context=chat.client_ssl_context(None, True)))
         self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
         await within(conn.close())
@@ -1188,3 +1215,228 @@ class TestTLS(ChatTestCase):
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue((await within(reader.readline())).startswith(b"HTTP/1.1 200"))
         writer.close()
+
+
+# 9. Client #################################################################
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class TestScreen(unittest.TestCase):
+    """What reaches the user's terminal."""
+
+    def test_control_characters_and_escape_sequences_are_shown_escaped(self):
+        self.assertEqual(chat.printable("plain text, é ✓"), "plain text, é ✓")
+        self.assertEqual(chat.printable("\x1b[2Jgone"), "\\x1b[2Jgone")
+        self.assertEqual(chat.printable("a\nb\rc\x07\x9b\u202e"), "a\\nb\\rc\\x07\\x9b\\u202e")
+        self.assertEqual(chat.printable("\x1b]0;title\x07"), "\\x1b]0;title\\x07")
+
+    def test_plain_lines_when_not_coloured(self):
+        out = io.StringIO()
+        screen = chat.Screen(out, interactive=False, color=False, name="bob")
+        screen.show("[alice]: \x1b[31mred?")
+        screen.show("* bob joined")
+        self.assertEqual(out.getvalue(), "[alice]: \\x1b[31mred?\n* bob joined\n")
+
+    def test_colours_mark_me_private_notices_and_history(self):
+        out = io.StringIO()
+        screen = chat.Screen(out, interactive=False, color=True, name="bob")
+        for line in ("[bob]: mine", "[alice → bob]: psst", "* notice", "(history) [x]: old", "[alice]: hi"):
+            screen.show(line)
+        self.assertEqual(out.getvalue().splitlines(), [
+            "\x1b[1;32m[bob]: mine\x1b[0m", "\x1b[35m[alice → bob]: psst\x1b[0m",
+            "\x1b[33m* notice\x1b[0m", "\x1b[2m(history) [x]: old\x1b[0m", "[alice]: hi"])
+
+    def test_screen_learns_the_name_the_server_gave(self):
+        screen = chat.Screen(io.StringIO(), interactive=False, color=False)
+        screen.show("* You are connected as user7! There is 1 user here.")
+        self.assertEqual(screen.classify("[user7]: hi"), "mine")
+
+    def test_interactive_lines_go_above_the_prompt(self):
+        out = io.StringIO()
+        chat.Screen(out, interactive=True, color=False).show("[a]: hi")
+        self.assertEqual(out.getvalue(), chat.ABOVE_PROMPT.format("[a]: hi"))
+
+    def test_colour_only_on_a_terminal_without_no_color(self):
+        self.assertTrue(chat.wants_color(FakeTerminal(), {}))
+        self.assertFalse(chat.wants_color(FakeTerminal(), {"NO_COLOR": "1"}))
+        self.assertFalse(chat.wants_color(io.StringIO(), {}))
+
+    def test_url_gets_the_name(self):
+        self.assertEqual(chat.with_name("ws://h/chat", "bob"), "ws://h/chat?name=bob")
+        self.assertEqual(chat.with_name("ws://h/chat?name=x&a=1", "b o"), "ws://h/chat?a=1&name=b+o")
+        self.assertEqual(chat.with_name("ws://h/chat", None), "ws://h/chat")
+
+
+class TestChatClient(ChatTestCase):
+    """The terminal client against a real room, with patched stdin and stdout."""
+
+    def client(self, url, stdin, **options):
+        out = io.StringIO()
+        screen = chat.Screen(out, interactive=False, color=False)
+        keyboard = chat.Keyboard(screen, stdin)
+        keyboard.start()
+        return chat.ChatClient(url, screen, keyboard, **options), out
+
+    def pipe(self):
+        """A stdin that stays open until the test closes its other end."""
+        read_fd, write_fd = os.pipe()
+        stdin, feed = os.fdopen(read_fd, "r"), os.fdopen(write_fd, "w", buffering=1)
+        self.addCleanup(stdin.close)
+        self.addCleanup(lambda: feed.closed or feed.close())
+        return stdin, feed
+
+    async def test_piped_input_is_sent_and_end_of_input_exits_cleanly(self):
+        await self.start_room()
+        alice = await self.join("alice")
+        client, out = self.client(chat.with_name(self.url, "bot"), io.StringIO("hi\n\nsecond line\n"))
+        self.assertEqual(await within(client.run()), 0)
+        await self.expect(alice, "* bot joined", "[bot]: hi", "[bot]: second line", "* bot left")
+
+    async def test_quit_command_exits_0(self):
+        await self.start_room()
+        client, out = self.client(self.url, io.StringIO("/quit\nnot sent\n"))
+        self.assertEqual(await within(client.run()), 0)
+
+    async def test_cannot_connect_says_so_and_exits_1(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()   # nothing listens there now
+        client, out = self.client(f"ws://127.0.0.1:{port}/chat", io.StringIO(""))
+        self.assertEqual(await within(client.run()), 1)
+        self.assertEqual(out.getvalue(), f"cannot connect to ws://127.0.0.1:{port}/chat: "
+                                         "connection refused — is the server running?\n")
+
+    async def test_refused_name_shows_the_servers_reason_and_exits_1(self):
+        await self.start_room()
+        await self.join("bob")
+        stdin, feed = self.pipe()
+        client, out = self.client(chat.with_name(self.url, "bob"), stdin)
+        self.assertEqual(await within(client.run()), 1)
+        self.assertIn("disconnected: 1008 (policy violation): the name bob is taken", out.getvalue())
+
+    async def test_no_reconnect_exits_1_when_the_server_goes_away(self):
+        await self.start_room()
+        stdin, feed = self.pipe()
+        client, out = self.client(chat.with_name(self.url, "bob"), stdin, reconnect=False)
+        watcher = await self.join("watcher")
+        running = asyncio.create_task(client.run())
+        await self.expect(watcher, "* bob joined")
+        watching = asyncio.create_task(self.expect_closed(watcher, CloseCode.GOING_AWAY))
+        await within(self.server.close())
+        await within(watching)
+        self.assertEqual(await within(running), 1)
+        self.assertIn("disconnected: 1001 (going away): server shutting down", out.getvalue())
+
+    async def test_client_reconnects_when_the_server_comes_back(self):
+        first = await self.start_room()
+        port = first.port
+        watcher = await self.join("watcher")
+        stdin, feed = self.pipe()
+        client, out = self.client(chat.with_name(self.url, "bob"), stdin, first_backoff=0.05)
+        running = asyncio.create_task(client.run())
+        await self.expect(watcher, "* bob joined")
+        watching = asyncio.create_task(self.expect_closed(watcher, CloseCode.GOING_AWAY))
+        await within(first.close())
+        await within(watching)
+        # The same port, a new server: the client must come back by itself.
+        room = chat.ChatRoom(rate=0)
+        second = await chat.serve(room.handle, "127.0.0.1", port, process_request=room.process_request,
+                                  keepalive_interval=None)
+        self.addAsyncCleanup(second.close)
+        watcher = await within(chat.connect(f"ws://127.0.0.1:{port}/chat?name=watcher"))
+        self.addAsyncCleanup(watcher.close)
+        lines = []
+        while "* bob joined" not in lines:
+            lines.append(await within(watcher.recv()))
+        feed.write("back again\n")
+        await self.expect(watcher, "[bob]: back again")
+        feed.close()   # end of input: the client closes and exits 0
+        self.assertEqual(await within(running), 0)
+        self.assertIn("disconnected: 1001 (going away)", out.getvalue())
+        self.assertIn("* reconnecting in", out.getvalue())
+
+
+# Fuzzing ###################################################################
+
+class TestFuzz(ChatTestCase):
+    """Seeded random and mutated handshakes and frames against a running room.
+
+    The server must never log a traceback, never hang past its timeouts, and
+    keep serving a well-behaved member throughout.
+    """
+
+    SEED = 6455
+    CONNECTIONS = 400
+
+    def mutate(self, rng: random.Random, data: bytes) -> bytes:
+        data = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.random()
+            if kind < 0.3 and data:
+                del data[rng.randrange(len(data)):]                            # truncate
+            elif kind < 0.6 and data:
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)       # flip a bit
+            elif kind < 0.8:
+                data[rng.randrange(len(data) + 1):0] = rng.randbytes(rng.randint(1, 20))  # insert
+            else:
+                data += rng.randbytes(rng.randint(1, 200))                   # garbage after
+        return bytes(data)
+
+    def random_frames(self, rng: random.Random) -> bytes:
+        frames = []
+        for _ in range(rng.randint(1, 8)):
+            choice = rng.random()
+            opcode = rng.choice([0, 1, 2, 3, 8, 9, 10, 11, 15])
+            payload = rng.choice([b"", b"hello", "κόσμε".encode(), b"\xff\xfe", rng.randbytes(200),
+                                  close_frame_payload(rng.choice([1000, 1005, 999, 4000]))])
+            frame = chat.encode_frame(opcode, payload, fin=rng.random() < 0.7, mask=rng.random() < 0.9,
+                                      rsv=rng.choice([0, 0, 0, 1, 4]))
+            if choice < 0.1:   # a huge declared length
+                frame = bytes([frame[0], 0xFF]) + struct.pack("!Q", rng.choice([2**63, 2**40, 2**20 + 1]))
+            frames.append(self.mutate(rng, frame) if choice > 0.7 else frame)
+        return b"".join(frames)
+
+    async def attack(self, rng: random.Random) -> None:
+        if rng.random() < 0.3:
+            data = self.mutate(rng, upgrade_request("/chat"))
+        else:
+            data = upgrade_request("/chat") + self.random_frames(rng)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        try:
+            writer.write(data)
+            if rng.random() < 0.5:
+                writer.write_eof()            # done talking; the server must finish up
+                await within(reader.read())   # ... and close, well within its timeouts
+            else:
+                writer.transport.abort()      # vanish mid-frame
+        except (ConnectionError, OSError):
+            pass                              # the server may cut us off first
+        finally:
+            writer.close()
+
+    async def test_server_survives_random_and_mutated_input(self):
+        await self.start_room(handshake_timeout=1.0, close_timeout=1.0, max_size=4096)
+        alice = await self.join("alice")
+        errors = LogCatcher(logging.ERROR)
+        self.addCleanup(errors.remove)
+        asyncio_errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: asyncio_errors.append(context))
+
+        rng = random.Random(self.SEED)
+        for batch in range(self.CONNECTIONS // 20):
+            await within(asyncio.gather(*(self.attack(rng) for _ in range(20))))
+            await alice.send(f"after batch {batch}")
+            while (line := await within(alice.recv())) != f"[alice]: after batch {batch}":
+                # In between: fuzzers joining and leaving, and their valid texts.
+                self.assertTrue(line.startswith(("* user", "[user")), line)
+
+        self.assertTrue(errors.records.empty(), "the server logged an error")
+        self.assertEqual(asyncio_errors, [])
+        # Every attacker is gone; only alice's connection is left.
+        while len(self.server._tasks) > 1:
+            await within(alice.recv())
+        self.assertEqual(list(self.room.members), ["alice"])
