@@ -1502,7 +1502,7 @@ body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-dire
 header, form { padding: .5em 1em; background: #f3f3f3; display: flex; gap: .5em; }
 #log { flex: 1; overflow-y: auto; padding: .5em 1em; margin: 0; list-style: none; white-space: pre-wrap; }
 .notice { color: #777; font-style: italic; } .history { color: #999; } .private { color: #a0a; }
-.mine { color: #070; } input[type=text] { flex: 1; }
+.mine { color: #070; } input[type=text] { flex: 1; } [hidden] { display: none !important; }
 </style></head>
 <body>
 <header><strong>chat.py</strong><span id="status">not connected</span></header>
@@ -1746,21 +1746,20 @@ class ChatClient:
                 if not (connected_before and self.reconnect):
                     self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}", "error")
                     return 1
-                self.screen.show(f"* reconnecting in {backoff:g} s ({explain_connect_error(error)})", "notice")
-                if await self.quit_requested_within(backoff):
+                why = f" ({explain_connect_error(error)})"
+            else:
+                connected_before, backoff = True, self.first_backoff
+                closed = await self.session(conn)
+                if closed is None:
                     return 0
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            connected_before, backoff = True, self.first_backoff
-            closed = await self.session(conn)
-            if closed is None:
-                return 0
-            self.screen.show(f"* disconnected: {closed}", "error")
-            if not self.reconnect or closed.code not in RECONNECT_CODES:
-                return 1
-            self.screen.show(f"* reconnecting in {backoff:g} s", "notice")
+                self.screen.show(f"* disconnected: {closed}", "error")
+                if not self.reconnect or closed.code not in RECONNECT_CODES:
+                    return 1
+                why = ""
+            self.screen.show(f"* reconnecting in {backoff:g} s{why}", "notice")
             if await self.quit_requested_within(backoff):
                 return 0
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def session(self, conn: Connection) -> ConnectionClosed | None:
         """One connection: None if the user quit, else how the connection ended."""
@@ -1901,7 +1900,10 @@ async def run_client(args: argparse.Namespace) -> int:
     keyboard.start()
     client = ChatClient(url, screen, keyboard, reconnect=not args.no_reconnect,
                         ssl_context=ssl_context, max_size=args.max_size)
-    return await client.run()
+    status = await client.run()
+    if interactive:
+        print()   # end the prompt's line, so the shell's prompt starts on its own
+    return status
 
 
 def positive_int(text: str) -> int:
