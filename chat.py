@@ -818,12 +818,13 @@ class Connection:
 
     async def _read_header(self) -> tuple[FrameHeader, int, bytes | None]:
         """The frame header, checked as soon as each part of it arrives (§5.2)."""
-        header = parse_header(await self.reader.readexactly(2))
+        first_two = await self.reader.readexactly(2)
+        header = parse_header(first_two)
         check_header(header, expect_masked=not self.is_client)
         rest = await self.reader.readexactly(header.rest_size) if header.rest_size else b""
         length, mask_key = parse_header_rest(header, rest)
         if self._trace:
-            self._log_frame("<<<", header.opcode, header.fin, length, mask_key)
+            log_frame(self.remote, "<<<", first_two + rest, length)
         return header, length, mask_key
 
     async def _read_payload(self, length: int, mask_key: bytes | None) -> None:
@@ -921,10 +922,11 @@ class Connection:
             return 0
 
     def _write_frame(self, opcode: int, payload: bytes) -> None:
+        frame = encode_frame(opcode, payload, mask=self.is_client)
         if self._trace:
-            self._log_frame(">>>", opcode, True, len(payload), b"mask" if self.is_client else None)
+            log_frame(self.remote, ">>>", frame[:len(frame) - len(payload)], len(payload))
         if not self.transport.is_closing():
-            self.transport.write(encode_frame(opcode, payload, mask=self.is_client))
+            self.transport.write(frame)
 
     async def ping(self, data: bytes = b"") -> None:
         """Send a ping and wait for its pong (§5.5.2).
@@ -1037,12 +1039,24 @@ class Connection:
         code = CloseCode.ABNORMAL_CLOSURE if self.close_code is None else self.close_code
         return ConnectionClosed(code, self.close_reason)
 
-    def _log_frame(self, direction: str, opcode: int, fin: bool, length: int,
-                   mask_key: bytes | None) -> None:
-        """The -v frame trace: a learner can watch the protocol at work."""
-        name = Opcode(opcode).name if opcode in DATA_OPCODES | CONTROL_OPCODES else hex(opcode)
-        logger.debug("%s %s %s fin=%d len=%d%s", self.remote, direction, name, fin, length,
-                     " masked" if mask_key is not None else "")
+
+
+def log_frame(who: str, direction: str, header_bytes: bytes, length: int) -> None:
+    """The -v trace of one frame, so a learner can watch the protocol at work:
+
+        127.0.0.1:50312 <<< TEXT fin=1 len=5 masked | 81 85 37 fa 21 3d
+    """
+    header = parse_header(header_bytes[:2])
+    known = header.opcode in DATA_OPCODES or header.opcode in CONTROL_OPCODES
+    name = Opcode(header.opcode).name if known else hex(header.opcode)
+    logger.debug("%s %s %s fin=%d len=%d%s | %s", who, direction, name, header.fin, length,
+                 " masked" if header.masked else "", header_bytes.hex(" "))
+
+
+def log_head(who: str, direction: str, head: bytes) -> None:
+    """The -v trace of a handshake's HTTP head, one line per header."""
+    text = head.decode("latin-1").strip().replace("\r\n", "\n    ")
+    logger.debug("%s %s %s", who, direction, text)
 
 
 async def keepalive(connections: Collection[Connection], interval: float) -> None:
@@ -1146,7 +1160,10 @@ class WebSocketServer:
         timer = asyncio.get_running_loop().call_later(
             self.handshake_timeout, self._handshake_timed_out, writer, peer)
         try:
-            request = parse_request(await read_http_head(reader))
+            lines = await read_http_head(reader)
+            if logger.isEnabledFor(logging.DEBUG):
+                log_head(peer, "<<<", b"\r\n".join(lines))
+            request = parse_request(lines)
             response, key = self._route(request)
         except HandshakeError as error:
             response = Response(error.status, error.reason + "\n", error.headers)
@@ -1159,7 +1176,10 @@ class WebSocketServer:
                 logger.info("%s: refused handshake: %d %s", peer, response.status, response.body.strip()[:200])
             writer.write(error_response(response))
             return None
-        writer.write(switching_protocols(key))
+        accepted = switching_protocols(key)
+        writer.write(accepted)
+        if logger.isEnabledFor(logging.DEBUG):
+            log_head(peer, ">>>", accepted)
         return Connection(reader, writer, is_client=False, path=request.target,
                           max_size=self.max_size, max_buffer=self.max_buffer,
                           close_timeout=self.close_timeout)
@@ -1477,7 +1497,11 @@ class ChatRoom:
     def tell(self, conn: Connection, text: str) -> None:
         """Send one line to one member, without waiting, after what was broadcast before it."""
         self.flush()
-        conn.write_frame(encode_frame(Opcode.TEXT, text.encode("utf-8")))
+        payload = text.encode("utf-8")
+        frame = encode_frame(Opcode.TEXT, payload)
+        if logger.isEnabledFor(logging.DEBUG):
+            log_frame(conn.remote, ">>>", frame[:len(frame) - len(payload)], len(payload))
+        conn.write_frame(frame)
 
     def broadcast(self, text: str) -> None:
         """Send one line to every member, at the end of this turn of the event loop.
@@ -1491,9 +1515,10 @@ class ChatRoom:
         before anything that must come after these frames (a reply to one
         member, someone joining or leaving), so nothing is reordered.
         """
-        frame = encode_frame(Opcode.TEXT, text.encode("utf-8"))
+        payload = text.encode("utf-8")
+        frame = encode_frame(Opcode.TEXT, payload)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("broadcast >>> TEXT fin=1 len=%d to %d member(s)", len(frame), len(self.members))
+            log_frame(f"all {len(self.members)}", ">>>", frame[:len(frame) - len(payload)], len(payload))
         if not self._unsent:
             asyncio.get_running_loop().call_soon(self.flush)
         self._unsent.append(frame)
@@ -2003,10 +2028,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
-    if args.command == "client" and not args.verbose:
-        level = logging.WARNING   # the client's screen is for the chat
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # -v traces our frames, not asyncio's internals; the client's screen is for the chat.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+                        level=logging.WARNING if args.command == "client" else logging.INFO)
+    if args.verbose:
+        logger.setLevel(logging.DEBUG)
     terminal = save_terminal() if args.command == "client" else None
     try:
         return asyncio.run(args.run(args))
