@@ -336,11 +336,16 @@ def header_tokens(headers: dict[str, str], name: str) -> set[str]:
     return {token.strip().lower() for token in headers.get(name, "").split(",")}
 
 
-def check_request(request: Request) -> str:
-    """Check a client's upgrade request (RFC 6455 §4.2.1); return its key."""
+def require_get(request: Request) -> None:
+    """RFC 6455 §4.1: "The method of the request MUST be GET" (and our page is GET too)."""
     if request.method != "GET":
         raise HandshakeError(http.HTTPStatus.METHOD_NOT_ALLOWED,
-                             "only GET can open a WebSocket", (("Allow", "GET"),))
+                             "only GET is supported", (("Allow", "GET"),))
+
+
+def check_request(request: Request) -> str:
+    """Check a client's upgrade request (RFC 6455 §4.2.1); return its key."""
+    require_get(request)
     headers = request.headers
     if "host" not in headers:
         raise bad_request("missing Host header")
@@ -1186,9 +1191,7 @@ class WebSocketServer:
 
     def _route(self, request: Request) -> tuple[Response | None, str]:
         """Decide what a request gets: (a response, "") or (None, the WebSocket key)."""
-        if request.method != "GET":
-            raise HandshakeError(http.HTTPStatus.METHOD_NOT_ALLOWED,
-                                 "only GET is supported", (("Allow", "GET"),))
+        require_get(request)
         if self.process_request is not None:
             response = self.process_request(request)
             if response is not None:
@@ -1968,7 +1971,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every frame (direction, opcode, FIN, length, mask)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_server_command(commands)
+    add_client_command(commands)
+    add_echo_command(commands)
+    return parser
 
+
+def add_server_command(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser(
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
@@ -1998,6 +2007,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
     server.set_defaults(run=run_server)
 
+
+def add_client_command(commands: argparse._SubParsersAction) -> None:
     client = commands.add_parser(
         "client", help="join the chat from this terminal",
         description="Join the chat. Type a line and Enter to send it; /who, /msg NAME TEXT; "
@@ -2015,6 +2026,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest message accepted, in bytes (default: %(default)s)")
     client.set_defaults(run=run_client)
 
+
+def add_echo_command(commands: argparse._SubParsersAction) -> None:
     echo_cmd = commands.add_parser(
         "echo", help="an echo server for conformance suites (Autobahn)",
         description="Send every message back unchanged, on any path.")
@@ -2023,7 +2036,6 @@ def build_parser() -> argparse.ArgumentParser:
     echo_cmd.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                           help="largest message accepted, in bytes (default: %(default)s)")
     echo_cmd.set_defaults(run=run_echo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
