@@ -18,7 +18,7 @@ Read it top to bottom; the sections come in the order a learner needs them
     5. Messages       fragments, UTF-8 and close payloads (§5.4, §5.6, §7.4, §8.1)
        --- everything above is pure: no await, no I/O, no logging ---
     6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7)
-    7. Server         accept TCP, run the handshake, hand connections to a handler
+    7. Server, client serve() and connect(): TCP, the handshake on the wire, timeouts
     8. Chat room      names, history, broadcast, commands, rate limits, the web page
     9. Client         connect, read the keyboard, show the room safely
    10. Command line   argparse subcommands; main(argv) -> exit status
@@ -275,28 +275,6 @@ class Response:
 
 def bad_request(reason: str) -> HandshakeError:
     return HandshakeError(http.HTTPStatus.BAD_REQUEST, reason)
-
-
-async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
-    """Read lines up to the blank line that ends an HTTP head, within our limits."""
-    lines: list[bytes] = []
-    size = 0
-    while True:
-        try:
-            line = await reader.readline()
-        except ValueError:  # one line longer than the whole read buffer
-            raise HandshakeError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                 "request head too large") from None
-        if not line.endswith(b"\n"):
-            raise asyncio.IncompleteReadError(line, None)  # the peer hung up mid-head
-        size += len(line)
-        if size > MAX_HEAD_SIZE or len(lines) > MAX_HEADER_LINES:
-            raise HandshakeError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                 f"request head over {MAX_HEAD_SIZE} bytes or {MAX_HEADER_LINES} lines")
-        line = line.rstrip(b"\r\n")
-        if not line:
-            return lines
-        lines.append(line)
 
 
 def parse_headers(lines: list[bytes]) -> dict[str, str]:
@@ -723,11 +701,17 @@ def parse_close_payload(payload: bytes) -> tuple[int, str]:
 # on the way to the next message. That keeps an idle connection small (one
 # task per connection in all) and keeps every frame in order: a message that
 # arrived before a broken frame is delivered before the connection fails.
+# The price: pings are answered only while some task is in recv(), so a
+# program that stops reading for long is, to its peer, a dead one.
 #
 # States (§7): OPEN -> CLOSING once we have sent a close frame -> CLOSED once
 # TCP is closed. Whenever we send a close frame we also start a timer that
 # aborts TCP if the peer doesn't finish the handshake in time; that one timer
 # covers a peer that never answers, never reads, or never hangs up.
+#
+# What the application sees as close_code (§7.1.5): the code in the peer's
+# close frame (1005 if it had none); ours, if we failed the connection; 1006
+# if TCP ended without any close frame.
 
 class State(enum.Enum):
     OPEN = "open"
@@ -1075,7 +1059,29 @@ async def keepalive(connections: Collection[Connection], interval: float) -> Non
             conn.keepalive_tick()
 
 
-# 7. Server #################################################################
+# 7. Server and client ######################################################
+
+async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """Read lines up to the blank line that ends an HTTP head, within our limits."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # one line longer than the whole read buffer
+            raise HandshakeError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 "request head too large") from None
+        if not line.endswith(b"\n"):
+            raise asyncio.IncompleteReadError(line, None)  # the peer hung up mid-head
+        size += len(line)
+        if size > MAX_HEAD_SIZE or len(lines) > MAX_HEADER_LINES:
+            raise HandshakeError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 f"request head over {MAX_HEAD_SIZE} bytes or {MAX_HEADER_LINES} lines")
+        line = line.rstrip(b"\r\n")
+        if not line:
+            return lines
+        lines.append(line)
+
 
 def log_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     """Event-loop errors caused by a peer (a failed TLS handshake, a reset) get one line.
