@@ -257,11 +257,6 @@ class Request:
     def path(self) -> str:
         return urllib.parse.urlsplit(self.target).path
 
-    @property
-    def query(self) -> dict[str, str]:
-        query = urllib.parse.urlsplit(self.target).query
-        return dict(urllib.parse.parse_qsl(query))
-
 
 @dataclasses.dataclass
 class Response:
