@@ -610,17 +610,19 @@ class MessageAssembler:
 
     A message is one TEXT or BINARY frame followed by CONTINUATION frames
     until one has FIN set. Control frames may come in between (§5.4), so they
-    never pass through here. Text is decoded incrementally: an invalid byte
-    fails the connection the moment it arrives, not when the message ends.
+    never pass through here. Text goes through an incremental UTF-8 decoder as
+    it arrives, so an invalid byte fails the connection at once, not when the
+    message ends. The bytes themselves go into one growing buffer: a peer that
+    sends a message one byte per frame costs us no more than the message.
     """
 
-    __slots__ = ("max_size", "opcode", "size", "parts", "decoder")
+    __slots__ = ("max_size", "opcode", "size", "payload", "decoder")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self.opcode: int | None = None   # TEXT or BINARY while a message is in progress
         self.size = 0
-        self.parts: list = []
+        self.payload = bytearray()
         self.decoder: codecs.IncrementalDecoder | None = None
 
     def start_frame(self, opcode: int, length: int) -> None:
@@ -642,25 +644,24 @@ class MessageAssembler:
 
     def add(self, chunk: bytes) -> None:
         """Take the next piece of (unmasked) payload."""
-        if self.decoder is None:
-            self.parts.append(chunk)
-            return
-        try:
-            self.parts.append(self.decoder.decode(chunk))
-        except UnicodeDecodeError as error:
-            raise InvalidPayload(f"invalid UTF-8 in text message: {error.reason}") from None
+        if self.decoder is not None:
+            try:
+                self.decoder.decode(chunk)   # only to check; the text is decoded once, at the end
+            except UnicodeDecodeError as error:
+                raise InvalidPayload(f"invalid UTF-8 in text message: {error.reason}") from None
+        self.payload += chunk
 
     def finish(self) -> str | bytes:
         """The complete message, after the frame with FIN set."""
-        parts, decoder = self.parts, self.decoder
-        self.opcode, self.parts, self.decoder = None, [], None
+        payload, decoder = self.payload, self.decoder
+        self.opcode, self.payload, self.decoder = None, bytearray(), None
         if decoder is None:
-            return b"".join(parts)
+            return bytes(payload)
         try:
-            parts.append(decoder.decode(b"", True))   # a sequence cut off at the end?
+            decoder.decode(b"", True)   # a sequence cut off at the end?
         except UnicodeDecodeError:
             raise InvalidPayload("text message ends inside a UTF-8 sequence") from None
-        return "".join(parts)
+        return payload.decode("utf-8")
 
 
 def encode_close_payload(code: int, reason: str = "") -> bytes:
@@ -835,6 +836,7 @@ class Connection:
             # unless it has already sent a close frame.
             if self.state is State.OPEN:
                 self._write_frame(Opcode.PONG, payload)
+                self._check_backlog()   # a peer may ping and never read the pongs
         elif opcode == Opcode.PONG:
             self._on_pong(payload)
         else:
@@ -894,6 +896,14 @@ class Connection:
         if self.state is not State.OPEN or transport.is_closing():
             return
         transport.write(frame)
+        self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        """Drop a peer that leaves more than max_buffer bytes unread (1008).
+
+        Applies to what we write without waiting, which the peer's reading
+        alone keeps in check: broadcasts and pongs. send() waits instead.
+        """
         if self._unsent_bytes() > self.max_buffer:
             self.fail_nowait(CloseCode.POLICY_VIOLATION,
                              f"too slow: over {self.max_buffer} bytes waiting to be read")

@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import tracemalloc
 import unittest
 import unittest.mock
 
@@ -337,6 +338,23 @@ class TestMessages(unittest.TestCase):
         with self.assertRaises(chat.InvalidPayload):
             assembler.finish()
 
+    def test_many_tiny_fragments_cost_no_more_memory_than_the_message(self):
+        # A hostile peer may send a message one byte per frame; keeping each
+        # piece as its own object would cost ~40 bytes of memory per byte.
+        for opcode in (Opcode.TEXT, Opcode.BINARY):
+            with self.subTest(opcode=opcode):
+                assembler = chat.MessageAssembler(2**20)
+                tracemalloc.start()
+                assembler.start_frame(opcode, 1)
+                assembler.add(b"x")
+                for _ in range(100_000 - 1):
+                    assembler.start_frame(Opcode.CONTINUATION, 1)
+                    assembler.add(b"x")
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                self.assertLess(peak, 4 * 100_000)
+                self.assertEqual(len(assembler.finish()), 100_000)
+
     def test_close_payloads(self):
         self.assertEqual(chat.parse_close_payload(b""), (CloseCode.NO_STATUS_RCVD, ""))
         self.assertEqual(chat.parse_close_payload(close_frame_payload(1000, "bye")), (1000, "bye"))
@@ -378,6 +396,7 @@ class FakeTransport(asyncio.Transport):
         self.written = bytearray()
         self.closing = False
         self.eof_written = False
+        self.peer_never_reads = False   # then everything written stays in our buffer
 
     def write(self, data):
         self.written += data
@@ -386,7 +405,7 @@ class FakeTransport(asyncio.Transport):
         return self.closing
 
     def get_write_buffer_size(self):
-        return 0
+        return len(self.written) if self.peer_never_reads else 0
 
     def can_write_eof(self):
         return True
@@ -484,6 +503,17 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         await within(pinging)
         self.assertEqual(await within(receiving), "x")
         self.assertEqual(self.sent_frames(by_client=True), [chat.Frame(Opcode.PING, b"42")])
+
+    async def test_pings_from_a_peer_that_never_reads_our_pongs_are_bounded(self):
+        conn = self.connect()
+        conn.max_buffer = 1000
+        self.transport.peer_never_reads = True
+        self.reader.feed_data(client_frame(Opcode.PING, bytes(125)) * 20)
+        self.reader.feed_data(client_frame(Opcode.CLOSE, close_frame_payload(1008)))
+        with self.assertRaises(chat.ConnectionClosed) as caught:
+            await within(conn.recv())
+        self.assertEqual(caught.exception.code, CloseCode.POLICY_VIOLATION)
+        self.assertLess(len(self.transport.written), 1000 + 2 * 127 + 130)
 
     async def test_server_rejects_unmasked_client_frame_with_1002(self):
         await self.assert_fails_with(self.connect(), CloseCode.PROTOCOL_ERROR,
