@@ -215,6 +215,21 @@ def describe_close_code(code: int) -> str:
     return f"{code} ({name})"
 
 
+def printable(text: str) -> str:
+    """Escape every control or invisible character, so a peer can't drive a terminal.
+
+    Whatever a peer sends may end up on a screen: the chat client's, or an
+    operator's reading the log. An escape sequence could clear the screen,
+    move the cursor or retitle the window; a newline or a right-to-left
+    override could fake a line from someone else. Each one is shown as its
+    Python escape instead (\\x1b, \\n).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 # 3. Handshake ##############################################################
 #
 # A WebSocket connection starts life as an HTTP/1.1 request that asks to
@@ -1048,9 +1063,9 @@ def log_frame(who: str, direction: str, header_bytes: bytes, length: int) -> Non
 
 
 def log_head(who: str, direction: str, head: bytes) -> None:
-    """The -v trace of a handshake's HTTP head, one line per header."""
-    text = head.decode("latin-1").strip().replace("\r\n", "\n    ")
-    logger.debug("%s %s %s", who, direction, text)
+    """The -v trace of a handshake's HTTP head, one line per header, escaped."""
+    lines = [printable(line) for line in head.decode("latin-1").strip().split("\r\n")]
+    logger.debug("%s %s %s", who, direction, "\n    ".join(lines))
 
 
 async def keepalive(connections: Collection[Connection], interval: float) -> None:
@@ -1189,7 +1204,8 @@ class WebSocketServer:
             timer.cancel()
         if response is not None:
             if response.status >= 400:
-                logger.info("%s: refused handshake: %d %s", peer, response.status, response.body.strip()[:200])
+                logger.info("%s: refused handshake: %d %s", peer, response.status,
+                            printable(response.body.strip()[:200]))
             writer.write(error_response(response))
             return None
         accepted = switching_protocols(key)
@@ -1652,19 +1668,6 @@ MAX_BACKOFF = 30.0
 ABOVE_PROMPT = "\x1b7\n\x1b[A\x1b[L{}\n\x1b8\x1b[B"
 
 STYLES = {"mine": "1;32", "private": "35", "notice": "33", "history": "2", "error": "31"}
-
-
-def printable(text: str) -> str:
-    """Escape every control or invisible character, so a peer can't drive our terminal.
-
-    An escape sequence could clear the screen, move the cursor or retitle
-    the window; a newline or a right-to-left override could fake a line from
-    someone else. Each one is shown as its Python escape instead (\\x1b, \\n).
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 class Screen:

@@ -776,6 +776,20 @@ class TestEchoRoundTrips(ServerTestCase):
         response = await raw_exchange(server.port, upgrade_request(version="8"))
         self.assertIn(b"Sec-WebSocket-Version: 13", response)
 
+    async def test_control_characters_from_a_peer_never_reach_the_log(self):
+        server = await self.start()
+        logged = LogCatcher(logging.DEBUG)   # the -v trace logs request heads too
+        self.addCleanup(logged.remove)
+        request = upgrade_request(version="\x1b]0;pwned\x07").replace(b"GET /", b"GET /\x1b[2J")
+        response = await raw_exchange(server.port, request + b"")
+        self.assertTrue(response.startswith(b"HTTP/1.1 4"))
+        messages = []
+        while not any("refused handshake" in message for message in messages):
+            messages.append((await within(logged.next())).getMessage())
+        text = "\n".join(messages)
+        self.assertNotIn("\x1b", text)
+        self.assertIn("\\x1b[2J", text)   # shown escaped instead
+
     async def test_client_error_names_the_status_and_reason(self):
         server = await self.start(process_request=lambda request: chat.Response(
             http.HTTPStatus.FORBIDDEN, "no entry\n"))
