@@ -1147,8 +1147,10 @@ class WebSocketServer:
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
-        if loop.get_exception_handler() is None:
+        if loop.get_exception_handler() is None:   # unless the application chose its own
             loop.set_exception_handler(log_network_errors)
+        # backlog: a burst of clients connecting at once waits in the kernel's
+        # queue (1024, not asyncio's 100) instead of being refused.
         self._server = await asyncio.start_server(
             self._serve_tcp, host, port, ssl=ssl_context, limit=READ_BUFFER_LIMIT, backlog=1024)
         if self.keepalive_interval:
