@@ -739,13 +739,39 @@ def format_peer(writer: asyncio.StreamWriter) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def log_frame(who: str, direction: str, header_bytes: bytes, length: int) -> None:
+    """The -v trace of one frame, so a learner can watch the protocol at work:
+
+        127.0.0.1:50312 <<< TEXT fin=1 len=5 masked | 81 85 37 fa 21 3d
+    """
+    header = parse_header(header_bytes[:2])
+    known = header.opcode in DATA_OPCODES or header.opcode in CONTROL_OPCODES
+    name = Opcode(header.opcode).name if known else hex(header.opcode)
+    logger.debug("%s %s %s fin=%d len=%d%s | %s", who, direction, name, header.fin, length,
+                 " masked" if header.masked else "", header_bytes.hex(" "))
+
+
+def log_head(who: str, direction: str, head: bytes) -> None:
+    """The -v trace of a handshake's HTTP head, one line per header, escaped."""
+    lines = [printable(line) for line in head.decode("latin-1").strip().split("\r\n")]
+    logger.debug("%s %s %s", who, direction, "\n    ".join(lines))
+
+
+def traced_frame(who: str, opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
+    """encode_frame, plus the -v trace line for the frame it returns."""
+    frame = encode_frame(opcode, payload, mask=mask)
+    if logger.isEnabledFor(logging.DEBUG):
+        log_frame(who, ">>>", frame[:len(frame) - len(payload)], len(payload))
+    return frame
+
+
 class Connection:
     """One WebSocket connection after the opening handshake, in either role."""
 
     __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote",
                  "max_buffer", "close_timeout", "state", "close_code", "close_reason",
                  "_message", "_read_lock", "_pong_waiters", "_close_timer",
-                 "_keepalive_pending", "_trace")
+                 "_keepalive_pending")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  is_client: bool, path: str = "/", max_size: int = MAX_MESSAGE_SIZE,
@@ -767,7 +793,6 @@ class Connection:
         self._pong_waiters: dict[bytes, asyncio.Future] = {}
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive_pending = False
-        self._trace = logger.isEnabledFor(logging.DEBUG)
 
     # -- receiving ----------------------------------------------------------
 
@@ -823,7 +848,7 @@ class Connection:
         check_header(header, expect_masked=not self.is_client)
         rest = await self.reader.readexactly(header.rest_size) if header.rest_size else b""
         length, mask_key = parse_header_rest(header, rest)
-        if self._trace:
+        if logger.isEnabledFor(logging.DEBUG):
             log_frame(self.remote, "<<<", first_two + rest, length)
         return header, length, mask_key
 
@@ -931,9 +956,7 @@ class Connection:
             return 0
 
     def _write_frame(self, opcode: int, payload: bytes) -> None:
-        frame = encode_frame(opcode, payload, mask=self.is_client)
-        if self._trace:
-            log_frame(self.remote, ">>>", frame[:len(frame) - len(payload)], len(payload))
+        frame = traced_frame(self.remote, opcode, payload, mask=self.is_client)
         if not self.transport.is_closing():
             self.transport.write(frame)
 
@@ -1048,24 +1071,6 @@ class Connection:
         code = CloseCode.ABNORMAL_CLOSURE if self.close_code is None else self.close_code
         return ConnectionClosed(code, self.close_reason)
 
-
-
-def log_frame(who: str, direction: str, header_bytes: bytes, length: int) -> None:
-    """The -v trace of one frame, so a learner can watch the protocol at work:
-
-        127.0.0.1:50312 <<< TEXT fin=1 len=5 masked | 81 85 37 fa 21 3d
-    """
-    header = parse_header(header_bytes[:2])
-    known = header.opcode in DATA_OPCODES or header.opcode in CONTROL_OPCODES
-    name = Opcode(header.opcode).name if known else hex(header.opcode)
-    logger.debug("%s %s %s fin=%d len=%d%s | %s", who, direction, name, header.fin, length,
-                 " masked" if header.masked else "", header_bytes.hex(" "))
-
-
-def log_head(who: str, direction: str, head: bytes) -> None:
-    """The -v trace of a handshake's HTTP head, one line per header, escaped."""
-    lines = [printable(line) for line in head.decode("latin-1").strip().split("\r\n")]
-    logger.debug("%s %s %s", who, direction, "\n    ".join(lines))
 
 
 async def keepalive(connections: Collection[Connection], interval: float) -> None:
@@ -1529,11 +1534,7 @@ class ChatRoom:
     def tell(self, conn: Connection, text: str) -> None:
         """Send one line to one member, without waiting, after what was broadcast before it."""
         self.flush()
-        payload = text.encode("utf-8")
-        frame = encode_frame(Opcode.TEXT, payload)
-        if logger.isEnabledFor(logging.DEBUG):
-            log_frame(conn.remote, ">>>", frame[:len(frame) - len(payload)], len(payload))
-        conn.write_frame(frame)
+        conn.write_frame(traced_frame(conn.remote, Opcode.TEXT, text.encode("utf-8")))
 
     def broadcast(self, text: str) -> None:
         """Send one line to every member, at the end of this turn of the event loop.
@@ -1547,10 +1548,7 @@ class ChatRoom:
         before anything that must come after these frames (a reply to one
         member, someone joining or leaving), so nothing is reordered.
         """
-        payload = text.encode("utf-8")
-        frame = encode_frame(Opcode.TEXT, payload)
-        if logger.isEnabledFor(logging.DEBUG):
-            log_frame(f"all {len(self.members)}", ">>>", frame[:len(frame) - len(payload)], len(payload))
+        frame = traced_frame(f"all {len(self.members)}", Opcode.TEXT, text.encode("utf-8"))
         if not self._unsent:
             asyncio.get_running_loop().call_soon(self.flush)
         self._unsent.append(frame)
