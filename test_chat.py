@@ -18,6 +18,7 @@ import ssl
 import struct
 import tempfile
 import tracemalloc
+import typing
 import unittest
 import unittest.mock
 
@@ -37,6 +38,20 @@ async def within(awaitable, seconds: float = TIMEOUT):
 def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0) -> bytes:
     """A frame as a client sends it: masked."""
     return chat.encode_frame(opcode, payload, fin=fin, mask=True, mask_key=MASK, rsv=rsv)
+
+
+class Frame(typing.NamedTuple):
+    """What the tests compare of a frame: its opcode, unmasked payload and FIN bit."""
+
+    opcode: int
+    payload: bytes = b""
+    fin: bool = True
+
+
+def parse_frame(data: bytes, *, expect_masked: bool) -> tuple[Frame, int]:
+    """chat.parse_frame (the connection's own FrameReader), as a Frame and its size."""
+    header, payload, size = chat.parse_frame(data, expect_masked=expect_masked)
+    return Frame(header.opcode, payload, header.fin), size
 
 
 def close_frame_payload(code: int, reason: str = "") -> bytes:
@@ -92,6 +107,7 @@ class TestHandshake(unittest.TestCase):
 
     def assert_refused(self, request, status):
         with self.assertRaises(chat.HandshakeError) as caught:
+            chat.require_get(request)
             chat.check_request(request)
         self.assertEqual(caught.exception.status, status)
         return caught.exception
@@ -215,8 +231,8 @@ class TestFrames(unittest.TestCase):
     def test_rfc_examples_decode(self):
         for description, wire, masked, opcode, payload, fin in self.EXAMPLES:
             with self.subTest(description):
-                frame, size = chat.parse_frame(wire, expect_masked=masked)
-                self.assertEqual(frame, chat.Frame(opcode, payload, fin))
+                frame, size = parse_frame(wire, expect_masked=masked)
+                self.assertEqual(frame, Frame(opcode, payload, fin))
                 self.assertEqual(size, len(wire))
 
     def test_rfc_examples_encode(self):
@@ -231,13 +247,13 @@ class TestFrames(unittest.TestCase):
             with self.subTest(length=length):
                 encoded = chat.encode_frame(Opcode.BINARY, bytes(length))
                 self.assertEqual(len(encoded) - length, header_size)
-                self.assertEqual(chat.parse_frame(encoded, expect_masked=False)[0].payload, bytes(length))
+                self.assertEqual(parse_frame(encoded, expect_masked=False)[0].payload, bytes(length))
 
     def test_masking_uses_a_fresh_key_each_time(self):
         frames = {chat.encode_frame(Opcode.TEXT, b"same", mask=True) for _ in range(10)}
         self.assertEqual(len(frames), 10)
         for frame in frames:
-            self.assertEqual(chat.parse_frame(frame, expect_masked=True)[0].payload, b"same")
+            self.assertEqual(parse_frame(frame, expect_masked=True)[0].payload, b"same")
 
     def test_apply_mask_is_its_own_inverse_and_matches_a_byte_loop(self):
         data = bytes(range(256)) * 5 + b"xyz"
@@ -258,7 +274,7 @@ class TestFrames(unittest.TestCase):
 
     def assert_header_rejected(self, wire: bytes, *, expect_masked: bool):
         with self.assertRaises(chat.ProtocolError) as caught:
-            chat.parse_frame(wire, expect_masked=expect_masked)
+            parse_frame(wire, expect_masked=expect_masked)
         self.assertEqual(caught.exception.close_code, CloseCode.PROTOCOL_ERROR)
 
     def test_server_rejects_unmasked_client_frame(self):
@@ -280,7 +296,7 @@ class TestFrames(unittest.TestCase):
     def test_rejects_fragmented_and_oversized_control_frames(self):
         self.assert_header_rejected(client_frame(Opcode.PING, b"x", fin=False), expect_masked=True)
         self.assert_header_rejected(client_frame(Opcode.PING, bytes(126)), expect_masked=True)
-        self.assertEqual(chat.parse_frame(client_frame(Opcode.PING, bytes(125)), expect_masked=True)[0].payload,
+        self.assertEqual(parse_frame(client_frame(Opcode.PING, bytes(125)), expect_masked=True)[0].payload,
                          bytes(125))
 
     def test_rejects_64_bit_length_with_high_bit(self):
@@ -397,9 +413,20 @@ class FakeTransport(asyncio.Transport):
         self.closing = False
         self.eof_written = False
         self.peer_never_reads = False   # then everything written stays in our buffer
+        self.write_waiters = []
 
     def write(self, data):
         self.written += data
+        for waiter in self.write_waiters:
+            waiter.done() or waiter.set_result(None)
+        self.write_waiters.clear()
+
+    async def wait_for_write(self):
+        """Until the connection writes (or closes) something."""
+        if not self.closing:
+            waiter = asyncio.get_running_loop().create_future()
+            self.write_waiters.append(waiter)
+            await waiter
 
     def is_closing(self):
         return self.closing
@@ -415,9 +442,10 @@ class FakeTransport(asyncio.Transport):
 
     def close(self):
         self.closing = True
+        self.write(b"")
 
     def abort(self):
-        self.closing = True
+        self.close()
         self.reader.feed_eof()
 
     def get_extra_info(self, name, default=None):
@@ -452,7 +480,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
     def sent_frames(self, *, by_client=False):
         data, frames = bytes(self.transport.written), []
         while data:
-            frame, size = chat.parse_frame(data, expect_masked=by_client)
+            frame, size = parse_frame(data, expect_masked=by_client)
             frames.append(frame)
             data = data[size:]
         return frames
@@ -470,7 +498,10 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.reader.feed_eof()
         with self.assertRaises(chat.ConnectionClosed) as caught:
             await within(conn.recv())
-        self.assertEqual(caught.exception.code, code)
+        self.assertEqual(caught.exception.sent, (code, caught.exception.sent.reason))
+        # The fake peer hangs up without answering: §7.1.5 makes that 1006.
+        self.assertIsNone(caught.exception.rcvd)
+        self.assertEqual(caught.exception.code, CloseCode.ABNORMAL_CLOSURE)
         close = self.sent_frames(by_client=conn.is_client)[-1]
         self.assertEqual(close.opcode, Opcode.CLOSE)
         self.assertEqual(chat.parse_close_payload(close.payload)[0], code)
@@ -484,14 +515,14 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await within(conn.recv()), "Hello")
         self.assertEqual(await within(conn.recv()), bytes(300))
         await feeding
-        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.PONG, b"p")])
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.PONG, b"p")])
 
     async def test_ping_is_answered_with_same_payload_and_unsolicited_pong_ignored(self):
         conn = self.connect()
         self.reader.feed_data(client_frame(Opcode.PONG, b"nobody asked")
                               + client_frame(Opcode.PING, b"data") + client_frame(Opcode.TEXT, b"after"))
         self.assertEqual(await within(conn.recv()), "after")
-        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.PONG, b"data")])
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.PONG, b"data")])
 
     async def test_ping_returns_when_its_pong_arrives(self):
         conn = self.connect(is_client=True)
@@ -502,18 +533,23 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.reader.feed_data(chat.encode_frame(Opcode.PONG, b"42") + chat.encode_frame(Opcode.TEXT, b"x"))
         await within(pinging)
         self.assertEqual(await within(receiving), "x")
-        self.assertEqual(self.sent_frames(by_client=True), [chat.Frame(Opcode.PING, b"42")])
+        self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.PING, b"42")])
 
     async def test_pings_from_a_peer_that_never_reads_our_pongs_are_bounded(self):
         conn = self.connect()
         conn.max_buffer = 1000
         self.transport.peer_never_reads = True
-        self.reader.feed_data(client_frame(Opcode.PING, bytes(125)) * 20)
-        self.reader.feed_data(client_frame(Opcode.CLOSE, close_frame_payload(1008)))
+        receiving = asyncio.create_task(conn.recv())
+        pings = client_frame(Opcode.PING, bytes(125)) * 20
+        self.reader.feed_data(pings)   # one batch, answered at the end of this loop turn
+        await within(self.transport.wait_for_write())
+        self.assertEqual(conn.state, chat.State.CLOSING)   # over max_buffer: dropped
+        self.reader.feed_data(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
         with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(conn.recv())
+            await within(receiving)
         self.assertEqual(caught.exception.code, CloseCode.POLICY_VIOLATION)
-        self.assertLess(len(self.transport.written), 1000 + 2 * 127 + 130)
+        # Pongs stop once max_buffer is passed: at most one batch beyond it, of 20 × 127 bytes.
+        self.assertLess(len(self.transport.written), 1000 + 20 * 127 + 130)
 
     async def test_server_rejects_unmasked_client_frame_with_1002(self):
         await self.assert_fails_with(self.connect(), CloseCode.PROTOCOL_ERROR,
@@ -564,7 +600,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await within(conn.recv()), "first")
         with self.assertRaises(chat.ConnectionClosed) as caught:
             await within(conn.recv())
-        self.assertEqual(caught.exception.code, CloseCode.PROTOCOL_ERROR)
+        self.assertEqual(caught.exception.sent.code, CloseCode.PROTOCOL_ERROR)
 
     async def test_peer_close_is_echoed_and_reported(self):
         conn = self.connect()
@@ -572,7 +608,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(chat.ConnectionClosed) as caught:
             await within(conn.recv())
         self.assertEqual((caught.exception.code, caught.exception.reason), (1001, "bye"))
-        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.CLOSE, struct.pack("!H", 1001))])
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.CLOSE, struct.pack("!H", 1001))])
         self.assertTrue(self.transport.closing)   # the server closes TCP first (§7.1.1)
 
     async def test_empty_close_is_reported_as_1005_and_answered_empty(self):
@@ -581,7 +617,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(chat.ConnectionClosed) as caught:
             await within(conn.recv())
         self.assertEqual(caught.exception.code, CloseCode.NO_STATUS_RCVD)
-        self.assertEqual(self.sent_frames(), [chat.Frame(Opcode.CLOSE, b"")])
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.CLOSE, b"")])
 
     async def test_tcp_dying_is_reported_as_1006(self):
         conn = self.connect()
@@ -845,8 +881,8 @@ class TestClientRole(QuietLogs, unittest.IsolatedAsyncioTestCase):
         lines = head.decode().split("\r\n")
         self.assertEqual(lines[0], "GET /chat?name=bob HTTP/1.1")
         self.assertIn(f"Host: localhost:{fake.port}", lines)
-        frame, _ = chat.parse_frame(rest, expect_masked=True)   # masked, as a client must
-        self.assertEqual(frame, chat.Frame(Opcode.TEXT, b"hi"))
+        frame, _ = parse_frame(rest, expect_masked=True)   # masked, as a client must
+        self.assertEqual(frame, Frame(Opcode.TEXT, b"hi"))
 
     async def test_client_refuses_bad_responses(self):
         responses = {
@@ -881,8 +917,8 @@ class TestClientRole(QuietLogs, unittest.IsolatedAsyncioTestCase):
             with self.assertRaises(chat.ConnectionClosed) as caught:
                 await within(conn.recv())
             _, rest = await within(fake.received)
-        self.assertEqual(caught.exception.code, CloseCode.PROTOCOL_ERROR)
-        close, _ = chat.parse_frame(rest, expect_masked=True)
+        self.assertEqual(caught.exception.sent.code, CloseCode.PROTOCOL_ERROR)
+        close, _ = parse_frame(rest, expect_masked=True)
         self.assertEqual(chat.parse_close_payload(close.payload)[0], CloseCode.PROTOCOL_ERROR)
 
     async def test_client_reads_frames_that_came_with_the_101(self):
