@@ -895,7 +895,7 @@ class Connection:
     __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote",
                  "max_buffer", "close_timeout", "state", "close_rcvd", "close_sent",
                  "_frames", "_message", "_read_lock", "_outbox", "_loop", "_pong_waiters",
-                 "_close_timer", "_keepalive_pending")
+                 "_awaited_bytes", "_close_timer", "_keepalive_pending")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  is_client: bool, path: str = "/", max_size: int = MAX_MESSAGE_SIZE,
@@ -916,6 +916,7 @@ class Connection:
         self._message = MessageAssembler(max_size)
         self._read_lock = asyncio.Lock()      # frames must be read by one task at a time
         self._outbox: list[bytes | SharedFrames] = []   # queued in this turn of the loop
+        self._awaited_bytes = 0               # of frames that send() waits to drain
         self._loop = asyncio.get_running_loop()
         self._pong_waiters: dict[bytes, asyncio.Future] = {}
         self._close_timer: asyncio.TimerHandle | None = None
@@ -1049,16 +1050,19 @@ class Connection:
         """Send one message: str as a text frame, bytes as a binary frame (§5.6)."""
         if self.state is not State.OPEN:
             raise self._closed_error()
-        if isinstance(message, str):
-            self._send_frame(Opcode.TEXT, message.encode("utf-8"))
-        else:
-            self._send_frame(Opcode.BINARY, bytes(message))
+        opcode, payload = ((Opcode.TEXT, message.encode("utf-8")) if isinstance(message, str)
+                           else (Opcode.BINARY, bytes(message)))
+        frame = encode_and_trace(self.remote, opcode, payload, mask=self.is_client)
+        self._queue(frame)
         self._flush()                   # now, so that drain() waits for this message too
+        self._awaited_bytes += len(frame)
         try:
             await self.writer.drain()   # wait while the peer is slow to read
         except OSError:
             self.transport.abort()      # the reading side will see the end too
             raise self._closed_error() from None
+        finally:
+            self._awaited_bytes -= len(frame)
 
     def queue_frame(self, frame: bytes | SharedFrames) -> None:
         """Queue already-encoded data frames, never waiting: the broadcast path.
@@ -1086,10 +1090,12 @@ class Connection:
         Whatever we write without waiting (broadcasts, pongs) is kept in check
         only by the peer's reading; one that leaves more than ``max_buffer``
         bytes unread is dropped with 1008, so a slow reader can neither make
-        us buffer without bound nor delay anyone else. send() waits instead.
+        us buffer without bound nor delay anyone else. What send() is waiting
+        to drain doesn't count: that wait already keeps it in check.
         """
         self._flush()
-        if self.state is State.OPEN and self._unsent_bytes() > self.max_buffer:
+        backlog = self._unsent_bytes() - self._awaited_bytes
+        if self.state is State.OPEN and backlog > self.max_buffer:
             self.fail_nowait(CloseCode.POLICY_VIOLATION,
                              f"too slow: over {self.max_buffer} bytes waiting to be read")
 

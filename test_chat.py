@@ -35,6 +35,32 @@ async def within(awaitable, seconds: float = TIMEOUT):
     return await asyncio.wait_for(awaitable, seconds)
 
 
+async def expect_closed(source, code: int | None = None) -> chat.ConnectionClosed:
+    """The ConnectionClosed that ends ``source``, checking its code if one is given.
+
+    ``source`` is a Connection (read until it closes, whatever comes first)
+    or an awaitable such as ``conn.recv()`` or a task.
+    """
+    try:
+        if isinstance(source, chat.Connection):
+            while True:
+                await within(source.recv())
+        await within(source)
+    except chat.ConnectionClosed as closed:
+        if code is not None and closed.code != code:
+            raise AssertionError(f"closed with {closed}, expected {code}") from None
+        return closed
+    raise AssertionError("the connection did not close")
+
+
+async def until(predicate, seconds: float = TIMEOUT) -> None:
+    """Wait, turn by turn of the event loop, until ``predicate()`` holds (bounded)."""
+    async def poll():
+        while not predicate():
+            await asyncio.sleep(0)
+    await within(poll(), seconds)
+
+
 def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0) -> bytes:
     """A frame as a client sends it: masked."""
     return chat.encode_frame(opcode, payload, fin=fin, mask=True, mask_key=MASK, rsv=rsv)
@@ -414,19 +440,22 @@ class FakeTransport(asyncio.Transport):
         self.eof_written = False
         self.peer_never_reads = False   # then everything written stays in our buffer
         self.write_waiters = []
+        self.writes = 0
+        self.drain_started = asyncio.Event()
+        self.drain_released: asyncio.Event | None = None   # an Event makes drain() wait for it
 
     def write(self, data):
         self.written += data
+        self.writes += bool(data)   # each one a system call on a real socket
         for waiter in self.write_waiters:
             waiter.done() or waiter.set_result(None)
         self.write_waiters.clear()
 
-    async def wait_for_write(self):
-        """Until the connection writes (or closes) something."""
-        if not self.closing:
-            waiter = asyncio.get_running_loop().create_future()
-            self.write_waiters.append(waiter)
-            await waiter
+    def next_write(self) -> asyncio.Future:
+        """A future that is done once the connection next writes (or closes) anything."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.write_waiters.append(waiter)
+        return waiter
 
     def is_closing(self):
         return self.closing
@@ -465,7 +494,10 @@ class FakeWriter:
         self.transport.close()
 
     async def drain(self):
-        pass
+        """Returns at once, unless a test holds it (``hold_drain``) to play a slow reader."""
+        if self.transport.drain_released is not None:
+            self.transport.drain_started.set()
+            await self.transport.drain_released.wait()
 
 
 class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
@@ -486,22 +518,19 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         return frames
 
     async def feed_slowly(self, data: bytes, then_eof: bool = False):
-        """One byte per turn of the event loop, like the slowest possible network."""
+        """One byte at a time, the next once the connection took the last: the slowest network."""
         for i in range(len(data)):
             self.reader.feed_data(data[i:i + 1])
-            await asyncio.sleep(0)
+            await until(lambda: not self.reader._buffer)
         if then_eof:
             self.reader.feed_eof()
 
     async def assert_fails_with(self, conn, code: int, data: bytes):
         self.reader.feed_data(data)
         self.reader.feed_eof()
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(conn.recv())
-        self.assertEqual(caught.exception.sent, (code, caught.exception.sent.reason))
-        # The fake peer hangs up without answering: §7.1.5 makes that 1006.
-        self.assertIsNone(caught.exception.rcvd)
-        self.assertEqual(caught.exception.code, CloseCode.ABNORMAL_CLOSURE)
+        # The fake peer hangs up without answering our close frame: §7.1.5 makes that 1006.
+        closed = await expect_closed(conn.recv(), CloseCode.ABNORMAL_CLOSURE)
+        self.assertEqual((closed.sent.code, closed.rcvd), (code, None))
         close = self.sent_frames(by_client=conn.is_client)[-1]
         self.assertEqual(close.opcode, Opcode.CLOSE)
         self.assertEqual(chat.parse_close_payload(close.payload)[0], code)
@@ -528,7 +557,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         conn = self.connect(is_client=True)
         pinging = asyncio.create_task(conn.ping(b"42"))
         receiving = asyncio.create_task(conn.recv())
-        await asyncio.sleep(0)
+        await within(self.transport.next_write())   # the ping
         self.assertFalse(pinging.done())
         self.reader.feed_data(chat.encode_frame(Opcode.PONG, b"42") + chat.encode_frame(Opcode.TEXT, b"x"))
         await within(pinging)
@@ -542,12 +571,10 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         receiving = asyncio.create_task(conn.recv())
         pings = client_frame(Opcode.PING, bytes(125)) * 20
         self.reader.feed_data(pings)   # one batch, answered at the end of this loop turn
-        await within(self.transport.wait_for_write())
+        await within(self.transport.next_write())
         self.assertEqual(conn.state, chat.State.CLOSING)   # over max_buffer: dropped
         self.reader.feed_data(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(receiving)
-        self.assertEqual(caught.exception.code, CloseCode.POLICY_VIOLATION)
+        await expect_closed(receiving, CloseCode.POLICY_VIOLATION)
         # Pongs stop once max_buffer is passed: at most one batch beyond it, of 20 × 127 bytes.
         self.assertLess(len(self.transport.written), 1000 + 20 * 127 + 130)
 
@@ -598,48 +625,40 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.reader.feed_data(client_frame(Opcode.TEXT, b"first") + client_frame(Opcode.TEXT, b"x", rsv=1))
         self.reader.feed_eof()
         self.assertEqual(await within(conn.recv()), "first")
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(conn.recv())
-        self.assertEqual(caught.exception.sent.code, CloseCode.PROTOCOL_ERROR)
+        closed = await expect_closed(conn.recv())
+        self.assertEqual(closed.sent.code, CloseCode.PROTOCOL_ERROR)
 
     async def test_peer_close_is_echoed_and_reported(self):
         conn = self.connect()
         self.reader.feed_data(client_frame(Opcode.CLOSE, close_frame_payload(1001, "bye")))
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(conn.recv())
-        self.assertEqual((caught.exception.code, caught.exception.reason), (1001, "bye"))
+        closed = await expect_closed(conn.recv())
+        self.assertEqual((closed.code, closed.reason), (1001, "bye"))
         self.assertEqual(self.sent_frames(), [Frame(Opcode.CLOSE, struct.pack("!H", 1001))])
         self.assertTrue(self.transport.closing)   # the server closes TCP first (§7.1.1)
 
     async def test_empty_close_is_reported_as_1005_and_answered_empty(self):
         conn = self.connect()
         self.reader.feed_data(client_frame(Opcode.CLOSE))
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(conn.recv())
-        self.assertEqual(caught.exception.code, CloseCode.NO_STATUS_RCVD)
+        await expect_closed(conn.recv(), CloseCode.NO_STATUS_RCVD)
         self.assertEqual(self.sent_frames(), [Frame(Opcode.CLOSE, b"")])
 
     async def test_tcp_dying_is_reported_as_1006(self):
         conn = self.connect()
         self.reader.feed_data(client_frame(Opcode.TEXT, b"half")[:5])
         self.reader.feed_eof()
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(conn.recv())
-        self.assertEqual(caught.exception.code, CloseCode.ABNORMAL_CLOSURE)
+        await expect_closed(conn.recv(), CloseCode.ABNORMAL_CLOSURE)
         self.assertEqual(self.sent_frames(), [])
 
     async def test_close_waits_for_the_peers_close_and_drops_data_in_between(self):
         conn = self.connect()
         closing = asyncio.create_task(conn.close(CloseCode.GOING_AWAY, "later"))
-        await asyncio.sleep(0)
+        await within(self.transport.next_write())
         self.assertEqual(self.sent_frames()[-1].payload, close_frame_payload(1001, "later"))
         self.reader.feed_data(client_frame(Opcode.TEXT, b"late")
                               + client_frame(Opcode.CLOSE, close_frame_payload(1001)))
         await within(closing)
         self.assertEqual(conn.state, chat.State.CLOSED)
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await conn.recv()
-        self.assertEqual(caught.exception.code, CloseCode.GOING_AWAY)
+        await expect_closed(conn.recv(), CloseCode.GOING_AWAY)
         with self.assertRaises(chat.ConnectionClosed):
             await conn.send("too late")
 
@@ -649,17 +668,56 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(conn.state, chat.State.CLOSED)
         self.assertEqual(conn.close_code, CloseCode.ABNORMAL_CLOSURE)
 
+    async def test_send_while_closing_reports_the_close_under_way_not_1006(self):
+        conn = self.connect()
+        conn.close_nowait(CloseCode.NORMAL_CLOSURE, "done")
+        closed = await expect_closed(conn.send("after the close"), CloseCode.NORMAL_CLOSURE)
+        self.assertEqual((closed.reason, closed.rcvd), ("done", None))
+        # The peer's answer settles it: its close frame is what §7.1.5 reports.
+        self.reader.feed_data(client_frame(Opcode.CLOSE, close_frame_payload(1000)))
+        await within(conn.close())
+        closed = await expect_closed(conn.send("later still"), CloseCode.NORMAL_CLOSURE)
+        self.assertEqual(closed.rcvd, (1000, ""))
+
+    async def test_outbox_keeps_the_order_frames_were_queued_in_one_write_per_turn(self):
+        conn = self.connect()
+        shared = chat.SharedFrames()
+        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"one"))
+        conn.queue_frame(shared)
+        shared.append(chat.encode_frame(Opcode.TEXT, b"two"))
+        self.assertFalse(shared.sealed)
+        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"reply"))
+        self.assertTrue(shared.sealed)   # a frame queued behind it: nothing more may join it
+        await within(self.transport.next_write())
+        await within(conn.send("three"))
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"one"), Frame(Opcode.TEXT, b"two"),
+                                              Frame(Opcode.TEXT, b"reply"), Frame(Opcode.TEXT, b"three")])
+        self.assertEqual(self.transport.writes, 2)   # the turn's three frames at once, then send()
+
+    async def test_a_message_send_waits_for_is_not_counted_as_a_slow_readers_backlog(self):
+        conn = self.connect(is_client=True)
+        conn.max_buffer = 1000
+        self.transport.peer_never_reads = True
+        self.transport.drain_released = asyncio.Event()
+        sending = asyncio.create_task(conn.send("x" * 5000))   # five times max_buffer
+        await within(self.transport.drain_started.wait())
+        turn_over = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's check
+        await within(turn_over)
+        self.assertEqual(conn.state, chat.State.OPEN)
+        self.transport.peer_never_reads = False
+        self.transport.drain_released.set()
+        await within(sending)
+        self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.TEXT, b"x" * 5000)])
+
     async def test_client_waits_for_the_server_to_close_tcp(self):
         conn = self.connect(is_client=True)
         self.reader.feed_data(chat.encode_frame(Opcode.CLOSE, close_frame_payload(1000)))
         receiving = asyncio.create_task(conn.recv())
-        for _ in range(10):                     # let it run as far as it can
-            await asyncio.sleep(0)
-        self.assertFalse(receiving.done())      # still waiting for the server's FIN
+        await within(self.transport.next_write())   # our answering close frame
+        self.assertFalse(receiving.done())              # still waiting for the server's FIN
         self.reader.feed_eof()
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(receiving)
-        self.assertEqual(caught.exception.code, 1000)
+        await expect_closed(receiving, 1000)
 
 
 # 7. Server and client over real sockets ####################################
@@ -755,19 +813,17 @@ class TestEchoRoundTrips(ServerTestCase):
 
         server = await self.start(handler)
         conn = await self.open(server)
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            await within(conn.recv())
-        self.assertEqual((caught.exception.code, caught.exception.reason), (1008, "go away"))
+        closed = await expect_closed(conn.recv())
+        self.assertEqual((closed.code, closed.reason), (1008, "go away"))
 
     async def test_handler_crash_closes_with_1011(self):
         async def handler(conn):
             raise RuntimeError("bug")
 
         server = await self.start(handler)
-        with self.assertLogs("chat", logging.ERROR) as logs, self.assertRaises(chat.ConnectionClosed) as caught:
+        with self.assertLogs("chat", logging.ERROR) as logs:
             conn = await self.open(server)
-            await within(conn.recv())
-        self.assertEqual(caught.exception.code, CloseCode.INTERNAL_ERROR)
+            await expect_closed(conn.recv(), CloseCode.INTERNAL_ERROR)
         self.assertIn("handler failed", logs.output[0])
 
     async def test_frame_pipelined_with_the_handshake_is_not_lost(self):
@@ -786,9 +842,7 @@ class TestEchoRoundTrips(ServerTestCase):
         receiving = [asyncio.create_task(conn.recv()) for conn in conns]
         await within(server.close())
         for task in receiving:
-            with self.assertRaises(chat.ConnectionClosed) as caught:
-                await within(task)
-            self.assertEqual(caught.exception.code, CloseCode.GOING_AWAY)
+            await expect_closed(task, CloseCode.GOING_AWAY)
 
     async def test_http_errors_for_bad_handshakes(self):
         server = await self.start()
@@ -914,10 +968,9 @@ class TestClientRole(QuietLogs, unittest.IsolatedAsyncioTestCase):
         async with FakeServer(lambda key: accept(key) + client_frame(Opcode.TEXT, b"masked!")) as fake:
             # This fake never closes TCP, so the client waits for its close timeout.
             conn = await within(chat.connect(f"ws://127.0.0.1:{fake.port}/", close_timeout=0.2))
-            with self.assertRaises(chat.ConnectionClosed) as caught:
-                await within(conn.recv())
+            closed = await expect_closed(conn.recv())
             _, rest = await within(fake.received)
-        self.assertEqual(caught.exception.sent.code, CloseCode.PROTOCOL_ERROR)
+        self.assertEqual(closed.sent.code, CloseCode.PROTOCOL_ERROR)
         close, _ = parse_frame(rest, expect_masked=True)
         self.assertEqual(chat.parse_close_payload(close.payload)[0], CloseCode.PROTOCOL_ERROR)
 
@@ -951,13 +1004,6 @@ class ChatTestCase(ServerTestCase):
     async def expect(self, conn, *texts):
         for text in texts:
             self.assertEqual(await within(conn.recv()), text)
-
-    async def expect_closed(self, conn, code):
-        with self.assertRaises(chat.ConnectionClosed) as caught:
-            while True:
-                await within(conn.recv())
-        self.assertEqual(caught.exception.code, code)
-        return caught.exception
 
 
 class TestChatRoom(ChatTestCase):
@@ -1032,7 +1078,7 @@ class TestChatRoom(ChatTestCase):
         await self.start_room()
         await self.join("bob")
         impostor = await self.open(self.server, "/chat?name=bob")
-        closed = await self.expect_closed(impostor, CloseCode.POLICY_VIOLATION)
+        closed = await expect_closed(impostor, CloseCode.POLICY_VIOLATION)
         self.assertEqual(closed.reason, "the name bob is taken; pick another")
 
     async def test_invalid_names_are_refused(self):
@@ -1040,7 +1086,7 @@ class TestChatRoom(ChatTestCase):
         for name in ("a%20b", "x" * 33, "%1b%5B2J", "%5Bbob%5D", "%20%20"):
             with self.subTest(name=name):
                 conn = await self.open(self.server, f"/chat?name={name}")
-                await self.expect_closed(conn, CloseCode.POLICY_VIOLATION)
+                await expect_closed(conn, CloseCode.POLICY_VIOLATION)
 
     async def test_names_are_trimmed(self):
         await self.start_room()
@@ -1052,7 +1098,7 @@ class TestChatRoom(ChatTestCase):
         alice = await self.join("alice")
         bob = await self.join("bob")
         await bob.send(b"\x00\x01")
-        closed = await self.expect_closed(bob, CloseCode.UNSUPPORTED_DATA)
+        closed = await expect_closed(bob, CloseCode.UNSUPPORTED_DATA)
         self.assertIn("binary", closed.reason)
         await self.expect(alice, "* bob joined", "* bob left")
 
@@ -1070,12 +1116,12 @@ class TestChatRoom(ChatTestCase):
         await self.start_room()
         bob = await self.join("bob")
         await bob.send("/quit")
-        await self.expect_closed(bob, CloseCode.NORMAL_CLOSURE)
+        await expect_closed(bob, CloseCode.NORMAL_CLOSURE)
 
     async def test_shutdown_sends_1001_to_every_member(self):
         await self.start_room()
         members = [await self.join(name) for name in ("a", "b", "c")]
-        receiving = [asyncio.create_task(self.expect_closed(conn, CloseCode.GOING_AWAY)) for conn in members]
+        receiving = [asyncio.create_task(expect_closed(conn, CloseCode.GOING_AWAY)) for conn in members]
         await within(self.server.close())
         await within(asyncio.gather(*receiving))
 
@@ -1092,6 +1138,50 @@ class TestChatRoom(ChatTestCase):
         self.assertTrue(missing.startswith(b"HTTP/1.1 404"))
         upgrade_elsewhere = await raw_exchange(self.server.port, upgrade_request("/other"))
         self.assertTrue(upgrade_elsewhere.startswith(b"HTTP/1.1 404"))
+
+
+class TestRoomOrder(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """What one turn of the event loop queues reaches each member in order, in one write."""
+
+    def member(self, room, name):
+        reader = asyncio.StreamReader()
+        transport = FakeTransport(reader)
+        conn = chat.Connection(reader, FakeWriter(transport), is_client=False,
+                               path=f"/chat?name={name}")
+        room.admit(conn)
+        return conn, transport
+
+    @staticmethod
+    def texts(transport, since=0):
+        data, texts = bytes(transport.written[since:]), []
+        while data:
+            frame, size = parse_frame(data, expect_masked=False)
+            texts.append(frame.payload.decode())
+            data = data[size:]
+        return texts
+
+    async def test_a_reply_a_broadcast_and_a_join_in_one_turn_keep_their_order(self):
+        room = chat.ChatRoom(rate=0)
+        (alice, alice_out), (bob, bob_out) = self.member(room, "alice"), self.member(room, "bob")
+        await within(bob_out.next_write())   # the greetings and joins so far
+        before = {"alice": len(alice_out.written), "bob": len(bob_out.written)}
+        writes = {"alice": alice_out.writes, "bob": bob_out.writes}
+        # One turn of the loop, as a busy server has them:
+        room.broadcast("[bob]: first")
+        room.tell(alice, "* a reply to alice")
+        room.broadcast("[bob]: second")
+        carol, carol_out = self.member(room, "carol")
+        room.broadcast("[bob]: third")
+        await within(carol_out.next_write())
+        self.assertEqual(self.texts(alice_out, before["alice"]), [
+            "[bob]: first", "* a reply to alice", "[bob]: second", "* carol joined", "[bob]: third"])
+        self.assertEqual(self.texts(bob_out, before["bob"]), [
+            "[bob]: first", "[bob]: second", "* carol joined", "[bob]: third"])
+        greeting, *rest = self.texts(carol_out)
+        self.assertTrue(greeting.startswith("* You are connected as carol!"), greeting)
+        self.assertEqual(rest, ["[bob]: third"])   # nothing said before carol came in
+        self.assertEqual((alice_out.writes - writes["alice"], bob_out.writes - writes["bob"],
+                          carol_out.writes), (1, 1, 1))   # one system call each for the turn
 
 
 # Hardening (RFC 6455 §10) ##################################################
@@ -1137,7 +1227,7 @@ class TestLimitsAndDefences(ChatTestCase):
         self.assertTrue((await within(flooder.recv())).startswith("* slow down: message not sent"))
         for _ in range(5):
             await flooder.send("spam")
-        await self.expect_closed(flooder, CloseCode.POLICY_VIOLATION)
+        await expect_closed(flooder, CloseCode.POLICY_VIOLATION)
         await self.expect(alice, "[flooder]: burst 0", "[flooder]: burst 1", "[flooder]: burst 2",
                           "* flooder left")
         await self.assert_still_served(alice)
@@ -1209,7 +1299,7 @@ class TestLimitsAndDefences(ChatTestCase):
         alice = await self.join("alice")
         bob = await self.join("bob")
         await bob.send("x" * 1001)
-        await self.expect_closed(bob, CloseCode.MESSAGE_TOO_BIG)
+        await expect_closed(bob, CloseCode.MESSAGE_TOO_BIG)
         await self.expect(alice, "* bob joined", "* bob left")
         await self.assert_still_served(alice)
 
@@ -1380,10 +1470,39 @@ class TestChatClient(ChatTestCase):
         self.assertEqual(await within(client.run()), 0)
         await self.expect(alice, "* bot joined", "[bot]: hi", "[bot]: second line", "* bot left")
 
-    async def test_quit_command_exits_0(self):
+    async def test_quit_command_exits_0_and_sends_nothing_after_it(self):
         await self.start_room()
-        client, out = self.client(self.url, io.StringIO("/quit\nnot sent\n"))
+        alice = await self.join("alice")
+        client, out = self.client(chat.with_name(self.url, "bot"), io.StringIO("/quit\nnot sent\n"))
         self.assertEqual(await within(client.run()), 0)
+        # Neither "/quit" nor the line after it reached the room: bot only came and went.
+        await self.expect(alice, "* bot joined", "* bot left")
+        await alice.send("done")
+        await self.expect(alice, "[alice]: done")
+
+    async def test_a_line_typed_while_the_connection_closes_is_kept_not_retried(self):
+        class ClosingConnection:
+            """In its closing handshake: send() fails; the peer's close frame comes 50 ms later."""
+            sends = 0
+
+            async def send(self, line):
+                self.sends += 1
+                asyncio.get_running_loop().call_later(0.05, peer_closed.set)
+                raise chat.ConnectionClosed(None, chat.Close(1001), tcp_closed=False)
+
+            async def recv(self):
+                await peer_closed.wait()
+                raise chat.ConnectionClosed(chat.Close(1001, "bye"), chat.Close(1001), tcp_closed=True)
+
+        peer_closed = asyncio.Event()
+        conn = ClosingConnection()
+        stdin, feed = self.pipe()
+        client, out = self.client("ws://127.0.0.1:9/chat", stdin)   # session() doesn't connect
+        feed.write("typed while closing\n")
+        closed = await within(client.session(conn))
+        self.assertEqual(closed.code, CloseCode.GOING_AWAY)
+        self.assertEqual(conn.sends, 1)   # tried once, not in a loop until the close arrived
+        self.assertEqual(list(client.keyboard.lines), ["typed while closing"])   # for the next connection
 
     async def test_cannot_connect_says_so_and_exits_1(self):
         sock = socket.socket()
@@ -1410,7 +1529,7 @@ class TestChatClient(ChatTestCase):
         watcher = await self.join("watcher")
         running = asyncio.create_task(client.run())
         await self.expect(watcher, "* bob joined")
-        watching = asyncio.create_task(self.expect_closed(watcher, CloseCode.GOING_AWAY))
+        watching = asyncio.create_task(expect_closed(watcher, CloseCode.GOING_AWAY))
         await within(self.server.close())
         await within(watching)
         self.assertEqual(await within(running), 1)
@@ -1424,7 +1543,7 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(chat.with_name(self.url, "bob"), stdin, first_backoff=0.05)
         running = asyncio.create_task(client.run())
         await self.expect(watcher, "* bob joined")
-        watching = asyncio.create_task(self.expect_closed(watcher, CloseCode.GOING_AWAY))
+        watching = asyncio.create_task(expect_closed(watcher, CloseCode.GOING_AWAY))
         await within(first.close())
         await within(watching)
         # The same port, a new server: the client must come back by itself.
