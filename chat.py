@@ -18,10 +18,20 @@ Read it top to bottom; the sections come in the order a learner needs them
     5. Messages       fragments, UTF-8 and close payloads (§5.4, §5.6, §7.4, §8.1)
        --- everything above is pure: no await, no I/O, no logging ---
     6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7)
-    7. Server, client serve() and connect(): TCP, the handshake on the wire, timeouts
-    8. Chat room      names, history, broadcast, commands, rate limits, the web page
+    7. Server and client  serve() and connect(): TCP, the handshake on the wire
+    8. Chat room      names, history, broadcast, commands, rate limits
     9. Client         connect, read the keyboard, show the room safely
    10. Command line   argparse subcommands; main(argv) -> exit status
+   11. Web page       the HTML and JavaScript served at /
+
+The life of a chat line, with the names to read at each step:
+
+    bob types "hi" and Enter     Keyboard (9) queues the line; ChatClient.session takes it
+    bob's client sends it        Connection.send (6) -> encode_frame (4): a masked TEXT frame
+    the server reads it          Connection.recv (6): FrameReader (4), MessageAssembler (5)
+    the room relays it           ChatRoom.relay_messages -> on_text -> broadcast (8)
+    every member's socket        Connection.queue_frame (6): one write per member per loop turn
+    alice's client shows it      ChatClient.show_incoming -> Screen.show (9), escaped by printable
 
 Left out on purpose: extensions (permessage-deflate), subprotocols, HTTP
 redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
@@ -38,6 +48,7 @@ import dataclasses
 import enum
 import hashlib
 import http
+import json
 import logging
 import os
 import re
@@ -1517,6 +1528,10 @@ RATE_PER_SECOND = 2.0
 #: a client must accept messages this much larger than the server's limit.
 RELAY_OVERHEAD = 1024
 
+#: The first line a member receives; clients learn their name from it.
+GREETING = "* You are connected as {name}!"
+GREETING_PATTERN = r"^\* You are connected as (\S+)!"   # the terminal client and the page
+
 HELP = "* commands: /who (who is here), /msg NAME TEXT (private message), /quit"
 
 
@@ -1625,7 +1640,7 @@ class ChatRoom:
         self.members[name] = conn
         self._shared = None   # what was broadcast before is not for the newcomer
         count = len(self.members)
-        self.tell(conn, f"* You are connected as {name}! There {'is' if count == 1 else 'are'} "
+        self.tell(conn, GREETING.format(name=name) + f" There {'is' if count == 1 else 'are'} "
                         f"{count} user{'' if count == 1 else 's'} here. Type /help for commands.")
         for line in self.history:
             self.tell(conn, f"(history) {line}")
@@ -1710,82 +1725,6 @@ class ChatRoom:
         shared.append(frame)
 
 
-#: The browser page served at "/": self-contained (no external scripts,
-#: styles or fonts), text shown with textContent so it is never parsed as
-#: HTML, and the socket URL taken from the page's own location.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>chat.py</title>
-<style>
-body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
-header, form { padding: .5em 1em; background: #f3f3f3; display: flex; gap: .5em; }
-#log { flex: 1; overflow-y: auto; padding: .5em 1em; margin: 0; list-style: none; white-space: pre-wrap; }
-.notice { color: #777; font-style: italic; } .history { color: #999; } .private { color: #a0a; }
-.mine { color: #070; } input[type=text] { flex: 1; } [hidden] { display: none !important; }
-</style></head>
-<body>
-<header><strong>chat.py</strong><span id="status">not connected</span></header>
-<ul id="log"></ul>
-<form id="join"><input id="name" type="text" placeholder="your name" maxlength="32" autofocus>
-<button>Join</button></form>
-<form id="send" hidden><input id="text" type="text" placeholder="message, /who, /msg NAME TEXT" autocomplete="off">
-<button>Send</button></form>
-<script>
-"use strict";
-const log = document.getElementById("log"), status = document.getElementById("status");
-const joinForm = document.getElementById("join"), sendForm = document.getElementById("send");
-let socket = null, myName = "";
-
-function show(text) {
-  const item = document.createElement("li");
-  item.textContent = text;
-  if (text.startsWith("* ")) item.className = "notice";
-  else if (text.startsWith("(history) ")) item.className = "history";
-  else if (/^\\[[^\\]]* → /.test(text)) item.className = "private";
-  else if (text.startsWith("[" + myName + "]: ")) item.className = "mine";
-  const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
-  log.appendChild(item);
-  if (atBottom) log.scrollTop = log.scrollHeight;
-}
-
-joinForm.addEventListener("submit", (event) => {
-  event.preventDefault();
-  myName = document.getElementById("name").value.trim();
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = myName ? "?name=" + encodeURIComponent(myName) : "";
-  socket = new WebSocket(scheme + "//" + location.host + "/chat" + query);
-  status.textContent = "connecting…";
-  socket.onopen = () => {
-    status.textContent = "connected";
-    joinForm.hidden = true; sendForm.hidden = false;
-    document.getElementById("text").focus();
-  };
-  socket.onmessage = (event) => {
-    const named = /^\\* You are connected as (\\S+)!/.exec(event.data);
-    if (named) myName = named[1];
-    show(event.data);
-  };
-  socket.onclose = (event) => {
-    show("* disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")");
-    status.textContent = "not connected";
-    joinForm.hidden = false; sendForm.hidden = true;
-  };
-});
-
-sendForm.addEventListener("submit", (event) => {
-  event.preventDefault();
-  const input = document.getElementById("text");
-  if (input.value && socket && socket.readyState === WebSocket.OPEN) {
-    socket.send(input.value);
-    input.value = "";
-  }
-});
-</script>
-</body></html>
-"""
-
-
 # 9. Client #################################################################
 #
 # The terminal client: a thread reads the keyboard (input() blocks, and the
@@ -1837,7 +1776,7 @@ class Screen:
         return ""
 
     def show(self, line: str, style: str | None = None) -> None:
-        named = re.match(r"\* You are connected as (\S+)!", line)
+        named = re.match(GREETING_PATTERN, line)
         if named:
             self.name = named[1]
         text = printable(line)
@@ -2254,6 +2193,89 @@ def restore_terminal(settings: list | None) -> None:
     if settings is not None:
         import termios
         termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
+
+
+# 11. Web page #############################################################
+#
+# Kept last, as bottle keeps its templates: 70 lines of HTML and JavaScript a
+# reader of the protocol can skip.
+
+#: The browser page served at "/": self-contained (no external scripts,
+#: styles or fonts), text shown with textContent so it is never parsed as
+#: HTML, and the socket URL taken from the page's own location.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chat.py</title>
+<style>
+body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
+header, form { padding: .5em 1em; background: #f3f3f3; display: flex; gap: .5em; }
+#log { flex: 1; overflow-y: auto; padding: .5em 1em; margin: 0; list-style: none; white-space: pre-wrap; }
+.notice { color: #777; font-style: italic; } .history { color: #999; } .private { color: #a0a; }
+.mine { color: #070; } input[type=text] { flex: 1; } [hidden] { display: none !important; }
+</style></head>
+<body>
+<header><strong>chat.py</strong><span id="status">not connected</span></header>
+<ul id="log"></ul>
+<form id="join"><input id="name" type="text" placeholder="your name" maxlength="32" autofocus>
+<button>Join</button></form>
+<form id="send" hidden><input id="text" type="text" placeholder="message, /who, /msg NAME TEXT" autocomplete="off">
+<button>Send</button></form>
+<script>
+"use strict";
+const GREETING_PATTERN = @GREETING_PATTERN@;
+const log = document.getElementById("log"), status = document.getElementById("status");
+const joinForm = document.getElementById("join"), sendForm = document.getElementById("send");
+let socket = null, myName = "";
+const GREETING = new RegExp(GREETING_PATTERN);
+
+function show(text) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  if (text.startsWith("* ")) item.className = "notice";
+  else if (text.startsWith("(history) ")) item.className = "history";
+  else if (/^\\[[^\\]]* → /.test(text)) item.className = "private";
+  else if (text.startsWith("[" + myName + "]: ")) item.className = "mine";
+  const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
+  log.appendChild(item);
+  if (atBottom) log.scrollTop = log.scrollHeight;
+}
+
+joinForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  myName = document.getElementById("name").value.trim();
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const query = myName ? "?name=" + encodeURIComponent(myName) : "";
+  socket = new WebSocket(scheme + "//" + location.host + "/chat" + query);
+  status.textContent = "connecting…";
+  socket.onopen = () => {
+    status.textContent = "connected";
+    joinForm.hidden = true; sendForm.hidden = false;
+    document.getElementById("text").focus();
+  };
+  socket.onmessage = (event) => {
+    const named = GREETING.exec(event.data);
+    if (named) myName = named[1];
+    show(event.data);
+  };
+  socket.onclose = (event) => {
+    show("* disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")");
+    status.textContent = "not connected";
+    joinForm.hidden = false; sendForm.hidden = true;
+  };
+});
+
+sendForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("text");
+  if (input.value && socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(input.value);
+    input.value = "";
+  }
+});
+</script>
+</body></html>
+""".replace("@GREETING_PATTERN@", json.dumps(GREETING_PATTERN))
 
 
 if __name__ == "__main__":

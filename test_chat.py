@@ -846,23 +846,25 @@ class TestEchoRoundTrips(ServerTestCase):
 
     async def test_http_errors_for_bad_handshakes(self):
         server = await self.start()
-        cases = [
-            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
-            (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
-            (b"GET / HTTP/1.0\r\n\r\n", b"400"),
-            (b"nonsense\r\n\r\n", b"400"),
-            (upgrade_request(version="8"), b"426"),
-            (upgrade_request().replace(b"Host: 127.0.0.1\r\n", b""), b"400"),
-            (upgrade_request(extra="X-Big: " + "a" * 9000 + "\r\n"), b"431"),
-            (upgrade_request(extra="".join(f"X-{i}: 1\r\n" for i in range(101))), b"431"),
+        cases = [   # (request, status, the reason the body gives)
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"expected Upgrade: websocket"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", b"405", b"only GET is supported"),
+            (b"GET / HTTP/1.0\r\n\r\n", b"400", b"needs HTTP/1.1"),
+            (b"nonsense\r\n\r\n", b"400", b"malformed request line"),
+            (upgrade_request(version="8"), b"426", b"unsupported WebSocket version 8"),
+            (upgrade_request().replace(b"Host: 127.0.0.1\r\n", b""), b"400", b"missing Host header"),
+            (upgrade_request(extra="X-Big: " + "a" * 9000 + "\r\n"), b"431", b"request head"),
+            (upgrade_request(extra="".join(f"X-{i}: 1\r\n" for i in range(101))), b"431",
+             b"100 lines"),
         ]
-        for request, status in cases:
+        for request, status, reason in cases:
             with self.subTest(request=request[:30], status=status):
                 response = await raw_exchange(server.port, request)
                 self.assertTrue(response.startswith(b"HTTP/1.1 " + status), response[:60])
                 head, _, body = response.partition(b"\r\n\r\n")
                 self.assertIn(b"Content-Length: %d" % len(body), head)
-                self.assertTrue(body.strip())   # a one-line reason
+                self.assertIn(reason, body)
+                self.assertEqual(body.count(b"\n"), 1)   # one line a person can read
         response = await raw_exchange(server.port, upgrade_request(version="8"))
         self.assertIn(b"Sec-WebSocket-Version: 13", response)
 
@@ -1200,6 +1202,7 @@ class TestLimitsAndDefences(ChatTestCase):
         with self.assertRaises(chat.InvalidStatus) as caught:
             await within(chat.connect(self.url, origin="https://evil.example"))
         self.assertEqual(caught.exception.status, 403)
+        self.assertIn("origin https://evil.example is not allowed here", str(caught.exception))
         for origin in (f"http://127.0.0.1:{self.server.port}", "https://friend.example", None):
             with self.subTest(origin=origin):
                 conn = await within(chat.connect(self.url, origin=origin))
@@ -1213,6 +1216,7 @@ class TestLimitsAndDefences(ChatTestCase):
         with self.assertRaises(chat.InvalidStatus) as caught:
             await within(chat.connect(self.url + "?name=carol"))
         self.assertEqual(caught.exception.status, 503)
+        self.assertIn("server full (2 clients); try again later", str(caught.exception))
         await self.assert_still_served(alice)
 
     async def test_flood_is_refused_then_closed_with_1008(self):
