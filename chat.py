@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import calendar
 import codecs
 import collections
 import dataclasses
@@ -59,9 +60,11 @@ import struct
 import sys
 import threading
 import time
+import types
 import typing
+import unicodedata
 import urllib.parse
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 __all__ = [
     "Opcode", "CloseCode", "Frame", "Connection", "ConnectionClosed",
@@ -822,19 +825,60 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+#: Categories that are escaped unless kept below: controls (C0, DEL, C1),
+#: format characters (bidi overrides and isolates among them), surrogates,
+#: private use, unassigned, and the line and paragraph separators.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+#: Format characters that only join glyphs: ZWNJ (Persian, Indic scripts)
+#: and ZWJ (emoji sequences such as 👩‍💻, Indic conjuncts).
+GLYPH_JOINERS = frozenset("\u200c\u200d")
+
+#: An emoji tag sequence (UTS #51 ED-14a), the subdivision flags such as 🏴󠁧󠁢󠁳󠁣󠁴󠁿:
+#: a black flag, tag letters, CANCEL TAG. Tags anywhere else are invisible
+#: ASCII that a terminal doesn't show, so they are escaped.
+FLAG_TAG_SEQUENCE = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
+
+
+def escape_hidden(text: str) -> str:
+    """``text`` with every hidden character, except the glyph joiners, escaped."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in HIDDEN_CATEGORIES and char not in GLYPH_JOINERS
+        else char
+        for char in text)
+
+
 def printable(text: str) -> str:
-    """Escape every control or invisible character, so a peer can't drive a terminal.
+    """Escape whatever could drive a terminal or disguise a line; leave ordinary text alone.
 
     Whatever a peer sends may end up on a screen: the chat client's, or an
     operator's reading the log. An escape sequence could clear the screen,
-    move the cursor or retitle the window; a newline or a right-to-left
-    override could fake a line from someone else. Each one is shown as its
-    Python escape instead (\\x1b, \\n).
+    move the cursor or retitle the window; a newline, U+2028 or a bidi
+    override (U+202E) could fake a line or reorder it. So every control (C0,
+    DEL, C1) and format character, line and paragraph separator, surrogate,
+    private-use and unassigned character is shown as its Python escape
+    (\\x1b, \\n, \\u202e). Unassigned means unknown to this Python's Unicode:
+    a brand-new emoji is escaped until Python knows it.
+
+    Kept as they are, because they only shape glyphs: ZWNJ and ZWJ (👩‍💻),
+    variation selectors (🏳️‍🌈) and combining marks ("é" as e + U+0301), which
+    Python already counts printable, and tag characters inside a flag
+    sequence (🏴󠁧󠁢󠁳󠁣󠁴󠁿). Spaces other than U+0020 (no-break, ideographic) are
+    kept too: they are ordinary text in French or Japanese. U+200B ZERO
+    WIDTH SPACE and U+00AD SOFT HYPHEN are escaped: they only hint where to
+    break a line, which a terminal never does, and invisible, they could
+    hide a difference in a log.
     """
     if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+        return text   # nearly every line: no copy, no per-character work
+    pieces = []
+    shown_up_to = 0
+    for flag in FLAG_TAG_SEQUENCE.finditer(text):
+        pieces += [escape_hidden(text[shown_up_to:flag.start()]), flag[0]]
+        shown_up_to = flag.end()
+    pieces.append(escape_hidden(text[shown_up_to:]))
+    return "".join(pieces)
 
 
 def format_peer(writer: asyncio.StreamWriter) -> str:
@@ -1497,57 +1541,350 @@ async def read_short_body(reader: asyncio.StreamReader, headers: dict[str, str])
 # 8. Chat room ##############################################################
 #
 # The application on top of the protocol, after the Ktor hands-on "Creating a
-# WebSocket chat": everyone in one room, every line relayed to everyone.
-# Everything on the wire is a plain text line, readable in any WebSocket
-# client (wscat, a browser console):
+# WebSocket chat": everyone in one room, every line relayed to everyone, the
+# sender included (its copy is the sender's receipt). Everything on the wire
+# is a plain text line, readable in any WebSocket client (wscat, a browser
+# console). What a member can cause always starts with "[name]", which no
+# notice does, since names can't contain brackets:
 #
-#   [bob]: hello                  a message, the name attached by the server
-#   [bob → alice]: psst           a private message (/msg alice psst)
-#   (history) [bob]: earlier      the recent past, sent to a newcomer
-#   * alice joined                a notice from the server
+#   [bob]: hello                          a line, the name attached by the server
+#   [bob] waves                           an action (/me waves)
+#   [bob → alice]: psst                   a private message (/msg alice psst)
+#   (history 2026-12-02T09:15:00Z) [bob]: earlier   the recent past, its time in UTC
+#   * alice joined                        a notice from the server
+#   * You are connected as bob! ...       the greeting: always the first frame
 
 CHAT_PATH = "/chat"
 
-#: A newcomer sees the last 50 messages.
+#: A newcomer sees the last 50 lines.
 HISTORY_SIZE = 50
-
-#: Names fit on a line and can't be confused with the "[name]:" framing.
-MAX_NAME_LENGTH = 32
 
 #: Announcing each arrival to every member costs N² writes while a room
 #: fills; past this size joins and leaves are not announced, as in big IRC
 #: channels. ``--announce-limit`` changes it.
 ANNOUNCE_LIMIT = 100
 
-#: Flood control: a burst of 20 messages, then 2 per second. A member who
-#: keeps sending into a refusal 20 times in a row is disconnected (1008).
+#: Flood control, as IRC servers do it (RFC 1459 §8.10): a burst of 20 lines,
+#: then 2 per second. Lines past that are not refused but held, and relayed
+#: at the rate; only a member whose held lines pass MAX_HELD_LINES is
+#: disconnected (1008), so memory stays bounded.
 RATE_BURST = 20
 RATE_PER_SECOND = 2.0
+MAX_HELD_LINES = 100
 
 #: What the server adds around a member's text when it relays it, at most:
 #: a client must accept messages this much larger than the server's limit.
 RELAY_OVERHEAD = 1024
 
-#: The first line a member receives; clients learn their name from it.
-GREETING = "* You are connected as {name}!"
-GREETING_PATTERN = r"^\* You are connected as (\S+)!"   # the terminal client and the page
+#: The first frame a member receives, in sentences a person reads and a
+#: client parses (see parse_greeting): who you are, the limits, the private
+#: token that gets your name back after a dropped connection, and how many
+#: history lines follow.
+GREETING = ("* You are connected as {name}! There {count}. Type /help for commands. "
+            "Limits: lines of up to {max_size} bytes; {rate}. "
+            "Your resume token is {token} (keep it to yourself). {history} of history follow.")
 
-HELP = "* commands: /who (who is here), /msg NAME TEXT (private message), /quit"
+#: Close reason for a connection whose member came back on a new one.
+REPLACED_REASON = "replaced by your new connection"
+
+
+def plural(count: int, word: str) -> str:
+    """'1 line', '3 lines'."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def describe_rate(rate: float, burst: int) -> str:
+    """The flood limit in words; parse_greeting reads the numbers back."""
+    if not rate:
+        return "no rate limit"
+    return f"bursts of {burst} lines, then {rate:g} per second"
+
+
+def utc_stamp(when: float) -> str:
+    """'2026-12-02T09:15:00Z': an unambiguous time on the wire (RFC 3339)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+#: How a client reads the greeting back; JavaScript's regular expressions
+#: accept the same patterns, so the page uses them too.
+GREETING_PATTERNS = types.MappingProxyType({
+    "name": r"^\* You are connected as (\S+)! ",
+    "max_size": r"lines of up to (\d+) bytes",
+    "burst": r"bursts of (\d+) lines",
+    "rate": r"then ([\d.]+) per second",
+    "token": r"Your resume token is (\S+) ",
+    "history": r"(\d+) lines? of history follow",
+})
+
+
+class Greeting(typing.NamedTuple):
+    """What a client learns from the greeting; None where the server didn't say."""
+
+    name: str
+    max_size: int | None
+    burst: int | None
+    rate: float | None
+    token: str | None
+    history: int
+
+
+def parse_greeting(line: str) -> Greeting | None:
+    """The greeting's facts, or None if ``line`` is not a greeting."""
+    found = {field: re.search(pattern, line) for field, pattern in GREETING_PATTERNS.items()}
+    if not found["name"]:
+        return None
+    value = {field: match[1] if match else None for field, match in found.items()}
+    number = lambda field, kind: kind(value[field]) if value[field] else None  # noqa: E731
+    return Greeting(value["name"], number("max_size", int), number("burst", int),
+                    number("rate", float), value["token"], number("history", int) or 0)
+
+
+# Names, compared as people read them.
+#
+# Two names are the same name if people would read them as the same. Python
+# compares code points, so "Alice", "ALICE" and "Ａｌｉｃｅ" (fullwidth) would
+# be three members; name_key() maps them to one key: NFKC folds compatibility
+# forms (fullwidth letters, ligatures such as "ﬁ", superscripts), case folding
+# folds case ("ß" and "SS" both become "ss"). The room keeps members by key,
+# shows the name as typed, and /msg looks its recipient up by key too.
+#
+# check_name() refuses what the key can't fold away (Unicode TR #39,
+# https://www.unicode.org/reports/tr39/):
+#   - invisible and format characters, which make "alice" and "alice" + ZWJ
+#     two names that look alike, or (bidi controls) reorder a name on screen;
+#   - letters from more than one script, such as a Cyrillic "а" in "аlice",
+#     the classic look-alike; TR #39's "highly restrictive" level allows only
+#     the mixes that languages need: Latin with Han and Japanese kana, with
+#     Han and Bopomofo, with Han and Hangul. Digits, punctuation, symbols and
+#     marks belong to no script ("Common") and go with any.
+#
+# What this does NOT protect against:
+#   - whole-script look-alikes: "асе" written all in Cyrillic is one script
+#     and passes, yet reads as Latin "ace"; so do Greek capitals "ΑΒΕ";
+#   - look-alikes within a script or among Common characters: "rn" and "m",
+#     "l", "I" and "1", "0" and "O", U+02BC "ʼ" and "'"; and Han against
+#     kana ("口" and "ロ"), which the Japanese mix has to allow.
+#   Catching these needs TR #39's confusables data (a "skeleton" per name,
+#   over 6,000 mappings), too much to carry in one file.
+#   - The script test reads letters' names (the standard library has no
+#     Script property), so it is an approximation; and all of this depends
+#     on the Unicode version of the Python that runs the server: a letter
+#     newer than it is unassigned there, and refused.
+
+#: Names fit on a line and can't be confused with the "[name]:" framing.
+MAX_NAME_LENGTH = 32
+
+#: Invisible characters that are not format characters (those are refused by
+#: category): Unicode's Default_Ignorable_Code_Point letters and marks, and
+#: U+2800 BRAILLE PATTERN BLANK, a favourite for "empty" names elsewhere.
+INVISIBLE_IN_NAMES = frozenset(
+    "\u034f"            # COMBINING GRAPHEME JOINER
+    "\u115f\u1160"      # HANGUL CHOSEONG / JUNGSEONG FILLER
+    "\u17b4\u17b5"      # KHMER VOWEL INHERENT AQ / AA
+    "\u180b\u180c\u180d\u180f"   # MONGOLIAN FREE VARIATION SELECTORs
+    "\u2800"            # BRAILLE PATTERN BLANK
+    "\u3164\uffa0"      # HANGUL FILLER, HALFWIDTH HANGUL FILLER
+)
+
+#: Variation selectors (VS1-VS16, VS17-VS256): invisible, refused in names.
+VARIATION_SELECTORS = (range(0xFE00, 0xFE10), range(0xE0100, 0xE01F0))
+
+#: Letter names that don't begin with their script's name, and the script.
+SCRIPT_ALIASES = types.MappingProxyType({
+    "CJK": "HAN", "IDEOGRAPHIC": "HAN",   # CJK UNIFIED IDEOGRAPH-4E00, 々
+    "HENTAIGANA": "HIRAGANA",             # historic hiragana
+    "ROMAN": "LATIN", "TURNED": "LATIN",  # ↄ ROMAN NUMERAL REVERSED..., Ⅎ TURNED CAPITAL F
+})
+
+#: First words of letters that belong to no one script: modifier letters
+#: (ʼ), the kana length mark ー, and a few signs shared by scripts.
+COMMON_LETTER_WORDS = frozenset({
+    "MODIFIER", "KATAKANA-HIRAGANA", "CARON", "MASU", "VEDIC", "VERTICAL"})
+
+#: Scripts whose names share a first word: OLD ITALIC, OLD PERMIC, TAI LE, TAI THAM ...
+TWO_WORD_SCRIPTS = frozenset({"OLD", "TAI", "LINEAR", "INSCRIPTIONAL"})
+
+#: TR #39 §5.2 "highly restrictive": one script, or a subset of one of these.
+ALLOWED_SCRIPT_MIXES = (
+    frozenset({"LATIN", "HAN", "HIRAGANA", "KATAKANA"}),   # Japanese
+    frozenset({"LATIN", "HAN", "BOPOMOFO"}),               # Chinese
+    frozenset({"LATIN", "HAN", "HANGUL"}),                 # Korean
+)
+
+
+def name_key(name: str) -> str:
+    """The form in which two names are compared: NFKC, case-folded, NFKC again."""
+    # Case folding can undo normalisation (U+01F0 "ǰ" folds to "j" + U+030C),
+    # so normalise again. That is Unicode's NFKC_Casefold (§3.13, D145) but
+    # for dropping default-ignorable characters, which check_name() refuses.
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def describe_character(char: str) -> str:
+    """'U+200D ZERO WIDTH JOINER': a character named safely, in ASCII."""
+    return f"U+{ord(char):04X} {unicodedata.name(char, '')}".rstrip()
+
+
+def is_invisible_or_control(char: str) -> bool:
+    """True for a character that shows nothing, or changes how others show."""
+    # Stricter than printable(): a chat line may carry joiners and variation
+    # selectors, but a name must be told apart from others at a glance.
+    code = ord(char)
+    return (unicodedata.category(char) in HIDDEN_CATEGORIES or char in INVISIBLE_IN_NAMES
+            or any(code in block for block in VARIATION_SELECTORS))
+
+
+def script_of(char: str) -> str | None:
+    """The script of a letter, read from its Unicode name; None for anything else."""
+    # Checked against Unicode's Script property for every letter Python 3.11
+    # knows (in NFKC form): it differs only for about ten signs shared by
+    # scripts, and for Tangut ideographs, which Python can't name.
+    if not unicodedata.category(char).startswith("L"):
+        return None   # digits, punctuation, symbols, marks: "Common" or "Inherited"
+    words = unicodedata.name(char, "").split()
+    if not words or words[0] in COMMON_LETTER_WORDS:
+        return None   # the few letters Python has no name for (Tangut ideographs) too
+    if words[0] in TWO_WORD_SCRIPTS and len(words) > 1:
+        return f"{words[0]} {words[1]}"
+    return SCRIPT_ALIASES.get(words[0], words[0])
+
+
+def scripts_in(text: str) -> list[str]:
+    """The scripts of the letters in ``text``, in order of first appearance."""
+    scripts = (script_of(char) for char in text)
+    return list(dict.fromkeys(script for script in scripts if script is not None))
+
+
+def mixes_scripts(scripts: list[str]) -> bool:
+    """True if the scripts are more than one, and not a mix that a language needs."""
+    return len(scripts) > 1 and not any(mix.issuperset(scripts) for mix in ALLOWED_SCRIPT_MIXES)
+
+
+def listing(words: list[str]) -> str:
+    """'Latin, Greek and Cyrillic' for a person to read."""
+    if len(words) == 1:
+        return words[0]
+    return f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def check_name(raw: str) -> str:
-    """A usable name, or ValueError saying why not."""
-    name = raw.strip()
+    """The name as it will be shown (stripped, NFC), or ValueError saying why not."""
+    # NFC changes no glyph, only how an accented letter is spelt in code
+    # points, so the length limit counts "é" once however it was typed.
+    name = unicodedata.normalize("NFC", raw.strip())
     if not 1 <= len(name) <= MAX_NAME_LENGTH:
         raise ValueError(f"a name must have 1 to {MAX_NAME_LENGTH} characters")
-    # /msg NAME TEXT needs names without spaces; "[" and "]" would blur "[name]:".
-    if not name.isprintable() or any(c.isspace() or c in "[]" for c in name):
-        raise ValueError("a name can't contain spaces, brackets or control characters")
+    for char in name:
+        if is_invisible_or_control(char):
+            raise ValueError(f"a name can't contain control or invisible characters "
+                             f"({describe_character(char)})")
+        # /msg NAME TEXT needs names without spaces.
+        if char.isspace():
+            raise ValueError("a name can't contain spaces")
+    # "[" and "]" would blur "[name]:"; so would "［" (fullwidth), which NFKC makes "[".
+    if any(bracket in unicodedata.normalize("NFKC", name) for bracket in "[]"):
+        raise ValueError("a name can't contain [ or ]")
+    if unicodedata.category(name[0]).startswith("M"):
+        raise ValueError(f"a name can't start with a combining mark ({describe_character(name[0])})")
+    # Scripts are read on the NFKC form: fullwidth "Ａ" is a Latin letter there.
+    scripts = scripts_in(unicodedata.normalize("NFKC", name))
+    if mixes_scripts(scripts):
+        # Only now is the name quoted: it has passed every character check, so
+        # the message is safe for a log line or a close reason.
+        raise ValueError(f"a name can't mix scripts "
+                         f"({listing([script.title() for script in scripts])}): {name}")
     return name
 
 
+# Commands.
+#
+# IRC style: a line that starts with "/" is a command, any other line is
+# chat. The server parses what every client sends (a browser or wscat sends
+# whatever was typed); the terminal client parses the same line first, to
+# refuse an unknown command without sending it, and then sends the line
+# unchanged. Both call parse_line(), so the rule lives in one place:
+#
+#   "hello"          ChatLine("hello")
+#   "/WHO"           Command("who", "")          names are case-insensitive
+#   "/msg bob  hi"   Command("msg", "bob  hi")   the argument, stripped
+#   "//etc is full"  ChatLine("/etc is full")    "//" sends a line that starts with "/"
+#   "  /who"         ChatLine("  /who")          as in IRC clients: a space first means chat
+#   "/ hi", "/"      ChatLine(...)               a slash and no name is no command
+#   "", "   "        None                        nothing to send
+#   "/foo"           ValueError("unknown command /foo — /help lists them")
+#   "/msg bob"       ValueError("usage: /msg NAME TEXT")
+
+#: Every command: its usage line and what it does, in the order /help lists them.
+#: The usage line is also the rule: each upper-case word is a required argument,
+#: a [bracketed] one is optional, and the last one takes the rest of the line.
+COMMANDS = types.MappingProxyType({
+    "help": ("/help", "list these commands"),
+    "nick": ("/nick NEW", "change your name to NEW"),
+    "me": ("/me ACTION", "tell the room what you are doing (* bob waves)"),
+    "who": ("/who", "list who is here"),
+    "msg": ("/msg NAME TEXT", "send TEXT to NAME alone"),
+    "quit": ("/quit [reason]", "leave the chat, saying why if you like"),
+})
+
+#: A line that starts with this is chat text that starts with "/".
+LITERAL_SLASH = "//"
+
+#: An unknown command is quoted back at most this long: it could be a whole message.
+MAX_QUOTED_COMMAND = 32
+
+
+class Command(typing.NamedTuple):
+    """A slash command: its name (lower case, no slash) and the rest of the line."""
+
+    name: str
+    argument: str
+
+
+class ChatLine(typing.NamedTuple):
+    """A line for the room, to relay as it is."""
+
+    text: str
+
+
+def required_arguments(usage: str) -> int:
+    """How many arguments a usage line asks for: '/msg NAME TEXT' -> 2."""
+    return sum(1 for word in usage.split()[1:] if not word.startswith("["))
+
+
+def parse_line(text: str) -> Command | ChatLine | None:
+    """What a typed line means: a command, chat for the room, or None for nothing.
+
+    Raises ValueError, with a reply for the sender, for an unknown command or
+    missing arguments; such a line is not sent to anyone.
+    """
+    if not text.strip():
+        return None
+    if text.startswith(LITERAL_SLASH):
+        return ChatLine(text[1:])
+    # A command starts right at the slash: " /who" and "/ hi" are chat.
+    if not text.startswith("/") or len(text) == 1 or text[1].isspace():
+        return ChatLine(text)
+    word, *rest = text[1:].split(maxsplit=1)
+    name = word.lower()
+    if name not in COMMANDS:
+        quoted = word if len(word) <= MAX_QUOTED_COMMAND else word[:MAX_QUOTED_COMMAND] + "…"
+        raise ValueError(f"unknown command /{quoted} — /help lists them")
+    argument = rest[0].strip() if rest else ""
+    usage = COMMANDS[name][0]
+    if len(argument.split()) < required_arguments(usage):
+        raise ValueError(f"usage: {usage}")
+    return Command(name, argument)
+
+
+def help_lines() -> list[str]:
+    """The reply to /help, one notice per line (a message is one line on screen)."""
+    rows = [*COMMANDS.values(), (f"{LITERAL_SLASH}text", "send a line that starts with /")]
+    width = max(len(usage) for usage, _ in rows)
+    return [f"* {usage:<{width}}  {meaning}" for usage, meaning in rows]
+
+
 class TokenBucket:
-    """Rate limiting: ``burst`` tokens, refilled at ``rate`` per second, one per message."""
+    """Rate limiting: ``burst`` tokens, refilled at ``rate`` per second, one per line."""
 
     __slots__ = ("rate", "burst", "tokens", "stamp")
 
@@ -1556,25 +1893,87 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = time.monotonic()
 
-    def take(self) -> bool:
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def take(self) -> bool:
+        """Spend a token if there is one."""
+        self._refill()
         if self.tokens < 1:
             return False
         self.tokens -= 1
         return True
+
+    def wait_time(self) -> float:
+        """Seconds until the next token."""
+        self._refill()
+        return max(0.0, (1 - self.tokens) / self.rate)
+
+
+class Pacer:
+    """One member's flood control: lines past the burst wait, and go on at the rate.
+
+    The member's connection is read all along (pings, pongs and a close are
+    answered at once); only the relaying of its lines is delayed, in order.
+    Nobody else waits: the held lines are this member's alone.
+    """
+
+    def __init__(self, bucket: TokenBucket, deliver: Callable[[str], None]) -> None:
+        self.bucket = bucket
+        self.deliver = deliver
+        self.held: collections.deque[str] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def submit(self, text: str) -> None:
+        """Relay now if the rate allows and nothing is waiting; else hold."""
+        if not self.held and self.bucket.take():
+            self.deliver(text)
+            return
+        self.held.append(text)
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.bucket.wait_time(), self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        while self.held and self.bucket.take():
+            self.deliver(self.held.popleft())
+        if self.held:
+            self._schedule()
+
+    def stop(self) -> None:
+        """The member is gone: what it still held is dropped with it."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+@dataclasses.dataclass(eq=False)
+class Member:
+    """Someone in the room: the name others see, the connection, the resume token."""
+
+    name: str
+    conn: Connection
+    token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
+    pacer: Pacer | None = None
+    quit_reason: str = ""
 
 
 class ChatRoom:
     """Who is here, what they said lately, and relaying it to everyone."""
 
     def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
-                 burst: int = RATE_BURST, announce_limit: int = ANNOUNCE_LIMIT,
+                 burst: int = RATE_BURST, max_held: int = MAX_HELD_LINES,
+                 max_size: int = MAX_MESSAGE_SIZE, announce_limit: int = ANNOUNCE_LIMIT,
                  allowed_origins: Collection[str] = (), secure: bool = False) -> None:
-        self.members: dict[str, Connection] = {}
-        self.history: collections.deque[str] = collections.deque(maxlen=history_size)
-        self.rate, self.burst = rate, burst
+        self.members: dict[str, Member] = {}   # by name_key(name): names as people read them
+        self.history: collections.deque[tuple[float, str]] = collections.deque(maxlen=history_size)
+        self.rate, self.burst, self.max_held = rate, burst, max_held
+        self.max_size = max_size
         self.announce_limit = announce_limit
         self.allowed_origins = {origin.lower().rstrip("/") for origin in allowed_origins}
         self.secure = secure
@@ -1610,7 +2009,7 @@ class ChatRoom:
     async def handle(self, conn: Connection) -> None:
         """The WebSocket handler: admit, relay until the member leaves, say goodbye."""
         try:
-            name = self.admit(conn)
+            member = self.admit(conn)
         except ValueError as refusal:
             # Refused after the upgrade, with a close reason, rather than with
             # an HTTP error: browsers never show a page the body of a failed
@@ -1618,85 +2017,147 @@ class ChatRoom:
             logger.info("%s: refused: %s", conn.remote, refusal)
             await conn.close(CloseCode.POLICY_VIOLATION, str(refusal))
             return
-        logger.info("%s: %s joined (%d here)", conn.remote, name, len(self.members))
         try:
-            await self.relay_messages(name, conn)
+            await self.relay_messages(member)
         finally:
-            del self.members[name]
-            code = conn.close_code   # None if the handler failed: the server closes it next
-            logger.info("%s: %s left (%s)", conn.remote, name,
-                        describe_close_code(code) if code else "handler failed")
-            if len(self.members) < self.announce_limit:
-                self.broadcast(f"* {name} left")
+            self.leave(member)
 
-    def admit(self, conn: Connection) -> str:
+    def admit(self, conn: Connection) -> Member:
         """Give the newcomer a name, a greeting and the recent history; tell the others."""
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(conn.path).query)
         name = check_name(query["name"][0]) if "name" in query else self.guest_name()
-        if name in self.members:
-            raise ValueError(f"the name {name} is taken; pick another")
+        held = self.members.get(name_key(name))
+        if held is not None:
+            return self.resume(held, conn, query.get("resume", [""])[0])
+        member = Member(name, conn)
         if len(self.members) < self.announce_limit:
             self.broadcast(f"* {name} joined")
-        self.members[name] = conn
+        self.members[name_key(name)] = member
         self._shared = None   # what was broadcast before is not for the newcomer
+        logger.info("%s: %s joined (%d here)", conn.remote, name, len(self.members))
+        self.greet(member)
+        return member
+
+    def resume(self, held: Member, conn: Connection, token: str) -> Member:
+        """The member came back on a new connection (its old one may not know yet it is dead)."""
+        if not secrets.compare_digest(token.encode(), held.token.encode()):
+            raise ValueError(f"the name {held.name} is taken; pick another")
+        held.conn.close_nowait(CloseCode.NORMAL_CLOSURE, REPLACED_REASON)
+        member = dataclasses.replace(held, conn=conn, pacer=None)
+        self.members[name_key(member.name)] = member
+        self._shared = None
+        logger.info("%s: %s came back", conn.remote, member.name)
+        self.greet(member)
+        return member
+
+    def greet(self, member: Member) -> None:
         count = len(self.members)
-        self.tell(conn, GREETING.format(name=name) + f" There {'is' if count == 1 else 'are'} "
-                        f"{count} user{'' if count == 1 else 's'} here. Type /help for commands.")
-        for line in self.history:
-            self.tell(conn, f"(history) {line}")
-        return name
+        there = f"{'is' if count == 1 else 'are'} {plural(count, 'user')} here"
+        self.tell(member.conn, GREETING.format(
+            name=member.name, count=there, max_size=self.max_size, token=member.token,
+            rate=describe_rate(self.rate, self.burst), history=plural(len(self.history), "line")))
+        for when, line in self.history:
+            self.tell(member.conn, f"(history {utc_stamp(when)}) {line}")
+
+    def leave(self, member: Member) -> None:
+        """The member's connection is over; unless it was replaced, the member is gone."""
+        if member.pacer is not None:
+            member.pacer.stop()
+        if self.members.get(name_key(member.name)) is not member:
+            return   # it came back on a new connection: nobody left
+        del self.members[name_key(member.name)]
+        code = member.conn.close_code   # None if the handler failed: the server closes it next
+        logger.info("%s: %s left (%s)", member.conn.remote, member.name,
+                    describe_close_code(code) if code else "handler failed")
+        why = member.quit_reason or (member.conn.close_rcvd.reason if member.conn.close_rcvd else "")
+        if len(self.members) < self.announce_limit:
+            self.broadcast(f"* {member.name} left" + (f": {why}" if why else ""))
 
     def guest_name(self) -> str:
         while True:
             self._guest_number += 1
             name = f"user{self._guest_number}"
-            if name not in self.members:
+            if name_key(name) not in self.members:
                 return name
 
-    async def relay_messages(self, name: str, conn: Connection) -> None:
-        """Read the member's messages until the connection ends."""
-        bucket = TokenBucket(self.rate, self.burst) if self.rate else None
-        refused_in_a_row = 0
+    async def relay_messages(self, member: Member) -> None:
+        """Read the member's messages until the connection ends, pacing its lines."""
+        conn = member.conn
+        if self.rate:
+            member.pacer = Pacer(TokenBucket(self.rate, self.burst),
+                                 lambda text: self.on_text(member, text))
         async for message in conn:
             if isinstance(message, bytes):
                 conn.fail_nowait(CloseCode.UNSUPPORTED_DATA, "binary messages are not chat; send text")
-            elif bucket is not None and not bucket.take():
-                refused_in_a_row += 1
-                if refused_in_a_row >= self.burst:
-                    conn.fail_nowait(CloseCode.POLICY_VIOLATION, "flooding")
-                else:
-                    self.tell(conn, f"* slow down: message not sent (at most {self.rate:g} per second)")
+            elif member.pacer is None:
+                self.on_text(member, message)
             else:
-                refused_in_a_row = 0
-                self.on_text(name, conn, message)
+                member.pacer.submit(message)
+                if len(member.pacer.held) > self.max_held:
+                    conn.fail_nowait(CloseCode.POLICY_VIOLATION, f"flooding: "
+                                     f"{plural(len(member.pacer.held), 'line')} not relayed")
 
-    def on_text(self, name: str, conn: Connection, text: str) -> None:
-        if not text.startswith("/"):
-            line = f"[{name}]: {text}"
-            self.history.append(line)
-            self.broadcast(line)
+    # -- what members say --------------------------------------------------
+
+    def on_text(self, member: Member, text: str) -> None:
+        """One line from a member: chat for the room, or a command."""
+        if member.conn.state is not State.OPEN:
+            return   # it was held by the flood control, and the member has gone since
+        try:
+            line = parse_line(text)
+        except ValueError as reply:
+            self.tell(member.conn, f"* {reply}")
             return
-        command, _, argument = text.partition(" ")
-        if command == "/who":
-            self.tell(conn, f"* {len(self.members)} here: {', '.join(sorted(self.members))}")
-        elif command == "/msg":
-            self.private_message(name, conn, argument)
-        elif command == "/quit":
-            conn.close_nowait(CloseCode.NORMAL_CLOSURE, "bye")
-        else:
-            self.tell(conn, HELP)
+        if isinstance(line, ChatLine):
+            self.say(f"[{member.name}]: {line.text}")
+        elif line is not None:
+            COMMAND_HANDLERS[line.name](self, member, line.argument)
 
-    def private_message(self, name: str, conn: Connection, argument: str) -> None:
-        recipient, _, text = argument.strip().partition(" ")
-        if not recipient or not text:
-            self.tell(conn, "* usage: /msg NAME TEXT")
-        elif recipient not in self.members:
-            self.tell(conn, f"* there is no {recipient} here; /who lists who is")
-        else:
-            line = f"[{name} → {recipient}]: {text}"
-            self.tell(self.members[recipient], line)
-            if recipient != name:
-                self.tell(conn, line)
+    def say(self, line: str) -> None:
+        """A line for everyone, kept in the history for newcomers."""
+        self.history.append((time.time(), line))
+        self.broadcast(line)
+
+    def command_help(self, member: Member, argument: str) -> None:
+        for line in help_lines():
+            self.tell(member.conn, line)
+
+    def command_who(self, member: Member, argument: str) -> None:
+        names = sorted((m.name for m in self.members.values()), key=name_key)
+        self.tell(member.conn, f"* {len(names)} here: {', '.join(names)}")
+
+    def command_me(self, member: Member, action: str) -> None:
+        self.say(f"[{member.name}] {action}")
+
+    def command_msg(self, member: Member, argument: str) -> None:
+        recipient_name, text = argument.split(maxsplit=1)   # parse_line checked there are two
+        recipient = self.members.get(name_key(recipient_name))
+        if recipient is None:
+            self.tell(member.conn, f"* there is no {recipient_name} here; /who lists who is")
+            return
+        line = f"[{member.name} → {recipient.name}]: {text}"
+        self.tell(recipient.conn, line)
+        if recipient is not member:
+            self.tell(member.conn, line)   # the sender's receipt
+
+    def command_nick(self, member: Member, new: str) -> None:
+        try:
+            name = check_name(new)
+        except ValueError as refusal:
+            self.tell(member.conn, f"* {refusal}")
+            return
+        holder = self.members.get(name_key(name))
+        if holder is not None and holder is not member:
+            self.tell(member.conn, f"* the name {name} is taken; pick another")
+            return
+        old, member.name = member.name, name
+        del self.members[name_key(old)]
+        self.members[name_key(name)] = member
+        self.broadcast(f"* {old} is now known as {name}")
+
+    def command_quit(self, member: Member, reason: str) -> None:
+        member.quit_reason = reason
+        member.conn.close_nowait(CloseCode.NORMAL_CLOSURE, reason or "bye")
 
     # -- sending -----------------------------------------------------------
 
@@ -1720,17 +2181,550 @@ class ChatRoom:
         shared = self._shared
         if shared is None or shared.sealed:
             shared = self._shared = SharedFrames()
-            for conn in self.members.values():
-                conn.queue_frame(shared)
+            for member in self.members.values():
+                member.conn.queue_frame(shared)
         shared.append(frame)
 
 
-# 9. Client #################################################################
+#: The ChatRoom method that carries out each command of COMMANDS.
+COMMAND_HANDLERS: typing.Mapping[str, Callable[[ChatRoom, Member, str], None]] = types.MappingProxyType({
+    "help": ChatRoom.command_help,
+    "nick": ChatRoom.command_nick,
+    "me": ChatRoom.command_me,
+    "who": ChatRoom.command_who,
+    "msg": ChatRoom.command_msg,
+    "quit": ChatRoom.command_quit,
+})
+
+
+# 9. Line editor ############################################################
 #
-# The terminal client: a thread reads the keyboard (input() blocks, and the
-# event loop must not), the event loop receives and prints. Lines from the
-# network are printed *above* the line being typed, and nothing a peer sends
-# reaches the terminal unescaped.
+# Theory of operation. The client puts the terminal in raw mode, so every key
+# reaches us as it is pressed and nothing is echoed: drawing what is typed is
+# our job. Three pure pieces, in the order a keystroke meets them:
+#
+#   KeyDecoder   text from the terminal  -> KeyEvents (keys, typed text, pastes)
+#   LineEditor   one KeyEvent            -> a new buffer and cursor index, and
+#                                           lines to send or other Actions
+#   InputView    prompt, buffer, cursor  -> the exact characters to write
+#
+# The view redraws the whole input after every change, as antirez's linenoise
+# does in its multi-line mode: up to the input's first row, erase to the end
+# of the screen, write the prompt and the buffer, put the cursor back. The
+# input is always the last thing on the screen, so a line from the network
+# is shown by erasing the input, writing the line there (the terminal wraps
+# it, however long) and drawing the input again below it. The one thing the
+# view must remember is how far the cursor is below the input's first row.
+# Skip this section if you came for the protocol: nothing else depends on it.
+
+ESC = "\x1b"
+CSI = ESC + "["       # Control Sequence Introducer (ECMA-48 §5.4)
+SS3 = ESC + "O"       # what some terminals send for arrows and Home/End instead
+
+#: Bracketed paste (an xterm extension most terminals copy): while it is on,
+#: pasted text arrives between PASTE_START and PASTE_END, so a pasted newline
+#: can't be mistaken for Enter, nor a pasted ESC for the start of a key.
+BRACKETED_PASTE_ON = CSI + "?2004h"
+BRACKETED_PASTE_OFF = CSI + "?2004l"
+PASTE_START = CSI + "200~"
+PASTE_END = CSI + "201~"
+
+ERASE_BELOW = CSI + "J"    # erase from the cursor to the end of the screen
+DIM = CSI + "2m{}" + CSI + "0m"   # SGR faint, then back to normal
+
+#: A tab (typed or pasted) becomes spaces: how wide a tab looks depends on
+#: the column it lands in, which is different for everyone who reads it.
+TAB_SPACES = "    "
+
+#: Up to this many sent lines can be recalled with Up; older ones are dropped.
+INPUT_HISTORY_SIZE = 1000
+
+#: Narrower than this, a wide character could never fit in a row.
+MIN_WIDTH = 2
+
+
+# Display width. A terminal draws most characters in one cell, East Asian
+# wide ones (漢, 😀) in two, and combining marks in none: they sit on the
+# character before them. This is the classic wcwidth() approximation, and
+# terminals disagree at its edges. What it gets wrong, knowingly: an emoji
+# ZWJ sequence (👩‍💻 = 👩 U+200D 💻) is one two-cell glyph in many terminals
+# but counts 4 here, the sum of its parts; an emoji selector U+FE0F can widen
+# the character before it (❤️) but counts 0; the soft hyphen (a format char)
+# is drawn by some; ambiguous-width characters (EAW "A", like ±) count 1,
+# though CJK-locale terminals draw 2. A wrong count misplaces the cursor
+# and the row breaks for as long as that text is in the buffer; nothing
+# worse, because every redraw starts again from the input's first row.
+
+#: General categories that take no cell: nonspacing marks (accents, and the
+#: variation selectors U+FE00-FE0F), enclosing marks, and format characters
+#: such as ZERO WIDTH JOINER U+200D.
+ZERO_WIDTH_CATEGORIES = frozenset({"Mn", "Me", "Cf"})
+
+#: East Asian Width classes drawn two cells wide (Unicode UAX #11).
+WIDE_CLASSES = frozenset({"W", "F"})
+
+
+def char_width(ch: str) -> int:
+    """How many terminal cells the character ch takes: 0, 1 or 2."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ZERO_WIDTH_CATEGORIES:
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in WIDE_CLASSES else 1
+
+
+def display_width(text: str) -> int:
+    """How many terminal cells text takes on one unbounded row."""
+    return sum(char_width(ch) for ch in text)
+
+
+def is_control(ch: str) -> bool:
+    """True for C0, DEL and C1 control characters: they move, they don't draw."""
+    return unicodedata.category(ch) == "Cc"
+
+
+def strip_controls(text: str) -> str:
+    """text with tabs as spaces and every other control character dropped."""
+    return "".join(ch for ch in text.replace("\t", TAB_SPACES) if not is_control(ch))
+
+
+# Keys. In raw mode a key arrives as a character (a, or ^A = "\x01") or as an
+# escape sequence (Left = ESC [ D). A read may end anywhere, even inside a
+# sequence, so the decoder keeps an unfinished one for the next read.
+
+class Key(enum.Enum):
+    """What a KeyEvent is: typed text, a pasted block, or one named key."""
+
+    TEXT = "text"
+    PASTE = "paste"
+    ENTER = "enter"
+    TAB = "tab"
+    BACKSPACE = "backspace"
+    DELETE = "delete"
+    LEFT = "left"
+    RIGHT = "right"
+    UP = "up"
+    DOWN = "down"
+    HOME = "home"
+    END = "end"
+    CTRL_A = "ctrl-a"
+    CTRL_B = "ctrl-b"
+    CTRL_C = "ctrl-c"
+    CTRL_D = "ctrl-d"
+    CTRL_E = "ctrl-e"
+    CTRL_F = "ctrl-f"
+    CTRL_K = "ctrl-k"
+    CTRL_L = "ctrl-l"
+    CTRL_N = "ctrl-n"
+    CTRL_P = "ctrl-p"
+    CTRL_U = "ctrl-u"
+    CTRL_W = "ctrl-w"
+    CTRL_Z = "ctrl-z"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyEvent:
+    """One thing the user did; text is set for Key.TEXT and Key.PASTE only."""
+
+    key: Key
+    text: str = ""
+
+
+#: Control characters that are keys. Enter sends \r in raw mode; \n comes
+#: from Ctrl-J and from pipes. Terminals send DEL for Backspace, some ^H.
+CONTROL_KEYS = {
+    "\x01": Key.CTRL_A, "\x02": Key.CTRL_B, "\x03": Key.CTRL_C, "\x04": Key.CTRL_D,
+    "\x05": Key.CTRL_E, "\x06": Key.CTRL_F, "\x08": Key.BACKSPACE, "\t": Key.TAB,
+    "\n": Key.ENTER, "\x0b": Key.CTRL_K, "\x0c": Key.CTRL_L, "\r": Key.ENTER,
+    "\x0e": Key.CTRL_N, "\x10": Key.CTRL_P, "\x15": Key.CTRL_U, "\x17": Key.CTRL_W,
+    "\x1a": Key.CTRL_Z, "\x7f": Key.BACKSPACE,
+}
+
+#: ESC [ X and ESC O X, by their last character. Parameters are ignored, so
+#: Ctrl-Left (ESC [ 1 ; 5 D) moves like Left.
+FINAL_KEYS = {"A": Key.UP, "B": Key.DOWN, "C": Key.RIGHT, "D": Key.LEFT,
+              "H": Key.HOME, "F": Key.END}
+
+#: ESC [ n ~, by n: the VT220 keypad (1, 4) and rxvt (7, 8) both survive.
+TILDE_KEYS = {"1": Key.HOME, "7": Key.HOME, "4": Key.END, "8": Key.END, "3": Key.DELETE}
+
+
+def escape_end(text: str, start: int) -> int | None:
+    """Where the escape sequence at text[start] ends, or None if text ends first."""
+    if start + 1 >= len(text):
+        return None
+    if text.startswith(CSI, start):
+        # ECMA-48 §5.4: parameter and intermediate bytes (0x20-0x3F), then one
+        # final byte (0x40-0x7E). Anything else ends a broken sequence early.
+        for i in range(start + 2, len(text)):
+            if "\x40" <= text[i] <= "\x7e":
+                return i + 1
+            if not "\x20" <= text[i] <= "\x3f":
+                return i
+        return None
+    if text.startswith(SS3, start):
+        return start + 3 if start + 2 < len(text) else None
+    if text[start + 1] == ESC:
+        return start + 1      # a lone ESC before another sequence: drop it alone
+    return start + 2          # ESC and one character: Alt+key, which we ignore
+
+
+class KeyDecoder:
+    """Turns what a raw-mode terminal sends into KeyEvents, however it is split."""
+
+    def __init__(self) -> None:
+        """Nothing read yet."""
+        self._unread = ""                         # a sequence cut off by the end of a feed
+        self._pasted: list[str] | None = None     # a bracketed paste being collected
+
+    def feed(self, data: str) -> list[KeyEvent]:
+        """The events data completes; anything unfinished waits for the next feed."""
+        text, self._unread = self._unread + data, ""
+        events: list[KeyEvent] = []
+        i = 0
+        while i < len(text):
+            if self._pasted is not None:
+                i = self._collect_paste(text, i, events)
+            elif text[i] == ESC:
+                end = escape_end(text, i)
+                if end is None:
+                    self._unread = text[i:]
+                    break
+                self._escape(text[i:end], events)
+                i = end
+            else:
+                i = self._plain(text, i, events)
+        return events
+
+    def _plain(self, text: str, i: int, events: list[KeyEvent]) -> int:
+        """Decode typed text or one control character at text[i]; return where to go on."""
+        end = i
+        while end < len(text) and not is_control(text[end]):
+            end += 1
+        if end > i:
+            events.append(KeyEvent(Key.TEXT, text[i:end]))
+            return end
+        if text[i] in CONTROL_KEYS:
+            events.append(KeyEvent(CONTROL_KEYS[text[i]]))
+        return i + 1          # other control characters mean nothing to a line editor
+
+    def _escape(self, sequence: str, events: list[KeyEvent]) -> None:
+        """Act on one whole escape sequence: a key, a paste starting, or nothing."""
+        key = None
+        if sequence == PASTE_START:
+            self._pasted = []
+        elif sequence.startswith(CSI) and sequence.endswith("~"):
+            key = TILDE_KEYS.get(sequence[2:-1].split(";")[0])
+        elif sequence.startswith((CSI, SS3)):
+            key = FINAL_KEYS.get(sequence[-1])
+        if key is not None:   # unknown sequences (F1, Alt+x, focus reports) vanish whole
+            events.append(KeyEvent(key))
+
+    def _collect_paste(self, text: str, i: int, events: list[KeyEvent]) -> int:
+        """Collect pasted text up to PASTE_END; return where decoding goes on."""
+        assert self._pasted is not None
+        end = text.find(PASTE_END, i)
+        if end == -1:
+            # Hold back an ESC near the end: it may be PASTE_END, cut in two.
+            held = text.rfind(ESC, max(i, len(text) - len(PASTE_END) + 1))
+            end = len(text) if held == -1 else held
+            self._pasted.append(text[i:end])
+            self._unread = text[end:]
+            return len(text)
+        self._pasted.append(text[i:end])
+        events.append(KeyEvent(Key.PASTE, "".join(self._pasted)))
+        self._pasted = None
+        return end + len(PASTE_END)
+
+
+# Editing. One buffer and a cursor index into it, in characters; the keys of
+# Emacs and readline. A combining mark travels with the character before it,
+# so the cursor never stops between an "e" and its accent.
+
+class Action(enum.Enum):
+    """What the client must do, besides sending lines and redrawing."""
+
+    EOF = "eof"                # Ctrl-D on an empty line: the user is done
+    INTERRUPT = "interrupt"    # Ctrl-C (raw mode: no SIGINT, it arrives as a key)
+    SUSPEND = "suspend"        # Ctrl-Z (likewise no SIGTSTP: the client stops itself)
+    REDRAW = "redraw"          # Ctrl-L: clear the screen and draw the input again
+
+
+#: Keys that are a request to the client, not an edit.
+KEY_ACTIONS = {Key.CTRL_C: Action.INTERRUPT, Key.CTRL_Z: Action.SUSPEND, Key.CTRL_L: Action.REDRAW}
+
+
+class LineEditor:
+    """The line being typed: a buffer, a cursor index into it, and the history."""
+
+    def __init__(self, history_size: int = INPUT_HISTORY_SIZE) -> None:
+        """Start with an empty line and no history."""
+        self.buffer = ""
+        self.cursor = 0               # 0 .. len(buffer), in characters
+        self.history: list[str] = []  # sent lines, oldest first
+        self.history_size = history_size
+        self._recalled = 0            # how many lines back Up has gone; 0: the new line
+        self._draft = ""              # the new line, kept while Up and Down browse
+
+    def handle(self, event: KeyEvent) -> list[str | Action]:
+        """Apply one key event; return the lines to send (str) and Actions, in order."""
+        key = event.key
+        if key is Key.TEXT:
+            self.insert(event.text)
+        elif key is Key.PASTE:
+            return self.paste(event.text)
+        elif key is Key.ENTER:
+            return [self.submit()]
+        elif key is Key.CTRL_D and not self.buffer:
+            return [Action.EOF]
+        elif key in KEY_ACTIONS:
+            return [KEY_ACTIONS[key]]
+        else:
+            self.edit(key)
+        return []
+
+    def edit(self, key: Key) -> None:
+        """Move the cursor, delete, or browse the history, as key says."""
+        match key:
+            case Key.LEFT | Key.CTRL_B:
+                self.cursor = self._left_of(self.cursor)
+            case Key.RIGHT | Key.CTRL_F:
+                self.cursor = self._right_of(self.cursor)
+            case Key.HOME | Key.CTRL_A:
+                self.cursor = 0
+            case Key.END | Key.CTRL_E:
+                self.cursor = len(self.buffer)
+            case Key.BACKSPACE:
+                self._delete(self._left_of(self.cursor), self.cursor)
+            case Key.DELETE | Key.CTRL_D:
+                self._delete(self.cursor, self._right_of(self.cursor))
+            case Key.CTRL_K:
+                self._delete(self.cursor, len(self.buffer))
+            case Key.CTRL_U:
+                self._delete(0, self.cursor)
+            case Key.CTRL_W:
+                self._delete(self._word_start(), self.cursor)
+            case Key.UP | Key.CTRL_P:
+                self._recall(self._recalled + 1)
+            case Key.DOWN | Key.CTRL_N:
+                self._recall(self._recalled - 1)
+            case Key.TAB:
+                self.insert(TAB_SPACES)
+
+    def insert(self, text: str) -> None:
+        """Type text at the cursor (control characters can't get into the buffer)."""
+        text = strip_controls(text)
+        self.buffer = self.buffer[:self.cursor] + text + self.buffer[self.cursor:]
+        self.cursor += len(text)
+
+    def paste(self, text: str) -> list[str | Action]:
+        """A pasted block, as if typed: each complete line is sent on its own."""
+        *lines, rest = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        sent: list[str | Action] = []
+        for line in lines:
+            self.insert(line)
+            sent.append(self.submit())
+        self.insert(rest)
+        return sent
+
+    def submit(self) -> str:
+        """Enter: the line is done; remember it and start a new one."""
+        line = self.buffer
+        if line and self.history[-1:] != [line]:    # a line sent twice is recalled once
+            self.history.append(line)
+            if len(self.history) > self.history_size:
+                del self.history[0]
+        self.buffer, self.cursor, self._recalled, self._draft = "", 0, 0, ""
+        return line
+
+    def _recall(self, back: int) -> None:
+        """Show the line sent `back` lines ago (0: the new line), if there is one."""
+        if not 0 <= back <= len(self.history):
+            return
+        if self._recalled == 0:
+            self._draft = self.buffer
+        self._recalled = back
+        self.buffer = self.history[-back] if back else self._draft
+        self.cursor = len(self.buffer)
+
+    def _delete(self, start: int, end: int) -> None:
+        """Delete buffer[start:end]; the cursor goes to start."""
+        self.buffer = self.buffer[:start] + self.buffer[end:]
+        self.cursor = start
+
+    def _left_of(self, i: int) -> int:
+        """The index one character left of i, stepping over combining marks too."""
+        i = max(i - 1, 0)
+        while i > 0 and char_width(self.buffer[i]) == 0:
+            i -= 1
+        return i
+
+    def _right_of(self, i: int) -> int:
+        """The index one character right of i, stepping over its combining marks too."""
+        i = min(i + 1, len(self.buffer))
+        while i < len(self.buffer) and char_width(self.buffer[i]) == 0:
+            i += 1
+        return i
+
+    def _word_start(self) -> int:
+        """Where the word before the cursor starts (Ctrl-W: spaces, then the word)."""
+        i = self.cursor
+        while i > 0 and self.buffer[i - 1].isspace():
+            i -= 1
+        while i > 0 and not self.buffer[i - 1].isspace():
+            i -= 1
+        return i
+
+
+# Drawing. The input is laid out in rows of the terminal's width, and each row
+# is written followed by "\r\n" rather than left to the terminal's own
+# wrapping: then we, not the terminal, decide where every row starts, and
+# terminals that reflow on resize won't join our rows back together.
+
+def cursor_up(rows: int) -> str:
+    """Move the cursor up; nothing for 0 (ESC [ 0 A would move one row)."""
+    return f"{CSI}{rows}A" if rows > 0 else ""
+
+
+def cursor_right(columns: int) -> str:
+    """Move the cursor right; nothing for 0 (ESC [ 0 C would move one column)."""
+    return f"{CSI}{columns}C" if columns > 0 else ""
+
+
+def rows_needed(cells: int, width: int) -> int:
+    """How many rows of `width` cells a row of `cells` cells takes (at least one)."""
+    return max(1, -(-cells // width))     # -(-a // b) rounds a / b up
+
+
+class Layout(typing.NamedTuple):
+    """Where text goes on the screen: its rows, and the cursor's row and column."""
+
+    rows: list[str]
+    cursor_row: int
+    cursor_col: int
+
+
+def layout(text: str, cursor: int, width: int) -> Layout:
+    """Break text into rows of at most width cells; find the cell of text[cursor]."""
+    rows, col = [""], 0
+    cursor_row = cursor_col = 0
+    for i, ch in enumerate(text):
+        w = char_width(ch)
+        if col + w > width:    # a wide char that would straddle the margin starts the next row
+            rows.append("")
+            col = 0
+        if i == cursor:
+            cursor_row, cursor_col = len(rows) - 1, col
+        rows[-1] += ch
+        col += w
+    # Pending wrap: a terminal that has just filled the last column leaves
+    # the cursor *on* it until the next character comes. An input that ends
+    # there gets one more, empty, row (reached by "\r\n"), so the cursor at
+    # the end really is on the next row and our count stays the terminal's.
+    if col == width:
+        rows.append("")
+        col = 0
+    if cursor >= len(text):
+        cursor_row, cursor_col = len(rows) - 1, col
+    return Layout(rows, cursor_row, cursor_col)
+
+
+def wrap_rows(text: str, width: int) -> list[str]:
+    """A line that is not being edited, in rows: no extra row when it fills the last."""
+    rows = layout(text, 0, width).rows
+    return rows[:-1] if len(rows) > 1 and not rows[-1] else rows
+
+
+def visible_rows(count: int, cursor_row: int, height: int) -> range:
+    """Which rows of the input to draw: all of them, if they fit."""
+    # An input taller than the screen would scroll its own first row away, and
+    # no cursor movement can reach that row again. So draw at most height - 1
+    # rows (one is left for the room), centred on the cursor's row but kept
+    # within the input: typing at the end shows the last rows, Home the first.
+    size = max(1, height - 1)
+    if count <= size:
+        return range(count)
+    top = min(max(cursor_row - size // 2, 0), count - size)
+    return range(top, top + size)
+
+
+class InputView:
+    """Draws the prompt and the buffer below everything else on the screen."""
+
+    def __init__(self, prompt: str = "> ") -> None:
+        """prompt is plain text: escape sequences in it would throw the count off."""
+        self.prompt = prompt
+        self._width = MIN_WIDTH   # the width of the last drawing (none yet: any will do)
+        self.forget()
+
+    def forget(self) -> None:
+        """Take the cursor's row as the input's first row (after fg, or Ctrl-L)."""
+        self._widths_above: list[int] = []   # cells in each drawn row above the cursor's
+        self._cursor_col = 0
+
+    def redraw(self, buffer: str, cursor: int, width: int, height: int,
+               status: Sequence[str] = ()) -> str:
+        """Erase the input as last drawn and draw it again: status lines, prompt, buffer, cursor.
+
+        ``status`` lines (plain text: the client's lines still on their way)
+        are drawn dimmed above the prompt, as part of the input area.
+        """
+        width = max(width, MIN_WIDTH)
+        start = self._erase(width)
+        above = [row for line in status for row in wrap_rows(line, width)]
+        rows, cursor_row, cursor_col = layout(self.prompt + buffer, len(self.prompt) + cursor, width)
+        rows, cursor_row = above + rows, cursor_row + len(above)
+        shown = visible_rows(len(rows), cursor_row, height)
+        self._widths_above = [display_width(row) for row in rows[shown.start:cursor_row]]
+        self._cursor_col, self._width = cursor_col, width
+        drawn = "\r\n".join(DIM.format(row) if i < len(above) else row
+                             for i, row in enumerate(rows[shown.start:shown.stop], shown.start))
+        back = cursor_up(shown.stop - 1 - cursor_row) + "\r" + cursor_right(cursor_col)
+        return start + drawn + back
+
+    def show_above(self, lines: list[str], buffer: str, cursor: int, width: int, height: int,
+                   status: Sequence[str] = ()) -> str:
+        """Erase the input, write lines where it was, and draw the input again below them."""
+        # Each line is written whole and the terminal wraps it, however long;
+        # "\r\n" after it also ends a pending wrap if it filled its last row.
+        written = "".join(line + "\r\n" for line in lines)
+        return (self._erase(max(width, MIN_WIDTH)) + written
+                + self.redraw(buffer, cursor, width, height, status))
+
+    def clear(self) -> str:
+        """Erase the input, leaving the cursor where its first row was."""
+        return self._erase(self._width)
+
+    def _erase(self, width: int) -> str:
+        """Move to the start of the input's first row and erase from there down."""
+        # Counting each row above at the *current* width gives the plain row
+        # count when nothing changed. After a resize it assumes the terminal
+        # reflows lines, as tmux, VTE, kitty, iTerm2 and Windows Terminal do:
+        # when narrower, each of our rows (and the cursor's) splits in as many
+        # rows as it now needs; when wider, our "\r\n" rows stay apart. xterm
+        # doesn't reflow, so there a narrowing overshoots: a few rows of the
+        # room above the input are erased. We take that over leaving pieces
+        # of the old input on the screen.
+        rows = sum(rows_needed(cells, width) for cells in self._widths_above)
+        rows += self._cursor_col // width
+        self.forget()
+        return cursor_up(rows) + "\r" + ERASE_BELOW
+
+
+# 10. Client ################################################################
+#
+# The terminal client. Theory of operation: three things go on at once, all
+# in the event loop, and meet in one ChatClient:
+#
+#   the keyboard   lines the user typed, in a Keyboard queue: from the line
+#                  editor (section 9) at a terminal, from a thread reading
+#                  plain lines when stdin is a pipe (or termios is missing)
+#   the network    a Connection that reconnects with backoff; every line
+#                  from the room goes to the Screen, escaped by printable()
+#   delivery       every typed line is kept until the room's copy of it comes
+#                  back (the server relays each line to its sender too, in
+#                  order): waiting -> sent -> confirmed. Lines still waiting
+#                  are shown dimmed under the room's lines; after a dropped
+#                  connection they are sent again; at exit, those never
+#                  confirmed are listed, and the exit status is 1.
 
 #: Close codes after which the server may well come back: reconnect then.
 #: Anything else (a refused name, a protocol error) would only repeat.
@@ -1742,114 +2736,130 @@ RECONNECT_CODES = frozenset({
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 
-#: Print a line above the one being typed, leaving it (and the cursor) intact;
-#: the technique of the websockets library's interactive client. In words:
-#: save the cursor; open a new line and come back up; insert a blank line,
-#: which pushes the typed line down; print there; restore the cursor, which
-#: is now one line above the typed line (or on it, if the screen scrolled),
-#: and step down.
-ABOVE_PROMPT = "\x1b7\n\x1b[A\x1b[L{}\n\x1b8\x1b[B"
+#: The client pings every 5 s: a link that died silently (a frozen network)
+#: is noticed within 15 s, the 5 s close timeout included, not the server's 40.
+CLIENT_KEEPALIVE_INTERVAL = 5.0
 
-STYLES = {"mine": "1;32", "private": "35", "notice": "33", "history": "2", "error": "31"}
+#: How long leaving (end of input, Ctrl-D, /quit) waits for the room to
+#: confirm the lines still on their way; then those are listed as not sent.
+CONFIRM_TIMEOUT = 10.0
+
+#: A line sent again after a reconnect, when the history could not show
+#: whether the room already had it: the others see that it may be a repeat.
+RESENT_MARK = "(resent) "
+
+#: Under the room's lines, at most this many of ours still on their way are
+#: listed one by one; the rest are counted.
+MAX_WAITING_SHOWN = 5
+
+STYLES = {"mine": "1;32", "private": "35", "notice": "33", "history": "2", "error": "31",
+          "action": "36"}
+
+#: "(history 2026-12-02T09:15:00Z) " at the start of a history line.
+HISTORY_PREFIX = re.compile(r"\(history (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\) ")
 
 
-class Screen:
-    """Where the room's lines go: escaped, coloured if wanted, above the typed line."""
+def echo_of(line: str, name: str) -> str | None:
+    """How the room relays a line we send, so we know it arrived; None: no copy comes back."""
+    try:
+        parsed = parse_line(line)
+    except ValueError:
+        return None
+    if isinstance(parsed, ChatLine):
+        return f"[{name}]: {parsed.text}"
+    if isinstance(parsed, Command) and parsed.name == "me":
+        return f"[{name}] {parsed.argument}"
+    return None   # other commands get replies, not copies
 
-    def __init__(self, out: typing.TextIO, *, interactive: bool, color: bool, name: str = "") -> None:
-        self.out = out
-        self.interactive = interactive   # a person typing at a terminal, with a prompt
-        self.color = color
-        self.name = name
-        self.prompt = "> " if interactive else ""
-        self._lock = threading.Lock()    # the keyboard thread writes too
 
-    def classify(self, line: str) -> str:
-        if line.startswith("* "):
-            return "notice"
-        if line.startswith("(history) "):
-            return "history"
-        if re.match(r"\[[^\]]* → ", line):
-            return "private"
-        if self.name and line.startswith(f"[{self.name}]: "):
-            return "mine"
-        return ""
+def mark_resent(line: str) -> str:
+    """The line with RESENT_MARK where the others will see it."""
+    parsed = parse_line(line)
+    if isinstance(parsed, Command):   # only /me is ever resent (see echo_of)
+        return f"/me {RESENT_MARK}{parsed.argument}"
+    assert isinstance(parsed, ChatLine)
+    return RESENT_MARK + parsed.text   # "//etc" -> "(resent) /etc": no longer a command
 
-    def show(self, line: str, style: str | None = None) -> None:
-        named = re.match(GREETING_PATTERN, line)
-        if named:
-            self.name = named[1]
-        text = printable(line)
-        code = STYLES.get(self.classify(line) if style is None else style)
-        if self.color and code:
-            text = f"\x1b[{code}m{text}\x1b[0m"
-        with self._lock:
-            self.out.write(ABOVE_PROMPT.format(text) if self.interactive else text + "\n")
-            self.out.flush()
 
-    def erase_typed_line(self) -> None:
-        """After Enter, remove the typed line: the server's echo will show it."""
-        with self._lock:
-            self.out.write("\x1b[A\x1b[2K")
-            self.out.flush()
+def reconcile(unconfirmed: Sequence[str], echoes: Sequence[str], ours_in_history: Sequence[str],
+              *, certain: bool) -> list[str]:
+    """Which unconfirmed lines to send again after a reconnect, marked where in doubt.
+
+    ``echoes`` are the copies the lines would come back as; ``ours_in_history``
+    our lines in the history the new connection received, oldest first, from
+    just after the last line the room confirmed to us. A line found there (in
+    order) arrived before the connection dropped; one that isn't is sent again,
+    marked as a possible repeat unless ``certain`` that the room never had it.
+    """
+    resend, position = [], 0
+    for line, echo in zip(unconfirmed, echoes):
+        try:
+            position = ours_in_history.index(echo, position) + 1
+        except ValueError:
+            resend.append(line if certain else mark_resent(line))
+    return resend
+
+
+def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple[str, str]:
+    """A line from the room as the terminal shows it, and its style.
+
+    History lines carry their time in UTC; everything else is stamped now.
+    An action ("[bob] waves") is shown IRC style: "* bob waves".
+    """
+    stamp, style = now, ""
+    history = HISTORY_PREFIX.match(line)
+    if history:
+        stamp = calendar.timegm(time.strptime(history[1], "%Y-%m-%dT%H:%M:%SZ"))
+        line, style = line[history.end():], "history"
+    action = re.match(r"\[([^\]\s]+)\] (?!→)", line)
+    if action:
+        line = f"* {action[1]} {line[action.end():]}"
+    if parse_greeting(line) is not None:   # the limits and the token are for the client
+        line = line.split(" Limits: ")[0]
+    style = style or ("notice" if line.startswith("* ") and not action else
+                      "action" if action else
+                      "private" if re.match(r"\[[^\]]* → ", line) else
+                      "mine" if line.startswith(f"[{name}]: ") else "")
+    text = printable(line)
+    return (time.strftime("%H:%M ", time.localtime(stamp)) + text if timestamps else text), style
 
 
 class Keyboard:
-    """The lines the user typed, in order, read by a daemon thread.
+    """The lines the user typed, in order, until the client takes them.
 
-    input() blocks, and the event loop must not; a daemon thread also means
-    that Ctrl-C or the end of the program never waits for Enter. The loop
-    side waits with ``wait()`` and takes a line with ``take()``; a line that
-    could not be sent goes back to the front with ``unget()``.
+    The line editor or a reading thread puts lines in; the client waits with
+    ``wait()``, takes one with ``take()``, and puts back with ``unget()`` a
+    line that could not be sent, so that it goes first next time.
     """
 
-    def __init__(self, screen: Screen, stdin: typing.TextIO) -> None:
-        self.screen = screen
-        self.stdin = stdin
+    def __init__(self) -> None:
         self.lines: collections.deque[str] = collections.deque()
         self.ended = False          # end of input (Ctrl-D, or the end of a pipe)
-        self.interrupted = False    # Ctrl-C or SIGTERM: quit now
+        self.interrupted = False    # Ctrl-C or SIGTERM: leave now
+        self.on_change: Callable[[], None] = lambda: None   # e.g. redraw what is waiting
         self._changed = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
 
-    def start(self) -> None:
-        threading.Thread(target=self._read, name="keyboard", daemon=True).start()
+    def put(self, line: str) -> None:
+        self.lines.append(line)
+        self.changed()
 
-    def _read(self) -> None:
-        while True:
-            try:
-                line: str | None = input(self.screen.prompt) if self.screen.interactive \
-                    else self.stdin.readline()
-            except (EOFError, OSError, ValueError):
-                line = None
-            if not self.screen.interactive:
-                line = line.rstrip("\n") if line else None   # "" means end of input
-            elif line is not None:
-                self.screen.erase_typed_line()
-            self._loop.call_soon_threadsafe(self._put, line)
-            if line is None:
-                return
-
-    def _put(self, line: str | None) -> None:
-        if line is None:
-            self.ended = True
-        else:
-            self.lines.append(line)
-        self._changed.set()
+    def end(self) -> None:
+        self.ended = True
+        self.changed()
 
     def interrupt(self) -> None:
-        """Ctrl-C: quit before anything still queued."""
         self.interrupted = True
+        self.changed()
+
+    def changed(self) -> None:
+        """Wake whoever waits on the keyboard: what they wait for may have happened."""
         self._changed.set()
+        self.on_change()
 
     @property
     def done(self) -> bool:
         """The user wants out: Ctrl-C, or the input ended and every line was taken."""
         return self.interrupted or (self.ended and not self.lines)
-
-    def quit_requested(self) -> bool:
-        """Has the user asked to leave, even with lines still waiting to be sent?"""
-        return self.interrupted or self.ended or any(map(is_quit_command, self.lines))
 
     async def wait(self) -> None:
         """Until there is a line to take, or the user is done."""
@@ -1868,10 +2878,168 @@ class Keyboard:
     def unget(self, line: str) -> None:
         """Put back a line that could not be sent, to be sent first next time."""
         self.lines.appendleft(line)
+        self.changed()
 
 
-def is_quit_command(line: str) -> bool:
-    return line.strip() == "/quit"
+def read_lines_in_thread(keyboard: Keyboard, stdin: typing.TextIO, prompt: str | None) -> None:
+    """Feed the keyboard from plain line input: a pipe, or a terminal without termios.
+
+    A daemon thread, because reading blocks and the event loop must not; it
+    also means exiting never waits for Enter. ``prompt`` None reads a pipe.
+    """
+    loop = asyncio.get_running_loop()
+
+    def read() -> None:
+        while True:
+            try:
+                line = input(prompt) if prompt is not None else stdin.readline()
+            except (EOFError, OSError, ValueError):
+                line = ""
+            if prompt is None and not line:
+                break            # "" is the end of a pipe
+            loop.call_soon_threadsafe(keyboard.put, line.rstrip("\n"))
+        loop.call_soon_threadsafe(keyboard.end)
+
+    threading.Thread(target=read, name="keyboard", daemon=True).start()
+
+
+class Terminal:
+    """A terminal in raw mode with the line editor: keys in, the room's lines drawn above.
+
+    POSIX only (termios); run_client falls back to plain line input elsewhere.
+    """
+
+    def __init__(self, keyboard: Keyboard, fd: int, out: typing.TextIO,
+                 status: Callable[[], list[str]]) -> None:
+        self.keyboard, self.fd, self.out, self.status = keyboard, fd, out, status
+        self.keys = KeyDecoder()
+        self.editor = LineEditor()
+        self.view = InputView()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._saved: list | None = None   # the terminal's settings before raw mode
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._enter_raw_mode()
+        loop.add_reader(self.fd, self._on_readable)
+        loop.add_signal_handler(signal.SIGWINCH, self.redraw)
+        loop.add_signal_handler(signal.SIGCONT, self._resumed)
+        self.keyboard.on_change = self.redraw
+
+    def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.fd)
+        loop.remove_signal_handler(signal.SIGWINCH)
+        loop.remove_signal_handler(signal.SIGCONT)
+        self.keyboard.on_change = lambda: None
+        self._write(self.view.clear())
+        self._leave_raw_mode()
+
+    def _enter_raw_mode(self) -> None:
+        """Keys as they are pressed, nothing echoed; Ctrl-C and Ctrl-Z arrive as keys.
+
+        Not tty.setraw(): that also turns off output processing, and a stray
+        "\\n" written by anyone else would then not return the carriage.
+        """
+        import termios
+        self._saved = termios.tcgetattr(self.fd)
+        attrs = termios.tcgetattr(self.fd)
+        attrs[0] &= ~(termios.IXON | termios.ICRNL)                                # iflag
+        attrs[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)  # lflag
+        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, attrs)
+        self._write(BRACKETED_PASTE_ON)
+        self.view.forget()
+        self.redraw()
+
+    def _leave_raw_mode(self) -> None:
+        import termios
+        self._write(BRACKETED_PASTE_OFF)
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self.keyboard.end()
+            return
+        for event in self.keys.feed(self.utf8.decode(data)):
+            for result in self.editor.handle(event):
+                self._act(result)
+        self.redraw()
+
+    def _act(self, result: str | Action) -> None:
+        if isinstance(result, str):
+            if result.strip():
+                self.keyboard.put(result)   # it shows again, dimmed, until the room has it
+        elif result is Action.EOF:
+            self.keyboard.end()
+        elif result is Action.INTERRUPT:
+            self.keyboard.interrupt()
+        elif result is Action.SUSPEND:
+            self._suspend()
+        elif result is Action.REDRAW:
+            self._write(CSI + "H" + CSI + "2J")   # home, erase the screen
+            self.view.forget()
+
+    def _suspend(self) -> None:
+        """Ctrl-Z: give the terminal back as it was, stop; draw again after fg."""
+        self._write(self.view.clear())
+        self._leave_raw_mode()
+        os.kill(os.getpid(), signal.SIGTSTP)   # returns once the shell continues us
+        self._resumed()
+
+    def _resumed(self) -> None:
+        self._enter_raw_mode()
+
+    def show(self, lines: list[str]) -> None:
+        """Lines from the room, above the input."""
+        width, height = self._size()
+        self._write(self.view.show_above(lines, self.editor.buffer, self.editor.cursor,
+                                         width, height, self.status()))
+
+    def redraw(self) -> None:
+        width, height = self._size()
+        self._write(self.view.redraw(self.editor.buffer, self.editor.cursor,
+                                     width, height, self.status()))
+
+    def _size(self) -> tuple[int, int]:
+        try:
+            return os.get_terminal_size(self.fd)
+        except OSError:
+            return 80, 24
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+class Screen:
+    """Where the room's lines go: escaped, stamped, coloured if wanted, above what is typed."""
+
+    def __init__(self, out: typing.TextIO, *, color: bool, timestamps: bool = True,
+                 terminal: Terminal | None = None) -> None:
+        self.out = out
+        self.color = color
+        self.timestamps = timestamps
+        self.terminal = terminal   # None: plain lines, as for a pipe
+        self.name = ""             # ours, to colour our own lines
+
+    def show(self, line: str, style: str | None = None) -> None:
+        text, found_style = display_line(line, name=self.name, timestamps=self.timestamps,
+                                         now=time.time())
+        code = STYLES.get(found_style if style is None else style)
+        if self.color and code:
+            text = f"\x1b[{code}m{text}\x1b[0m"
+        if self.terminal is not None:
+            self.terminal.show([text])
+        else:
+            self.out.write(text + "\n")
+            self.out.flush()
 
 
 def wants_color(out: typing.TextIO, environ: typing.Mapping[str, str]) -> bool:
@@ -1893,85 +3061,210 @@ def explain_connect_error(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def with_name(url: str, name: str | None) -> str:
-    """The chat URL with ?name=... set (or left to the server when no name is given)."""
-    if not name:
-        return url
+def with_query(url: str, **params: str | None) -> str:
+    """The URL with these query parameters set (None: left out)."""
     parts = urllib.parse.urlsplit(url)
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "name"]
-    query.append(("name", name))
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k not in params]
+    query += [(k, v) for k, v in params.items() if v]
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
-class ChatClient:
-    """Connects, shows the room, sends what is typed, reconnects when the server goes away."""
+def is_name_refusal(closed: ConnectionClosed) -> bool:
+    """Did the room refuse our name (taken, or not a valid name)? Then another may do."""
+    return closed.code == CloseCode.POLICY_VIOLATION and closed.reason.startswith(
+        ("the name ", "a name "))
 
-    def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *,
-                 reconnect: bool = True, ssl_context: ssl.SSLContext | None = None,
+
+class ChatClient:
+    """Connects, shows the room, delivers what is typed, reconnects when the server goes away."""
+
+    def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *, name: str | None = None,
+                 reconnect: bool = True, interactive: bool = False,
+                 ssl_context: ssl.SSLContext | None = None,
                  max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
-                 first_backoff: float = FIRST_BACKOFF) -> None:
+                 first_backoff: float = FIRST_BACKOFF, confirm_timeout: float = CONFIRM_TIMEOUT,
+                 keepalive_interval: float = CLIENT_KEEPALIVE_INTERVAL) -> None:
         self.url, self.screen, self.keyboard = url, screen, keyboard
-        self.reconnect = reconnect
-        self.first_backoff = first_backoff
-        self.ssl_context = ssl_context
-        self.max_size = max_size
+        self.name = name or ""      # asked for, then the one the room gave us
+        self.reconnect, self.interactive = reconnect, interactive
+        self.ssl_context, self.max_size = ssl_context, max_size
+        self.first_backoff, self.confirm_timeout = first_backoff, confirm_timeout
+        self.keepalive_interval = keepalive_interval
+        self.greeting: Greeting | None = None          # of the current connection
+        self.token: str | None = None                  # gets our name back on a reconnect
+        self.unconfirmed: collections.deque[tuple[str, str]] = collections.deque()  # (line, copy)
+        self.last_confirmed: str | None = None         # the copy of the last line confirmed
+        self.history_left = 0                          # history lines still to come
+        self.ours_in_history: list[str] = []
+        self.bucket: TokenBucket | None = None         # the room's pace, from the greeting
+        self.leave_by: float | None = None             # once the user asked to leave
+        self.refused = 0                               # lines too long for the room
+        self.same_room = self.certain = False            # see on_greeting, on_history_line
+        self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
+
+    def waiting(self) -> list[str]:
+        """Our lines still on their way, for the screen: sent ones first, then typed ones."""
+        lines = [line for line, _ in self.unconfirmed] + list(self.keyboard.lines)
+        shown = [f"… {printable(line)}" for line in lines[:MAX_WAITING_SHOWN]]
+        if len(lines) > MAX_WAITING_SHOWN:
+            shown.append(f"… and {plural(len(lines) - MAX_WAITING_SHOWN, 'more line')} waiting")
+        return shown
 
     async def run(self) -> int:
         """The whole session; returns the exit status."""
         backoff, connected_before = self.first_backoff, False
         while True:
+            url = with_query(self.url, name=self.name or None, resume=self.token)
             try:
-                conn = await connect(self.url, ssl_context=self.ssl_context, max_size=self.max_size)
+                conn = await connect(url, ssl_context=self.ssl_context, max_size=self.max_size)
             except (OSError, HandshakeError, ValueError) as error:
                 if not (connected_before and self.reconnect):
-                    self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}", "error")
-                    return 1
+                    self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}",
+                                     "error")
+                    return self.finish(1)
                 why = f" ({explain_connect_error(error)})"
             else:
                 connected_before, backoff = True, self.first_backoff
                 closed = await self.session(conn)
                 if closed is None:
-                    return 0
+                    return self.finish(0)
                 self.screen.show(f"* disconnected: {closed}", "error")
+                if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
+                    continue
                 if not self.reconnect or closed.code not in RECONNECT_CODES:
-                    return 1
+                    return self.finish(1)
                 why = ""
+            if self.leave_by is not None and time.monotonic() > self.leave_by:
+                return self.finish(0)   # gave up delivering: 1 if anything was lost
             self.screen.show(f"* reconnecting in {backoff:g} s{why}", "notice")
-            if await self.quit_requested_within(backoff):
-                return 0
+            if await self.wants_out_within(backoff):
+                return self.finish(0)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def session(self, conn: Connection) -> ConnectionClosed | None:
-        """One connection: None if the user quit, else how the connection ended."""
-        receiving = asyncio.create_task(self.show_incoming(conn))
-        pinging = asyncio.create_task(keepalive({conn}, KEEPALIVE_INTERVAL))
+        """One connection: None once the user has left, else how the connection ended."""
+        self.greeting = None
+        greeted = asyncio.Event()
+        receiving = asyncio.create_task(self.receive(conn, greeted))
+        sending = asyncio.create_task(self.send_typed(conn, greeted))
+        pinging = asyncio.create_task(keepalive({conn}, self.keepalive_interval))
         try:
-            while True:
-                typed = asyncio.create_task(self.keyboard.wait())
-                await asyncio.wait({typed, receiving}, return_when=asyncio.FIRST_COMPLETED)
-                typed.cancel()
-                if receiving.done():
+            await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving.done():
+                return receiving.result()
+            reason = sending.result()
+            if reason is None:               # a send failed: the connection is closing
+                return await receiving       # bounded: a closing connection has its timer
+            if not self.keyboard.interrupted:
+                if not await self.confirmed_before_leaving(conn, receiving):
                     return receiving.result()
-                line = self.keyboard.take()
-                if line is None or is_quit_command(line):
-                    await conn.close(CloseCode.NORMAL_CLOSURE)
-                    return None
-                if line.strip() and not await self.send(conn, line):
-                    return await receiving   # bounded: a closing connection has its timer
+            await conn.close(CloseCode.NORMAL_CLOSURE, reason)
+            return None
         finally:
-            receiving.cancel()
-            pinging.cancel()
+            for task in (receiving, sending, pinging):
+                task.cancel()
 
-    async def send(self, conn: Connection, line: str) -> bool:
-        """Send a typed line; if the connection is closing, keep it for the next one."""
+    # -- sending -----------------------------------------------------------
+
+    async def send_typed(self, conn: Connection, greeted: asyncio.Event) -> str | None:
+        """Send what the user types, at the room's pace, until the user leaves.
+
+        Returns the reason to close with ("" but for /quit REASON), or None if
+        a send failed because the connection is closing.
+        """
+        # The greeting tells our name and the room's limits; Ctrl-C needn't wait for it.
+        await self.keyboard.wait_until(lambda: greeted.is_set() or self.keyboard.interrupted)
+        while True:
+            await self.keyboard.wait()
+            line = self.keyboard.take()
+            if line is None:
+                self.start_leaving()
+                return ""
+            try:
+                reason = await self.send_line(conn, line)
+            except ConnectionClosed:
+                return None
+            if reason is not None:
+                return reason
+
+    async def send_line(self, conn: Connection, line: str) -> str | None:
+        """Send one typed line; None to go on, or the reason to leave with (/quit REASON)."""
+        try:
+            parsed = parse_line(line)
+        except ValueError as reply:
+            self.screen.show(f"* {reply}", "error")   # an unknown command is never sent
+            return None
+        limit = self.greeting.max_size if self.greeting else None
+        if parsed is None:
+            return None
+        if isinstance(parsed, Command) and parsed.name == "quit":
+            self.keyboard.lines.clear()   # what was typed after /quit is not for the room
+            self.start_leaving()
+            return parsed.argument or "bye"
+        if limit is not None and len(line.encode("utf-8")) > limit:
+            self.screen.show(f"* not sent: the line is {len(line.encode('utf-8'))} bytes; "
+                             f"the room takes lines of up to {limit}", "error")
+            self.refused += 1
+            return None
+        try:
+            await self.pace()
+        except asyncio.CancelledError:
+            self.keyboard.unget(line)   # the connection ended while it waited its turn
+            raise
+        copy = echo_of(line, self.name)
         try:
             await conn.send(line)
         except ConnectionClosed:
-            self.keyboard.unget(line)
-            return False
-        return True
+            # It may have gone out before the connection failed: a line with a
+            # copy to come waits for the next connection's history to tell.
+            if copy is None:
+                self.keyboard.unget(line)
+            else:
+                self.unconfirmed.append((line, copy))
+            raise
+        if copy is not None:
+            self.unconfirmed.append((line, copy))
+        self.keyboard.changed()
+        return None
 
-    async def show_incoming(self, conn: Connection) -> ConnectionClosed:
+    async def pace(self) -> None:
+        """Wait for the room's flood control to allow one more line, so it needn't hold any."""
+        while self.bucket is not None and not self.bucket.take():
+            await asyncio.sleep(self.bucket.wait_time())
+
+    def start_leaving(self) -> None:
+        if self.leave_by is None:
+            self.leave_by = time.monotonic() + self.confirm_timeout
+
+    async def confirmed_before_leaving(self, conn: Connection, receiving: asyncio.Task) -> bool:
+        """Wait (bounded) until the room confirmed every line and answered every command.
+
+        The server answers frames in order, so its pong to a ping sent now
+        comes after its replies to everything we sent before. False if the
+        connection ended first.
+        """
+        remaining = max(0.0, (self.leave_by or 0) - time.monotonic())
+        waiting = asyncio.create_task(self.until_confirmed(conn))
+        await asyncio.wait({waiting, receiving}, timeout=remaining,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        return not receiving.done()
+
+    async def until_confirmed(self, conn: Connection) -> None:
+        await self.keyboard.wait_until(lambda: not self.unconfirmed)
+        await conn.ping(b"done?")
+
+    def finish(self, status: int) -> int:
+        """At exit: list every line that never reached the room; 1 if there was any."""
+        lost = [line for line, _ in self.unconfirmed] + list(self.keyboard.lines)
+        for line in lost:
+            self.screen.show(f"* not sent: {line}", "error")
+        return 1 if lost or self.refused else status
+
+    # -- receiving ---------------------------------------------------------
+
+    async def receive(self, conn: Connection, greeted: asyncio.Event) -> ConnectionClosed:
+        """Show what the room sends until the connection ends; the first frame is the greeting."""
         while True:
             try:
                 message = await conn.recv()
@@ -1979,18 +3272,105 @@ class ChatClient:
                 return closed
             if isinstance(message, bytes):
                 message = f"* (binary message of {len(message)} bytes)"
-            self.screen.show(message)
+            if not greeted.is_set():
+                self.on_greeting(message)
+                greeted.set()
+                self.keyboard.changed()
+            self.on_line(message)
 
-    async def quit_requested_within(self, delay: float) -> bool:
-        """Wait ``delay`` seconds; True if the user quit meanwhile (typed lines stay queued)."""
+    def on_greeting(self, line: str) -> None:
+        greeting = parse_greeting(line)
+        if greeting is None:
+            return   # not our kind of server: no names, no receipts
+        # The room gives our token back only if it is the room we were in (the
+        # server did not restart): only then can its history tell what it has.
+        self.same_room = self.token is not None and greeting.token == self.token
+        self.greeting, self.token = greeting, greeting.token
+        self.name = self.screen.name = greeting.name
+        self.bucket = TokenBucket(greeting.rate, greeting.burst or 1) if greeting.rate else None
+        self.history_left, self.ours_in_history, self.certain = greeting.history, [], False
+        if not self.history_left:
+            self.resend_unconfirmed()
+
+    def on_line(self, line: str) -> None:
+        """One line from the room: show it, and note what it tells about our lines."""
+        history = HISTORY_PREFIX.match(line)
+        if history and self.history_left:
+            self.on_history_line(line[history.end():])
+        elif self.unconfirmed and line == self.unconfirmed[0][1]:
+            self.last_confirmed = self.unconfirmed.popleft()[1]
+            self.keyboard.changed()
+        renamed = re.fullmatch(r"\* (\S+) is now known as (\S+)", line)
+        if renamed and renamed[1] == self.name:
+            self.name = self.screen.name = renamed[2]
+            self.unconfirmed = collections.deque(   # copies of what is on its way now carry it
+                (text, echo_of(text, self.name) or copy) for text, copy in self.unconfirmed)
+        # After a reconnect the history repeats what was shown before: skip
+        # it. (A line said twice in the same words is then shown once.)
+        text = line[history.end():] if history else line
+        if history and text in self.seen:
+            return
+        self.seen.append(text)
+        self.screen.show(line)
+
+    def on_history_line(self, line: str) -> None:
+        self.history_left -= 1
+        if line == self.last_confirmed:   # what follows is all the room has of ours since
+            self.ours_in_history, self.certain = [], self.same_room
+        elif line.startswith((f"[{self.name}]: ", f"[{self.name}] ")):
+            self.ours_in_history.append(line)
+        if not self.history_left:
+            self.resend_unconfirmed()
+
+    def resend_unconfirmed(self) -> None:
+        """After a reconnect: send again what the history shows the room never got."""
+        if not self.unconfirmed:
+            return
+        lines = [line for line, _ in self.unconfirmed]
+        copies = [copy for _, copy in self.unconfirmed]
+        self.unconfirmed.clear()
+        for line in reversed(reconcile(lines, copies, self.ours_in_history, certain=self.certain)):
+            self.keyboard.unget(line)
+
+    # -- between connections ----------------------------------------------
+
+    async def wants_out_within(self, delay: float) -> bool:
+        """Wait ``delay`` seconds before reconnecting; True if the user wants out now.
+
+        Ctrl-C does it; so does leaving (end of input, /quit) with nothing left
+        to deliver. Lines typed meanwhile wait for the next connection.
+        """
+        def out() -> bool:
+            idle = not self.unconfirmed and all(map(is_quit_command, self.keyboard.lines))
+            leaving = self.keyboard.ended or self.leave_by is not None
+            asked = any(map(is_quit_command, self.keyboard.lines))
+            return self.keyboard.interrupted or (idle and (leaving or asked))
         try:
-            await asyncio.wait_for(self.keyboard.wait_until(self.keyboard.quit_requested), delay)
+            await asyncio.wait_for(self.keyboard.wait_until(out), delay)
         except asyncio.TimeoutError:
             return False
         return True
 
+    async def ask_for_a_name(self) -> bool:
+        """The room refused our name: the next line typed is the new one."""
+        self.screen.show("* type another name and Enter (Ctrl-C leaves)", "notice")
+        await self.keyboard.wait()
+        name = self.keyboard.take()
+        if name is None:
+            return False
+        self.name, self.token = name.strip(), None
+        return True
 
-# 10. Command line ##########################################################
+
+def is_quit_command(line: str) -> bool:
+    try:
+        parsed = parse_line(line)
+    except ValueError:
+        return False
+    return isinstance(parsed, Command) and parsed.name == "quit"
+
+
+# 11. Command line ##########################################################
 
 async def echo(conn: Connection) -> None:
     """Send every message back unchanged: the server conformance suites expect."""
@@ -2037,8 +3417,9 @@ def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
 
 async def run_server(args: argparse.Namespace) -> int:
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
-    room = ChatRoom(rate=args.rate, burst=args.burst, announce_limit=args.announce_limit,
-                    allowed_origins=args.allow_origin, secure=ssl_context is not None)
+    room = ChatRoom(rate=args.rate, burst=args.burst, max_size=args.max_size,
+                    announce_limit=args.announce_limit, allowed_origins=args.allow_origin,
+                    secure=ssl_context is not None)
     server = await serve(room.handle, args.host, args.port, ssl_context=ssl_context,
                          process_request=room.process_request, max_size=args.max_size,
                          max_buffer=args.max_buffer, max_clients=args.max_clients)
@@ -2052,28 +3433,42 @@ async def run_server(args: argparse.Namespace) -> int:
 
 async def run_client(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    color = wants_color(sys.stdout, os.environ)
-    screen = Screen(sys.stdout, interactive=interactive, color=color, name=args.name or "")
-    if interactive:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:   # not on every platform; plain input() still works
-            pass
-    keyboard = Keyboard(screen, sys.stdin)
-    url = with_name(args.url, args.name)
-    ssl_context = client_ssl_context(args.cafile, args.insecure) if url.startswith("wss:") else None
+    keyboard = Keyboard()
+    screen = Screen(sys.stdout, color=wants_color(sys.stdout, os.environ),
+                    timestamps=not args.no_timestamps)
+    ssl_context = client_ssl_context(args.cafile, args.insecure) if args.url.startswith("wss:") else None
     if args.insecure:
         screen.show("* --insecure: the server's certificate is NOT checked", "error")
+    client = ChatClient(args.url, screen, keyboard, name=args.name, interactive=interactive,
+                        reconnect=not args.no_reconnect, ssl_context=ssl_context,
+                        max_size=args.max_size)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, keyboard.interrupt)
-    keyboard.start()
-    client = ChatClient(url, screen, keyboard, reconnect=not args.no_reconnect,
-                        ssl_context=ssl_context, max_size=args.max_size)
-    status = await client.run()
-    if interactive:
-        print()   # end the prompt's line, so the shell's prompt starts on its own
-    return status
+    terminal = start_keyboard(keyboard, screen, client, interactive)
+    try:
+        return await client.run()
+    finally:
+        if terminal is not None:
+            terminal.stop()
+
+
+def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient,
+                   interactive: bool) -> Terminal | None:
+    """The line editor on a POSIX terminal; plain line input on a pipe, or without termios."""
+    if not interactive:
+        read_lines_in_thread(keyboard, sys.stdin, None)
+        return None
+    try:
+        import termios  # noqa: F401  (POSIX only)
+    except ImportError:
+        screen.show("* no termios here: plain line input, without the line editor", "notice")
+        read_lines_in_thread(keyboard, sys.stdin, "> ")
+        return None
+    terminal = Terminal(keyboard, sys.stdin.fileno(), sys.stdout, client.waiting)
+    screen.terminal = terminal
+    terminal.start()
+    return terminal
 
 
 def positive_int(text: str) -> int:
@@ -2132,9 +3527,13 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
 def add_client_command(commands: argparse._SubParsersAction) -> None:
     client = commands.add_parser(
         "client", help="join the chat from this terminal",
-        description="Join the chat. Type a line and Enter to send it; /who, /msg NAME TEXT; "
-                    "/quit, Ctrl-D or Ctrl-C to leave. If the server goes away the client "
-                    "reconnects, waiting 1, 2, 4 ... up to 30 seconds between attempts.")
+        description="Join the chat. Type a line and Enter to send it; /help lists the commands "
+                    "(/who, /msg NAME TEXT, /me, /nick, /quit). A line is shown dimmed until the "
+                    "room has it. /quit, Ctrl-D or Ctrl-C leave; lines the room never confirmed "
+                    "are listed, and the exit status is then 1. Piped input is sent at the "
+                    "room's pace, and the client exits once every line is confirmed. If the "
+                    "server goes away the client reconnects, waiting 1, 2, 4 ... up to 30 "
+                    "seconds, and gets its name back.")
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
     client.add_argument("--url", default=f"ws://127.0.0.1:8080{CHAT_PATH}",
                         help="the chat's WebSocket URL (default: %(default)s)")
@@ -2145,6 +3544,8 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
                         help="largest message accepted, in bytes (default: %(default)s)")
+    client.add_argument("--no-timestamps", action="store_true",
+                        help="don't start each line with the local time (HH:MM)")
     client.set_defaults(run=run_client)
 
 
@@ -2195,14 +3596,17 @@ def restore_terminal(settings: list | None) -> None:
         termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
 
 
-# 11. Web page #############################################################
+# 12. Web page #############################################################
 #
 # Kept last, as bottle keeps its templates: 70 lines of HTML and JavaScript a
 # reader of the protocol can skip.
 
 #: The browser page served at "/": self-contained (no external scripts,
 #: styles or fonts), text shown with textContent so it is never parsed as
-#: HTML, and the socket URL taken from the page's own location.
+#: HTML, and the socket URL taken from the page's own location. It keeps
+#: the terminal client's promises: lines are paced to the room's limit, shown
+#: dimmed until the room's copy comes back, kept across a dropped connection
+#: and sent again after the reconnect (with backoff, and the same name).
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -2211,71 +3615,165 @@ PAGE = """<!doctype html>
 body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
 header, form { padding: .5em 1em; background: #f3f3f3; display: flex; gap: .5em; }
 #log { flex: 1; overflow-y: auto; padding: .5em 1em; margin: 0; list-style: none; white-space: pre-wrap; }
+#waiting { margin: 0; padding: 0 1em; list-style: none; color: #aaa; white-space: pre-wrap; }
 .notice { color: #777; font-style: italic; } .history { color: #999; } .private { color: #a0a; }
-.mine { color: #070; } input[type=text] { flex: 1; } [hidden] { display: none !important; }
+.mine { color: #070; } .action { color: #088; } .error { color: #b00; }
+.time { color: #aaa; font-size: 85%; margin-right: .5em; }
+input[type=text] { flex: 1; } [hidden] { display: none !important; }
 </style></head>
 <body>
 <header><strong>chat.py</strong><span id="status">not connected</span></header>
 <ul id="log"></ul>
+<ul id="waiting"></ul>
 <form id="join"><input id="name" type="text" placeholder="your name" maxlength="32" autofocus>
 <button>Join</button></form>
-<form id="send" hidden><input id="text" type="text" placeholder="message, /who, /msg NAME TEXT" autocomplete="off">
+<form id="send" hidden><input id="text" type="text" placeholder="message, or /help" autocomplete="off">
 <button>Send</button></form>
 <script>
 "use strict";
-const GREETING_PATTERN = @GREETING_PATTERN@;
-const log = document.getElementById("log"), status = document.getElementById("status");
-const joinForm = document.getElementById("join"), sendForm = document.getElementById("send");
-let socket = null, myName = "";
-const GREETING = new RegExp(GREETING_PATTERN);
+const PATTERNS = @GREETING_PATTERNS@, RESENT_MARK = @RESENT_MARK@, RECONNECT = @RECONNECT_CODES@;
+const $ = (id) => document.getElementById(id);
+const log = $("log"), waitingList = $("waiting"), status = $("status");
+let socket = null, myName = "", token = "", greeted = false, historyLeft = 0, ours = [];
+let anchor = null, certain = false, sameRoom = false, backoff = 1, bucket = null, pumping = null;
+const pending = [];   // our lines on their way: {line, copy, sent, item}
 
-function show(text) {
-  const item = document.createElement("li");
-  item.textContent = text;
-  if (text.startsWith("* ")) item.className = "notice";
-  else if (text.startsWith("(history) ")) item.className = "history";
-  else if (/^\\[[^\\]]* → /.test(text)) item.className = "private";
-  else if (text.startsWith("[" + myName + "]: ")) item.className = "mine";
+function field(line, name) { const m = new RegExp(PATTERNS[name]).exec(line); return m ? m[1] : null; }
+function hhmm(date) { return date.toTimeString().slice(0, 5); }
+
+function show(text, when, cls) {
+  const item = document.createElement("li"), time = document.createElement("span");
+  time.className = "time"; time.textContent = hhmm(when || new Date());
+  const action = /^\\[([^\\]\\s]+)\\] (?!→)/.exec(text);
+  if (action) text = "* " + action[1] + " " + text.slice(action[0].length);
+  item.className = cls || (action ? "action" : text.startsWith("* ") ? "notice"
+      : /^\\[[^\\]]* → /.test(text) ? "private" : text.startsWith("[" + myName + "]: ") ? "mine" : "");
+  item.append(time, text);
   const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
   log.appendChild(item);
   if (atBottom) log.scrollTop = log.scrollHeight;
 }
 
-joinForm.addEventListener("submit", (event) => {
-  event.preventDefault();
-  myName = document.getElementById("name").value.trim();
+function copyOf(line) {   // how the room relays a line of ours (parse_line in chat.py)
+  if (!line.trim()) return null;
+  if (line.startsWith("//")) return "[" + myName + "]: " + line.slice(1);
+  if (!line.startsWith("/") || line.length === 1 || /\\s/.test(line[1])) return "[" + myName + "]: " + line;
+  const me = /^\\/me\\s+(\\S[\\s\\S]*)$/i.exec(line);
+  return me ? "[" + myName + "] " + me[1].trim() : null;
+}
+
+function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = myName ? "?name=" + encodeURIComponent(myName) : "";
-  socket = new WebSocket(scheme + "//" + location.host + "/chat" + query);
-  status.textContent = "connecting…";
-  socket.onopen = () => {
-    status.textContent = "connected";
-    joinForm.hidden = true; sendForm.hidden = false;
-    document.getElementById("text").focus();
-  };
-  socket.onmessage = (event) => {
-    const named = GREETING.exec(event.data);
-    if (named) myName = named[1];
-    show(event.data);
-  };
-  socket.onclose = (event) => {
-    show("* disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")");
-    status.textContent = "not connected";
-    joinForm.hidden = false; sendForm.hidden = true;
-  };
+  const query = new URLSearchParams();
+  if (myName) query.set("name", myName);
+  if (token) query.set("resume", token);
+  socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
+  greeted = false; status.textContent = "connecting…";
+  socket.onopen = () => { status.textContent = "connected"; backoff = 1; };
+  socket.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
+  socket.onclose = closed;
+}
+
+function greeting(line) {
+  greeted = true;
+  const name = field(line, "name"), rate = parseFloat(field(line, "rate")), resume = field(line, "token");
+  sameRoom = token !== "" && resume === token;
+  if (name) { myName = name; token = resume || ""; }
+  const burst = parseInt(field(line, "burst")) || 1;
+  bucket = rate ? {rate, burst, tokens: burst, stamp: Date.now()} : null;
+  historyLeft = parseInt(field(line, "history")) || 0; ours = []; certain = false;
+  $("join").hidden = true; $("send").hidden = false; $("text").focus();
+  show(line.split(" Limits: ")[0]);
+  if (!historyLeft) reconcile();
+}
+
+function received(line) {
+  const history = /^\\(history (\\S+)\\) /.exec(line);
+  if (history && historyLeft) {
+    const text = line.slice(history[0].length);
+    historyLeft -= 1;
+    if (text === anchor) { ours = []; certain = sameRoom; }
+    else if (text.startsWith("[" + myName + "]")) ours.push(text);
+    if (!seen.has(text)) show(text, new Date(history[1]), "history");
+    if (!historyLeft) reconcile();
+    return;
+  }
+  const first = pending.find((p) => p.sent);
+  if (first && line === first.copy) { anchor = line; drop(first); }
+  const renamed = /^\\* (\\S+) is now known as (\\S+)$/.exec(line);
+  if (renamed && renamed[1] === myName) myName = renamed[2];
+  seen.add(line); show(line);
+}
+const seen = new Set();
+
+function reconcile() {   // after a reconnect: which of our lines did the room get?
+  let position = 0;
+  for (const p of pending.filter((p) => p.sent)) {
+    const at = ours.indexOf(p.copy, position);
+    if (at >= 0) { position = at + 1; drop(p); continue; }
+    p.sent = false;
+    if (!certain) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
+  }
+  pump();
+}
+function mark(line) {
+  const me = /^\\/me\\s+/i.exec(line);
+  return me ? "/me " + RESENT_MARK + line.slice(me[0].length) : RESENT_MARK + (line.startsWith("//") ? line.slice(1) : line);
+}
+
+function pump() {   // send what waits, at the room's pace (it would hold the rest anyway)
+  clearTimeout(pumping);
+  for (const p of pending) {
+    if (p.sent) continue;
+    if (!socket || socket.readyState !== WebSocket.OPEN || !greeted) return;
+    if (bucket) {
+      const now = Date.now();
+      bucket.tokens = Math.min(bucket.burst, bucket.tokens + (now - bucket.stamp) / 1000 * bucket.rate);
+      bucket.stamp = now;
+      if (bucket.tokens < 1) { pumping = setTimeout(pump, (1 - bucket.tokens) / bucket.rate * 1000); return; }
+      bucket.tokens -= 1;
+    }
+    socket.send(p.line); p.sent = true; p.copy = copyOf(p.line);
+    if (p.copy === null) drop(p);
+  }
+}
+function drop(p) { pending.splice(pending.indexOf(p), 1); p.item.remove(); }
+
+function closed(event) {
+  show("disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")", null, "error");
+  status.textContent = "not connected"; socket = null;
+  if (RECONNECT.includes(event.code)) {
+    status.textContent = "reconnecting in " + backoff + " s";
+    setTimeout(connect, backoff * 1000); backoff = Math.min(backoff * 2, 30);
+  } else {
+    $("join").hidden = false; $("send").hidden = true;
+    if (/^(the|a) name /.test(event.reason)) { myName = ""; token = ""; }
+  }
+}
+
+$("join").addEventListener("submit", (event) => {
+  event.preventDefault();
+  myName = $("name").value.trim(); token = "";
+  connect();
 });
 
-sendForm.addEventListener("submit", (event) => {
+$("send").addEventListener("submit", (event) => {
   event.preventDefault();
-  const input = document.getElementById("text");
-  if (input.value && socket && socket.readyState === WebSocket.OPEN) {
-    socket.send(input.value);
-    input.value = "";
-  }
+  const input = $("text"), line = input.value;
+  input.value = "";
+  if (!line.trim()) return;
+  const quit = /^\\/quit(\\s+([\\s\\S]*))?$/i.exec(line);
+  if (quit && socket) { socket.close(1000, (quit[2] || "bye").slice(0, 40)); return; }
+  const item = document.createElement("li");
+  item.textContent = "… " + line; waitingList.appendChild(item);
+  pending.push({line, copy: null, sent: false, item});
+  pump();
 });
 </script>
 </body></html>
-""".replace("@GREETING_PATTERN@", json.dumps(GREETING_PATTERN))
+""".replace("@GREETING_PATTERNS@", json.dumps(dict(GREETING_PATTERNS))).replace(
+    "@RESENT_MARK@", json.dumps(RESENT_MARK)).replace(
+    "@RECONNECT_CODES@", json.dumps(sorted(RECONNECT_CODES)))
 
 
 if __name__ == "__main__":
