@@ -2752,6 +2752,12 @@ RESENT_MARK = "(resent) "
 #: listed one by one; the rest are counted.
 MAX_WAITING_SHOWN = 5
 
+#: Lines the terminal keeps to draw the screen again after a resize.
+MAX_REPAINTED_LINES = 200
+
+#: Colour codes (Select Graphic Rendition), which take no room on the screen.
+SGR = re.compile(r"\x1b\[[0-9;]*m")
+
 STYLES = {"mine": "1;32", "private": "35", "notice": "33", "history": "2", "error": "31",
           "action": "36"}
 
@@ -2916,13 +2922,14 @@ class Terminal:
         self.editor = LineEditor()
         self.view = InputView()
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.recent: collections.deque[str] = collections.deque(maxlen=MAX_REPAINTED_LINES)
         self._saved: list | None = None   # the terminal's settings before raw mode
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._enter_raw_mode()
         loop.add_reader(self.fd, self._on_readable)
-        loop.add_signal_handler(signal.SIGWINCH, self.redraw)
+        loop.add_signal_handler(signal.SIGWINCH, self.repaint)
         loop.add_signal_handler(signal.SIGCONT, self._resumed)
         self.keyboard.on_change = self.redraw
 
@@ -2983,8 +2990,7 @@ class Terminal:
         elif result is Action.SUSPEND:
             self._suspend()
         elif result is Action.REDRAW:
-            self._write(CSI + "H" + CSI + "2J")   # home, erase the screen
-            self.view.forget()
+            self.repaint()
 
     def _suspend(self) -> None:
         """Ctrl-Z: give the terminal back as it was, stop; draw again after fg."""
@@ -2995,12 +3001,36 @@ class Terminal:
 
     def _resumed(self) -> None:
         self._enter_raw_mode()
+        self.repaint()   # the shell may have written over us meanwhile
 
     def show(self, lines: list[str]) -> None:
         """Lines from the room, above the input."""
+        self.recent.extend(lines)
         width, height = self._size()
         self._write(self.view.show_above(lines, self.editor.buffer, self.editor.cursor,
                                          width, height, self.status()))
+
+    def repaint(self) -> None:
+        """Clear the screen and draw it again: the latest lines that fit, then the input.
+
+        After a resize, terminals disagree about how they reflow what is on
+        the screen (tmux, xterm and VTE all differ, and so does where they
+        leave the cursor), so no redraw in place is right on all of them.
+        Drawing again on a clean screen is. The lines above stay in the
+        terminal's scrollback, as it reflowed them.
+        """
+        width, height = self._size()
+        room = max(0, height - 1 - len(self.status()) - rows_needed(
+            display_width(self.view.prompt + self.editor.buffer), width))
+        shown: list[str] = []
+        for line in reversed(self.recent):
+            room -= rows_needed(display_width(SGR.sub("", line)), width)
+            if room < 0:
+                break
+            shown.insert(0, line)
+        self.view.forget()
+        self._write(CSI + "H" + CSI + "2J" + "".join(line + "\r\n" for line in shown))
+        self.redraw()
 
     def redraw(self) -> None:
         width, height = self._size()
