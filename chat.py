@@ -3020,8 +3020,8 @@ class Terminal:
         terminal's scrollback, as it reflowed them.
         """
         width, height = self._size()
-        room = max(0, height - 1 - len(self.status()) - rows_needed(
-            display_width(self.view.prompt + self.editor.buffer), width))
+        lines_below = [*self.status(), self.view.prompt + self.editor.buffer]
+        room = height - sum(rows_needed(display_width(line), width) for line in lines_below)
         shown: list[str] = []
         for line in reversed(self.recent):
             room -= rows_needed(display_width(SGR.sub("", line)), width)
@@ -3770,8 +3770,9 @@ function pump() {   // send what waits, at the room's pace (it would hold the re
 function drop(p) { pending.splice(pending.indexOf(p), 1); p.item.remove(); }
 
 function closed(event) {
-  show("disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")", null, "error");
-  status.textContent = "not connected"; socket = null;
+  if (greeted || !RECONNECT.includes(event.code))   // a failed reconnect says nothing new
+    show("disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")", null, "error");
+  status.textContent = "not connected"; socket = null; greeted = false;
   if (RECONNECT.includes(event.code)) {
     status.textContent = "reconnecting in " + backoff + " s";
     setTimeout(connect, backoff * 1000); backoff = Math.min(backoff * 2, 30);

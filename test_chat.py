@@ -1911,6 +1911,12 @@ class FakeTerminal:
             self._erase_cells(self.row, self.col)
             for row in range(self.row + 1, self.height):
                 self._erase_cells(row, 0)
+        elif final == "J" and n == 2:
+            for row in range(self.height):
+                self._erase_cells(row, 0)
+        elif final == "H" and not params:
+            self.row = self.col = 0
+            self.wrap_pending = False
         else:
             raise AssertionError(f"unexpected control sequence {params!r} {final!r}")
 
@@ -2763,6 +2769,76 @@ class TestChatClient(ChatTestCase):
         self.assertEqual(await within(running), 0)
         self.assertIn("disconnected: 1001 (going away)", out.getvalue())
         self.assertIn("* reconnecting in", out.getvalue())
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal (POSIX)")
+class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """The raw-mode terminal on a real pseudo-terminal, its output drawn on a fake VT100."""
+
+    async def asyncSetUp(self):
+        import termios
+        self.termios = termios
+        self.master, self.slave = os.openpty()
+        self.addCleanup(os.close, self.master)
+        self.addCleanup(os.close, self.slave)
+        self.set_size(80, 24)
+        self.keyboard = chat.Keyboard()
+        self.out = io.StringIO()
+        self.waiting = []
+        self.terminal = chat.Terminal(self.keyboard, self.slave, self.out, lambda: self.waiting)
+        self.terminal.start()
+
+        async def stop():
+            self.terminal.stop()
+        self.addAsyncCleanup(stop)
+
+    def set_size(self, width, height):
+        import fcntl
+        fcntl.ioctl(self.slave, self.termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    async def type(self, keys: bytes, until_buffer: str):
+        os.write(self.master, keys)
+        await until(lambda: self.terminal.editor.buffer == until_buffer)
+
+    def drawn(self, width=80, height=24, since=0):
+        screen = FakeTerminal(width, height)
+        screen.write(self.out.getvalue()[since:])
+        return screen
+
+    async def test_typing_and_a_long_incoming_line_at_80_columns(self):
+        await self.type(b"half way through typing", "half way through typing")
+        self.terminal.show(["[bob]: " + "x" * 233])   # 240 characters, three rows
+        screen = self.drawn()
+        self.assertEqual(screen.screen()[:4], ["[bob]: " + "x" * 73, "x" * 80, "x" * 80,
+                                               "> half way through typing"])
+        self.assertEqual(screen.cursor, (3, 25))
+
+    async def test_waiting_lines_are_drawn_between_the_room_and_the_input(self):
+        self.waiting = ["… sent, not yet confirmed"]
+        await self.type(b"next", "next")
+        self.assertEqual(self.drawn().screen()[:2], ["… sent, not yet confirmed", "> next"])
+
+    async def test_enter_puts_the_line_in_the_keyboard_and_leaves_no_fragment(self):
+        await self.type(b"y" * 150, "y" * 150)
+        await self.type(b"\r", "")
+        self.assertEqual(list(self.keyboard.lines), ["y" * 150])
+        self.assertEqual(self.drawn().screen()[:3], [">", "", ""])
+
+    async def test_a_resize_repaints_the_latest_lines_and_the_input(self):
+        for i in range(30):
+            self.terminal.show([f"line {i}"])
+        await self.type("漢字 and 👩‍💻".encode(), "漢字 and 👩‍💻")
+        since = len(self.out.getvalue())
+        self.set_size(40, 10)
+        self.terminal.repaint()   # what SIGWINCH does
+        rows = self.drawn(40, 10, since).screen()
+        self.assertEqual(rows, [f"line {i}" for i in range(21, 30)] + ["> 漢字 and 👩‍💻"])
+
+    async def test_ctrl_c_and_ctrl_d_reach_the_keyboard_as_keys(self):
+        os.write(self.master, b"\x04")   # Ctrl-D on an empty line: the end of input
+        await until(lambda: self.keyboard.ended)
+        os.write(self.master, b"\x03")
+        await until(lambda: self.keyboard.interrupted)
 
 
 # 11. Command line ##########################################################
