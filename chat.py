@@ -1588,6 +1588,10 @@ GREETING = ("* You are connected as {name}! There {count}. Type /help for comman
 REPLACED_REASON = "replaced by your new connection"
 
 
+class TryLater(ValueError):
+    """A refusal that will pass (the room can't check names just now): closes with 1013."""
+
+
 def plural(count: int, word: str) -> str:
     """'1 line', '3 lines'."""
     return f"{count} {word}{'' if count == 1 else 's'}"
@@ -1952,6 +1956,18 @@ class Pacer:
             self._timer.cancel()
 
 
+def requested_name(conn: Connection) -> tuple[str | None, str]:
+    """The name a newcomer asked for (checked; None for "pick one") and the resume token it offered."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(conn.path).query)
+    name = check_name(query["name"][0]) if "name" in query else None
+    return name, query.get("resume", [""])[0]
+
+
+def private_line(sender: str, recipient: str, text: str) -> str:
+    """What /msg delivers, to the recipient and (as a receipt) the sender."""
+    return f"[{sender} → {recipient}]: {text}"
+
+
 @dataclasses.dataclass(eq=False)
 class Member:
     """Someone in the room: the name others see, the connection, the resume token."""
@@ -2009,33 +2025,41 @@ class ChatRoom:
     async def handle(self, conn: Connection) -> None:
         """The WebSocket handler: admit, relay until the member leaves, say goodbye."""
         try:
-            member = self.admit(conn)
+            member = await self.enter(conn)
         except ValueError as refusal:
             # Refused after the upgrade, with a close reason, rather than with
             # an HTTP error: browsers never show a page the body of a failed
             # handshake, but they do show a close frame's reason.
             logger.info("%s: refused: %s", conn.remote, refusal)
-            await conn.close(CloseCode.POLICY_VIOLATION, str(refusal))
+            code = CloseCode.TRY_AGAIN_LATER if isinstance(refusal, TryLater) else CloseCode.POLICY_VIOLATION
+            await conn.close(code, str(refusal))
             return
         try:
             await self.relay_messages(member)
         finally:
             self.leave(member)
 
+    async def enter(self, conn: Connection) -> Member:
+        """Admit the newcomer; a room shared with other servers checks the name there first."""
+        return self.admit(conn)
+
     def admit(self, conn: Connection) -> Member:
         """Give the newcomer a name, a greeting and the recent history; tell the others."""
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(conn.path).query)
-        name = check_name(query["name"][0]) if "name" in query else self.guest_name()
+        asked, token = requested_name(conn)
+        name = asked or self.guest_name()
         held = self.members.get(name_key(name))
         if held is not None:
-            return self.resume(held, conn, query.get("resume", [""])[0])
-        member = Member(name, conn)
-        if len(self.members) < self.announce_limit:
-            self.broadcast(f"* {name} joined")
-        self.members[name_key(name)] = member
+            return self.resume(held, conn, token)
+        return self.add_member(Member(name, conn))
+
+    def add_member(self, member: Member, *, announce: bool = True, count: int | None = None) -> Member:
+        """The member is in: the others hear of it, it gets the greeting and the history."""
+        if announce and len(self.members) < self.announce_limit:
+            self.notice(f"* {member.name} joined")
+        self.members[name_key(member.name)] = member
         self._shared = None   # what was broadcast before is not for the newcomer
-        logger.info("%s: %s joined (%d here)", conn.remote, name, len(self.members))
-        self.greet(member)
+        logger.info("%s: %s joined (%d here)", member.conn.remote, member.name, len(self.members))
+        self.greet(member, len(self.members) if count is None else count)
         return member
 
     def resume(self, held: Member, conn: Connection, token: str) -> Member:
@@ -2047,11 +2071,10 @@ class ChatRoom:
         self.members[name_key(member.name)] = member
         self._shared = None
         logger.info("%s: %s came back", conn.remote, member.name)
-        self.greet(member)
+        self.greet(member, len(self.members))
         return member
 
-    def greet(self, member: Member) -> None:
-        count = len(self.members)
+    def greet(self, member: Member, count: int) -> None:
         there = f"{'is' if count == 1 else 'are'} {plural(count, 'user')} here"
         self.tell(member.conn, GREETING.format(
             name=member.name, count=there, max_size=self.max_size, token=member.token,
@@ -2071,7 +2094,7 @@ class ChatRoom:
                     describe_close_code(code) if code else "handler failed")
         why = member.quit_reason or (member.conn.close_rcvd.reason if member.conn.close_rcvd else "")
         if len(self.members) < self.announce_limit:
-            self.broadcast(f"* {member.name} left" + (f": {why}" if why else ""))
+            self.notice(f"* {member.name} left" + (f": {why}" if why else ""))
 
     def guest_name(self) -> str:
         while True:
@@ -2111,20 +2134,30 @@ class ChatRoom:
         if isinstance(line, ChatLine):
             self.say(f"[{member.name}]: {line.text}")
         elif line is not None:
-            COMMAND_HANDLERS[line.name](self, member, line.argument)
+            self.run_command(member, line)
+
+    def run_command(self, member: Member, command: Command) -> None:
+        COMMAND_HANDLERS[command.name](self, member, command.argument)
 
     def say(self, line: str) -> None:
         """A line for everyone, kept in the history for newcomers."""
         self.history.append((time.time(), line))
         self.broadcast(line)
 
+    def notice(self, text: str) -> None:
+        """A notice for everyone (joined, left, a new name), not kept in the history."""
+        self.broadcast(text)
+
     def command_help(self, member: Member, argument: str) -> None:
         for line in help_lines():
             self.tell(member.conn, line)
 
     def command_who(self, member: Member, argument: str) -> None:
-        names = sorted((m.name for m in self.members.values()), key=name_key)
-        self.tell(member.conn, f"* {len(names)} here: {', '.join(names)}")
+        self.list_names(member, [m.name for m in self.members.values()])
+
+    def list_names(self, member: Member, names: list[str], note: str = "") -> None:
+        names = sorted(names, key=name_key)
+        self.tell(member.conn, f"* {len(names)} here: {', '.join(names)}{note}")
 
     def command_me(self, member: Member, action: str) -> None:
         self.say(f"[{member.name}] {action}")
@@ -2135,7 +2168,7 @@ class ChatRoom:
         if recipient is None:
             self.tell(member.conn, f"* there is no {recipient_name} here; /who lists who is")
             return
-        line = f"[{member.name} → {recipient.name}]: {text}"
+        line = private_line(member.name, recipient.name, text)
         self.tell(recipient.conn, line)
         if recipient is not member:
             self.tell(member.conn, line)   # the sender's receipt
@@ -2150,10 +2183,13 @@ class ChatRoom:
         if holder is not None and holder is not member:
             self.tell(member.conn, f"* the name {name} is taken; pick another")
             return
+        self.rename(member, name)
+
+    def rename(self, member: Member, name: str) -> None:
         old, member.name = member.name, name
         del self.members[name_key(old)]
         self.members[name_key(name)] = member
-        self.broadcast(f"* {old} is now known as {name}")
+        self.notice(f"* {old} is now known as {name}")
 
     def command_quit(self, member: Member, reason: str) -> None:
         member.quit_reason = reason
