@@ -20,18 +20,24 @@ Read it top to bottom; the sections come in the order a learner needs them
     6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7)
     7. Server and client  serve() and connect(): TCP, the handshake on the wire
     8. Chat room      names, history, broadcast, commands, rate limits
-    9. Client         connect, read the keyboard, show the room safely
-   10. Command line   argparse subcommands; main(argv) -> exit status
-   11. Web page       the HTML and JavaScript served at /
+       --- 9 and 10 only for ``server --redis``: skip them on a first reading ---
+    9. Redis: RESP    a RESP2 reader (bytes in, replies out) and a pipelining client
+   10. Shared room    one room on many servers: a Redis stream, name keys, the split
+   11. Line editor    keys in, an edited line and a redrawn screen out
+   12. Client         connect, read the keyboard, show the room safely
+   13. Command line   argparse subcommands; main(argv) -> exit status
+   14. Web page       the HTML and JavaScript served at /
 
 The life of a chat line, with the names to read at each step:
 
-    bob types "hi" and Enter     Keyboard (9) queues the line; ChatClient.session takes it
+    bob types "hi" and Enter     Keyboard (12) queues the line; ChatClient.session takes it
     bob's client sends it        Connection.send (6) -> encode_frame (4): a masked TEXT frame
     the server reads it          Connection.recv (6): FrameReader (4), MessageAssembler (5)
     the room relays it           ChatRoom.relay_messages -> on_text -> broadcast (8)
     every member's socket        Connection.queue_frame (6): one write per member per loop turn
-    alice's client shows it      ChatClient.show_incoming -> Screen.show (9), escaped by printable
+    with --redis, other servers  SharedRoom.say -> share: XADD (10); each other server's
+                                 _follower: XREAD -> on_event -> broadcast (10, 8)
+    alice's client shows it      ChatClient.on_line -> Screen.show (12), escaped by printable
 
 Left out on purpose: extensions (permessage-deflate), subprotocols, HTTP
 redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
@@ -45,16 +51,20 @@ import base64
 import calendar
 import codecs
 import collections
+import contextlib
 import dataclasses
 import enum
 import hashlib
 import http
+import itertools
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import signal
+import socket
 import ssl
 import struct
 import sys
@@ -1356,14 +1366,16 @@ class WebSocketServer:
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task | None = None
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                    reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:   # unless the application chose its own
             loop.set_exception_handler(log_network_errors)
         # backlog: a burst of clients connecting at once waits in the kernel's
         # queue (1024, not asyncio's 100) instead of being refused.
         self._server = await asyncio.start_server(
-            self._serve_tcp, host, port, ssl=ssl_context, limit=READ_BUFFER_LIMIT, backlog=1024)
+            self._serve_tcp, host, port, ssl=ssl_context, limit=READ_BUFFER_LIMIT, backlog=1024,
+            reuse_port=reuse_port or None)
         if self.keepalive_interval:
             self._keepalive = asyncio.create_task(keepalive(self.connections, self.keepalive_interval))
 
@@ -1473,10 +1485,15 @@ class WebSocketServer:
 
 
 async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
-                ssl_context: ssl.SSLContext | None = None, **options: typing.Any) -> WebSocketServer:
-    """Start a WebSocket server; ``options`` go to WebSocketServer."""
+                ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False,
+                **options: typing.Any) -> WebSocketServer:
+    """Start a WebSocket server; ``options`` go to WebSocketServer.
+
+    ``reuse_port`` (SO_REUSEPORT) lets several processes listen on one port;
+    the kernel spreads new connections over them.
+    """
     server = WebSocketServer(handler, **options)
-    await server.start(host, port, ssl_context)
+    await server.start(host, port, ssl_context, reuse_port)
     return server
 
 
@@ -2233,7 +2250,890 @@ COMMAND_HANDLERS: typing.Mapping[str, Callable[[ChatRoom, Member, str], None]] =
 })
 
 
-# 9. Line editor ############################################################
+# 9. Redis: the RESP protocol ###############################################
+#
+# Sections 9 and 10 are needed only by ``server --redis``; a reader of the
+# core can skip to section 11.
+#
+# Redis (and Valkey, which speaks the same protocol) talks RESP, its
+# serialisation protocol, over TCP (https://redis.io/docs/latest/develop/reference/protocol-spec/).
+# We speak RESP2, which every Redis since 2.0 understands; RESP3 (HELLO 3)
+# adds maps, sets, doubles and push messages, none of which this chat needs.
+# A command is an array of bulk strings; a reply is one of five types, told
+# apart by its first byte:
+#
+#   +OK\r\n                    simple string   -> str
+#   -ERR unknown command\r\n   error           -> RedisError, returned in its place
+#   :1000\r\n                  integer         -> int
+#   $5\r\nhello\r\n            bulk string     -> bytes ($-1\r\n is nil -> None)
+#   *2\r\n:1\r\n$1\r\nx\r\n    array           -> list (*-1\r\n is nil -> None)
+#
+# Replies come back in the order the commands went out, so a client may send
+# many commands in one write (pipelining) and match the replies by position.
+#
+# Redis's bytes are untrusted, like a peer's: a compromised or impostor
+# server (or a man in the middle without TLS) could send a bulk string
+# announced as 4 GiB, an array of a billion items, or arrays nested a
+# million deep (which would overflow a recursive reader's stack; redis-py and
+# hiredis cap nesting for the same reason). RespReader reads without
+# recursion and checks every length against a limit before buffering
+# anything, as FrameReader does; anything else is a RespError, and the
+# connection is dropped.
+
+REDIS_PORT = 6379
+
+#: A simple string, error or number line: Redis's own are under 1 KiB.
+RESP_MAX_LINE = 64 * 1024
+
+#: A bulk string: a chat event holds one line of at most --max-size bytes
+#: plus a few dozen bytes around it; 8 MiB leaves room for --max-size 4 MiB.
+RESP_MAX_BULK = 8 * MAX_MESSAGE_SIZE
+
+#: Items in one array: XREAD returns at most READ_COUNT entries, SCAN and
+#: MGET at most MAX_KEYS_PER_CALL; this is far above both.
+RESP_MAX_ITEMS = 100_000
+
+#: Arrays within arrays: XREAD's reply is 4 deep (streams, entries, entry,
+#: fields); hiredis allows 7 levels.
+RESP_MAX_DEPTH = 7
+
+#: One reply, in bytes: XREAD's READ_COUNT entries of the largest line.
+RESP_MAX_REPLY = 64 * MAX_MESSAGE_SIZE
+
+#: Seconds a command may go unanswered before the connection counts as dead.
+REDIS_TIMEOUT = 5.0
+
+
+class RedisError(Exception):
+    """An error reply from Redis (-ERR ..., -WRONGPASS ...): Redis is fine, the command was not."""
+
+
+class RedisUnavailable(Exception):
+    """Redis can't be used just now: not reachable, gone, silent, or talking nonsense."""
+
+
+class RespError(RedisUnavailable):
+    """The bytes from Redis are not RESP2 within our limits; the connection is dropped."""
+
+
+Reply = typing.Union[str, int, bytes, None, RedisError, list]
+
+
+class _Pending(enum.Enum):
+    """What RespReader._read_value returns when no value is complete yet."""
+
+    MORE_BYTES = "the buffer ends before the value does"
+    ARRAY_OPENED = "an array's header was read; its items come next"
+    IN_ARRAY = "the value went into an array that is still being read"
+
+
+def encode_command(*args: str | bytes | int | float) -> bytes:
+    """A command as Redis expects it: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(parts)
+
+
+def parse_resp_integer(text: bytes) -> int:
+    """A RESP integer or length: an optional minus and at most 19 digits (a signed 64-bit number)."""
+    if not re.fullmatch(rb"-?[0-9]{1,19}", text):
+        raise RespError(f"not a number: {text[:24]!r}")
+    return int(text)
+
+
+class RespReader:
+    """RESP2 replies from bytes, sans I/O: feed() takes bytes and returns the replies they complete.
+
+    A reply split anywhere, even byte by byte, comes out the same. Arrays
+    are read with an explicit stack instead of recursion, so nesting costs
+    no Python stack, and is capped anyway.
+    """
+
+    def __init__(self, *, max_bulk: int = RESP_MAX_BULK, max_items: int = RESP_MAX_ITEMS,
+                 max_depth: int = RESP_MAX_DEPTH, max_reply: int = RESP_MAX_REPLY) -> None:
+        self.max_bulk, self.max_items = max_bulk, max_items
+        self.max_depth, self.max_reply = max_depth, max_reply
+        self._buffer = bytearray()
+        self._pos = 0                                # where the unread bytes start
+        self._arrays: list[tuple[list, int]] = []    # arrays being filled: items so far, items due
+        self._bulk_length: int | None = None         # a bulk string whose header is read
+        self._reply_size = 0                         # bytes of the current reply so far
+
+    def feed(self, data: bytes) -> list[Reply]:
+        """Take the next bytes from Redis; return every reply they complete, in order."""
+        self._buffer += data
+        replies: list[Reply] = []
+        try:
+            while (value := self._read_value()) is not _Pending.MORE_BYTES:
+                if value is not _Pending.ARRAY_OPENED:
+                    reply = self._place(value)
+                    if reply is not _Pending.IN_ARRAY:
+                        replies.append(reply)
+        finally:
+            del self._buffer[:self._pos]
+            self._pos = 0
+        return replies
+
+    def _place(self, value: Reply) -> Reply | _Pending:
+        """Put a complete value into the array it belongs to; the reply, once it is whole."""
+        while self._arrays:
+            items, due = self._arrays[-1]
+            items.append(value)
+            if len(items) < due:
+                return _Pending.IN_ARRAY
+            self._arrays.pop()   # this array is complete: it is a value of the one around it
+            value = items
+        self._reply_size = 0
+        return value
+
+    def _read_value(self) -> Reply | _Pending:
+        if self._bulk_length is not None:
+            return self._read_bulk(self._bulk_length)
+        line = self._read_line()
+        if line is None:
+            return _Pending.MORE_BYTES
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode("utf-8", "replace")
+        if kind == b"-":
+            return RedisError(rest.decode("utf-8", "replace"))
+        if kind == b":":
+            return parse_resp_integer(rest)
+        if kind == b"$":
+            return self._start_bulk(parse_resp_integer(rest))
+        if kind == b"*":
+            return self._start_array(parse_resp_integer(rest))
+        raise RespError(f"unknown reply type {kind!r} (RESP2 has + - : $ *)")
+
+    def _read_line(self) -> bytes | None:
+        """The next line without its CRLF, or None if it hasn't all arrived."""
+        end = self._buffer.find(b"\r\n", self._pos)
+        length = (len(self._buffer) if end == -1 else end) - self._pos
+        if length > RESP_MAX_LINE:
+            raise RespError(f"a reply line longer than {RESP_MAX_LINE} bytes")
+        if end == -1:
+            return None
+        line = bytes(self._buffer[self._pos:end])
+        self._count(end + 2 - self._pos)
+        self._pos = end + 2
+        return line
+
+    def _start_bulk(self, length: int) -> bytes | None | _Pending:
+        if length == -1:
+            return None
+        if not 0 <= length <= self.max_bulk:
+            raise RespError(f"a bulk string of {length} bytes (the limit is {self.max_bulk})")
+        self._count(length + 2)   # counted before it is buffered
+        self._bulk_length = length
+        return self._read_bulk(length)
+
+    def _read_bulk(self, length: int) -> bytes | _Pending:
+        end = self._pos + length
+        if len(self._buffer) < end + 2:
+            return _Pending.MORE_BYTES
+        if self._buffer[end:end + 2] != b"\r\n":
+            raise RespError("a bulk string longer than its announced length")
+        value = bytes(self._buffer[self._pos:end])
+        self._pos, self._bulk_length = end + 2, None
+        return value
+
+    def _start_array(self, count: int) -> list | None | _Pending:
+        if count == -1:
+            return None
+        if not 0 <= count <= self.max_items:
+            raise RespError(f"an array of {count} items (the limit is {self.max_items})")
+        if count == 0:
+            return []
+        if len(self._arrays) >= self.max_depth:
+            raise RespError(f"arrays nested more than {self.max_depth} deep")
+        self._arrays.append(([], count))
+        return _Pending.ARRAY_OPENED
+
+    def _count(self, size: int) -> None:
+        self._reply_size += size
+        if self._reply_size > self.max_reply:
+            raise RespError(f"a reply of more than {self.max_reply} bytes")
+
+
+class RedisURL(typing.NamedTuple):
+    """Where Redis is: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], or rediss:// for TLS."""
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    def __str__(self) -> str:
+        """The URL for messages and logs: never the password."""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{host_port(self.host, self.port)}" + (f"/{self.db}" if self.db else "")
+
+
+def parse_redis_url(url: str) -> RedisURL:
+    """The parts of a Redis URL (the IANA redis: scheme), or ValueError saying what is wrong."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"not a Redis URL: {url!r} (expected redis://HOST:PORT/DB or rediss://...)")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"the database in {url!r} must be a number, such as /0")
+    unquote = lambda text: urllib.parse.unquote(text) if text is not None else None  # noqa: E731
+    return RedisURL(parts.hostname, parts.port or REDIS_PORT, int(path or 0),
+                    unquote(parts.username) or None, unquote(parts.password), parts.scheme == "rediss")
+
+
+def describe_os_error(error: BaseException) -> str:
+    """'connection refused': why a connection failed, in a few lower-case words."""
+    if isinstance(error, asyncio.TimeoutError):
+        return "no answer in time"
+    errno = getattr(error, "errno", None)
+    if isinstance(errno, int) and errno > 0:
+        return os.strerror(errno).lower()
+    return str(error) or type(error).__name__
+
+
+class RedisConnection:
+    """One connection to Redis: commands go out at once, replies are matched to them in order.
+
+    A task reads replies as they come and resolves the oldest waiting
+    command; so any number of commands may be in flight (pipelining). A
+    blocking command (XREAD BLOCK) holds the connection until it returns,
+    so it gets a connection of its own.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.closed: str | None = None        # why, once it is closed
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._reading = asyncio.create_task(self._read_replies(reader, RespReader()))
+
+    @classmethod
+    async def open(cls, url: RedisURL, timeout: float = REDIS_TIMEOUT) -> RedisConnection:
+        """Connect, then AUTH and SELECT as the URL says; RedisUnavailable saying why not."""
+        context = ssl.create_default_context() if url.tls else None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                url.host, url.port, ssl=context, limit=READ_BUFFER_LIMIT), timeout)
+        except (OSError, asyncio.TimeoutError) as error:
+            raise RedisUnavailable(describe_os_error(error)) from None
+        conn = cls(reader, writer)
+        setup = []
+        if url.password is not None:
+            setup.append(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password))
+        if url.db:
+            setup.append(("SELECT", url.db))
+        try:
+            for reply in await conn.pipeline(setup or [("PING",)], timeout):
+                if isinstance(reply, RedisError):
+                    raise RedisUnavailable(f"Redis said: {reply}")
+        except RedisUnavailable:
+            conn.close("setup failed")
+            raise
+        return conn
+
+    async def command(self, *args: str | bytes | int | float, timeout: float = REDIS_TIMEOUT) -> Reply:
+        """Send one command and return its reply; an error reply is raised as RedisError."""
+        (reply,) = await self.pipeline([args], timeout)
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[str | bytes | int | float]],
+                       timeout: float = REDIS_TIMEOUT) -> list[Reply]:
+        """Send several commands in one write; their replies, error replies in place."""
+        if self.closed is not None:
+            raise RedisUnavailable(self.closed)
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self._waiting.extend(futures)
+        self.writer.write(b"".join(encode_command(*command) for command in commands))
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except asyncio.TimeoutError:
+            # The replies still owed would be matched to later commands: drop the connection.
+            self.close(f"no reply within {timeout:g} s")
+            raise RedisUnavailable(self.closed) from None
+
+    async def _read_replies(self, reader: asyncio.StreamReader, replies: RespReader) -> None:
+        why = "Redis closed the connection"
+        try:
+            while data := await reader.read(READ_BUFFER_LIMIT):
+                for reply in replies.feed(data):
+                    if not self._waiting:
+                        raise RespError("a reply to no command")
+                    waiter = self._waiting.popleft()
+                    if not waiter.done():
+                        waiter.set_result(reply)
+        except RespError as error:
+            why = f"malformed reply: {error}"
+        except OSError as error:
+            why = describe_os_error(error)
+        self.close(why)
+
+    def close(self, why: str = "closed") -> None:
+        """Close the connection; every command still waiting fails with RedisUnavailable(why)."""
+        if self.closed is not None:
+            return
+        self.closed = why
+        self.writer.close()
+        if self._reading is not asyncio.current_task():
+            self._reading.cancel()
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(RedisUnavailable(why))
+
+
+# 10. One room on many servers ##############################################
+#
+# ``server --redis URL``: every server started with the same URL serves the
+# same room. Theory of operation. Each WebSocket stays on the server it
+# connected to, and the servers share the room through Redis, as socket.io's
+# Redis adapter and channels_redis do. Redis holds three things:
+#
+#   chat.py:events       a stream (XADD ... MAXLEN ~ 1000): whatever a member
+#                        caused that other servers' members must see (a line,
+#                        a notice, a /msg, a name taken over by a resume).
+#                        Each server reads it with XREAD BLOCK from the last
+#                        entry id it saw, so one whose connection dropped
+#                        reads on from there: nothing is missed (unlike
+#                        PUBLISH/SUBSCRIBE, which delivers at most once).
+#   chat.py:history      a list (RPUSH, LTRIM to 50): the recent past, read
+#                        by a server when it starts.
+#   chat.py:name:KEY     one key per member, KEY its name_key(): the value is
+#                        "DIGEST SERVER NAME", DIGEST a hash of the member's
+#                        resume token. SET NX claims a name; each server
+#                        renews its members' keys every TTL/3 and deletes
+#                        them on leave, so a crashed server's names are free
+#                        again within TTL (--name-ttl, 15 s). Whoever shows
+#                        the token takes a name over at once, on any server.
+#
+# A server relays what its own members say at once, exactly as a single
+# server does, and then shares it: its members never wait for Redis, and
+# while Redis is away they go on talking among themselves (the room is
+# "split"; they are told, and told again when it is whole). Shared events
+# wait in a bounded queue and go out pipelined, in order, as soon as Redis
+# can take them. Each event carries its server's id and a sequence number, so
+# one sent twice (the connection dropped before Redis answered) is heard
+# once: readers skip what they have seen. Each server's events enter the
+# stream in the order they happened there, so each sender's lines arrive in
+# order everywhere; different senders' lines may interleave differently on
+# different servers, as they do across IRC servers.
+#
+# Joins and /nick claim a name in Redis; while Redis is unreachable they are
+# refused (1013, try again later) rather than risk two members with one name.
+# /who and /msg read the name keys. What needs to be atomic there is a short
+# Lua script (EVAL). One Redis server (or a primary with replicas) is
+# assumed: the scripts touch several keys, which Redis Cluster would refuse.
+
+REDIS_PREFIX = "chat.py"
+
+#: Entries the stream keeps (about: MAXLEN ~ trims whole blocks): how far a
+#: server that lost its connection can read back.
+STREAM_LENGTH = 1000
+
+#: Seconds a name stays taken after its server stopped renewing it (crashed,
+#: or cut off from Redis). ``--name-ttl`` changes it.
+NAME_TTL = 15.0
+
+#: XREAD waits this long for new entries, then asks again: a dead
+#: connection is noticed within this plus REDIS_TIMEOUT.
+READ_BLOCK = 5.0
+
+#: Entries one XREAD returns at most, and keys per SCAN or MGET: 32 events
+#: of the largest line (MAX_MESSAGE_SIZE) fit in RESP_MAX_REPLY twice over.
+READ_COUNT = 32
+MAX_KEYS_PER_CALL = 1000
+
+#: Events waiting to be shared (while Redis is slow or away), in bytes;
+#: past this, newer ones stay on this server and are counted.
+MAX_UNSHARED_BYTES = 8 * MAX_MESSAGE_SIZE
+
+#: Reconnecting to Redis waits 0.1, 0.2, 0.4 ... seconds, at most 5, plus up
+#: to a tenth at random, so that many servers don't all retry at once.
+REDIS_FIRST_RETRY = 0.1
+REDIS_MAX_RETRY = 5.0
+
+#: Guest names tried (user1, user2 ...) before a newcomer is refused.
+GUEST_ATTEMPTS = 100
+
+#: Claim a name: free, or held with the same token's digest (a resume), it is
+#: set; held by another, nothing changes and nil comes back. KEYS[1] the name
+#: key; ARGV: the value if free, the value if resumed, the TTL in ms, the
+#: offered token's digest and a space. Returns '' if it was free, else what
+#: it held before (so the caller can tell the old holder's server).
+CLAIM_NAME = """
+local held = redis.call('GET', KEYS[1])
+if not held then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return ''
+end
+if string.sub(held, 1, #ARGV[4]) ~= ARGV[4] then return false end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return held
+"""
+
+#: Release a name on leave, unless it has been taken over since.
+RELEASE_NAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+#: The heartbeat: renew each of this server's names, or set it again if it
+#: expired (or Redis restarted empty); return the keys someone else holds now.
+RENEW_NAMES = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  if not held or held == ARGV[i] then
+    redis.call('SET', key, ARGV[i], 'PX', ARGV[#ARGV])
+  else
+    lost[#lost + 1] = key
+  end
+end
+return lost
+"""
+
+#: Told to this server's members when Redis goes away, and when it is back.
+SPLIT_NOTICE = ("* the room is split: Redis is unreachable, so only the members on this "
+                "server hear you for now; new names wait until it is whole")
+WHOLE_NOTICE = "* the room is whole again"
+
+#: Close reason for a member whose name another server gave away while this one was cut off.
+NAME_LOST_REASON = "the name {name} was taken on another server while the room was split"
+
+
+class Event(typing.NamedTuple):
+    """Something a member on one server did, for the members on every other server."""
+
+    origin: str     # the id of the server it happened on
+    seq: int        # its number among that server's events, from 1
+    kind: str       # "say" (kept in history), "notice", "tell" (one member), "replace"
+    when: float     # time.time() on the origin server
+    text: str       # the line to show
+    to: str = ""    # "tell", "replace": the name key of the member it is for
+
+
+EVENT_KINDS = frozenset({"say", "notice", "tell", "replace"})
+
+
+def encode_event(event: Event) -> bytes:
+    """'ORIGIN SEQ KIND WHEN TO TEXT': the text last, since it may hold spaces."""
+    to = urllib.parse.quote(event.to) or "-"   # a name key may hold a space (NFKC of U+00A8 does)
+    return f"{event.origin} {event.seq} {event.kind} {event.when:.3f} {to} {event.text}".encode("utf-8")
+
+
+def decode_event(data: bytes) -> Event:
+    """The event in an entry from Redis, or ValueError: it is untrusted input too."""
+    fields = data.decode("utf-8").split(" ", 5)
+    if len(fields) != 6 or fields[2] not in EVENT_KINDS:
+        raise ValueError(f"not an event: {data[:40]!r}")
+    origin, seq, kind, when, to, text = fields
+    return Event(origin, int(seq), kind, float(when), text, "" if to == "-" else urllib.parse.unquote(to))
+
+
+def stream_entries(reply: Reply) -> list[tuple[bytes, bytes]]:
+    """(entry id, event bytes) from an XREAD reply: [[stream, [[id, [field, value]], ...]]]."""
+    if reply is None:
+        return []   # BLOCK timed out: nothing new
+    try:
+        [[_, entries]] = reply
+        found = [(entry_id, fields[fields.index(b"event") + 1]) for entry_id, fields in entries]
+        if all(isinstance(entry_id, bytes) and isinstance(data, bytes) for entry_id, data in found):
+            return found
+    except (TypeError, ValueError, IndexError, AttributeError):
+        pass
+    raise RespError("an XREAD reply of the wrong shape")
+
+
+def token_digest(token: str) -> str:
+    """What Redis keeps of a resume token: enough to check one, not to show one."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def name_holder(value: bytes) -> tuple[str, str, str]:
+    """(token digest, server id, name) from a name key's value; ValueError if it isn't one."""
+    digest, server, name = value.decode("utf-8").split(" ", 2)
+    return digest, server, name
+
+
+async def first_failure(*jobs: Awaitable[None]) -> BaseException:
+    """Run jobs that loop until they fail; return the first failure and cancel the rest."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = done.pop()
+        return task.exception() or RedisUnavailable("stopped")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+class SharedRoom(ChatRoom):
+    """A ChatRoom whose names, lines and history are shared through Redis with other servers."""
+
+    def __init__(self, url: RedisURL, *, name_ttl: float = NAME_TTL, prefix: str = REDIS_PREFIX,
+                 **options: typing.Any) -> None:
+        super().__init__(**options)
+        self.url = url
+        self.name_ttl = name_ttl
+        self.server_id = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.stream, self.history_key = f"{prefix}:events", f"{prefix}:history"
+        self.name_prefix = f"{prefix}:name:"
+        self.link: RedisConnection | None = None   # for commands; None while the room is split
+        self.last_id = b"0-0"                        # the last stream entry read
+        self.seen: dict[str, int] = {}               # the last seq read from each other server
+        self.unshared: collections.deque[tuple[bytes, list[tuple]]] = collections.deque()
+        self.unshared_bytes = 0
+        self.not_shared = 0                          # events dropped for want of room
+        self._seq = itertools.count(1)
+        self._wake_sharer = asyncio.Event()
+        self._drained = asyncio.Event()              # set whenever nothing waits to be shared
+        self._busy: dict[Member, collections.deque[str]] = {}   # lines held behind a Redis command
+        self._running: asyncio.Task | None = None
+
+    def name_value(self, member: Member) -> str:
+        return f"{token_digest(member.token)} {self.server_id} {member.name}"
+
+    # -- the link to Redis --------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connections and read the recent past; RedisUnavailable if Redis can't be used."""
+        link, blocking = await self._open()
+        try:
+            await self._read_the_past(link)
+        except (RedisUnavailable, RedisError) as error:
+            link.close(), blocking.close()
+            raise RedisUnavailable(str(error)) from None
+        self._running = asyncio.create_task(self._stay_connected(link, blocking))
+
+    async def _open(self) -> tuple[RedisConnection, RedisConnection]:
+        link = await RedisConnection.open(self.url)
+        try:
+            return link, await RedisConnection.open(self.url)
+        except RedisUnavailable:
+            link.close()
+            raise
+
+    async def _read_the_past(self, link: RedisConnection) -> None:
+        """The history, and where the stream ends now, in one transaction (nothing comes between)."""
+        *_, (last, history) = await link.pipeline([
+            ("MULTI",), ("XREVRANGE", self.stream, "+", "-", "COUNT", 1),
+            ("LRANGE", self.history_key, -self.history.maxlen, -1), ("EXEC",)])
+        if last:
+            self.last_id = last[0][0]
+        for data in history:
+            try:
+                event = decode_event(data)
+            except ValueError:
+                continue
+            self.history.append((event.when, event.text))
+
+    async def close(self) -> None:
+        """Share what is still waiting (the members' leaving, mostly), briefly; then let go."""
+        if self.link is not None and self.unshared:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), 1.0)
+        if self._running is not None:
+            self._running.cancel()
+            await asyncio.wait([self._running])
+
+    async def _stay_connected(self, link: RedisConnection, blocking: RedisConnection) -> None:
+        """For as long as the server runs: use the link; when it breaks, reconnect with backoff."""
+        while True:
+            self.link = link
+            try:
+                failure = await first_failure(self._sharer(link), self._follower(blocking),
+                                              self._heartbeat(link))
+            finally:
+                self.link = None
+                link.close(), blocking.close()
+            if not isinstance(failure, RedisUnavailable):
+                logger.error("the link to Redis failed", exc_info=failure)
+            logger.warning("Redis at %s: %s; the room is split", self.url, failure)
+            self.broadcast(SPLIT_NOTICE)
+            link, blocking = await self._reconnect()
+            logger.warning("Redis at %s is back; the room is whole", self.url)
+            self.broadcast(WHOLE_NOTICE)
+
+    async def _reconnect(self) -> tuple[RedisConnection, RedisConnection]:
+        delay = REDIS_FIRST_RETRY
+        while True:
+            await asyncio.sleep(delay * (1 + random.random() / 10))
+            try:
+                return await self._open()
+            except RedisUnavailable as error:
+                logger.info("Redis at %s: still unreachable (%s)", self.url, error)
+            delay = min(delay * 2, REDIS_MAX_RETRY)
+
+    # -- sharing what happens here -------------------------------------------
+
+    def share(self, kind: str, text: str, to: str = "") -> None:
+        """Queue an event for the other servers; the sharer sends it when Redis can take it."""
+        event = encode_event(Event(self.server_id, next(self._seq), kind, time.time(), text, to))
+        if self.unshared_bytes + len(event) > MAX_UNSHARED_BYTES:
+            self.not_shared += 1   # Redis has been away long: this one stays here
+            return
+        commands = [("XADD", self.stream, "MAXLEN", "~", STREAM_LENGTH, "*", "event", event)]
+        if kind == "say":
+            commands += [("RPUSH", self.history_key, event),
+                         ("LTRIM", self.history_key, -self.history.maxlen, -1)]
+        self._queue(event, commands)
+
+    def release(self, member: Member) -> None:
+        """Free the member's name, in order after its last events (queued with them)."""
+        key = self.name_prefix + name_key(member.name)
+        self._queue(b"", [("EVAL", RELEASE_NAME, 1, key, self.name_value(member))])
+
+    def _queue(self, event: bytes, commands: list[tuple]) -> None:
+        self.unshared.append((event, commands))
+        self.unshared_bytes += len(event)
+        self._drained.clear()
+        self._wake_sharer.set()
+
+    async def _sharer(self, link: RedisConnection) -> None:
+        while True:
+            await self._wake_sharer.wait()
+            self._wake_sharer.clear()
+            await self._share_waiting(link)
+
+    async def _share_waiting(self, link: RedisConnection) -> None:
+        """Send every waiting event, pipelined; each leaves the queue once Redis has it."""
+        while self.unshared:
+            batch = list(itertools.islice(self.unshared, READ_COUNT))
+            replies = await link.pipeline([command for _, commands in batch for command in commands])
+            for error in (reply for reply in replies if isinstance(reply, RedisError)):
+                logger.error("Redis refused an event: %s", error)
+            for event, _ in batch:
+                self.unshared.popleft()
+                self.unshared_bytes -= len(event)
+        self._drained.set()
+
+    # -- hearing what happens elsewhere ----------------------------------------
+
+    async def _follower(self, link: RedisConnection) -> None:
+        block_ms = int(READ_BLOCK * 1000)
+        while True:
+            reply = await link.command("XREAD", "COUNT", READ_COUNT, "BLOCK", block_ms,
+                                       "STREAMS", self.stream, self.last_id,
+                                       timeout=READ_BLOCK + REDIS_TIMEOUT)
+            for entry_id, data in stream_entries(reply):
+                self.last_id = entry_id
+                try:
+                    event = decode_event(data)
+                except ValueError as error:
+                    logger.warning("skipped a stream entry %s: %s", printable(repr(entry_id)), error)
+                    continue
+                self.on_event(event)
+
+    def on_event(self, event: Event) -> None:
+        """An event from the stream: ours, or seen already (sent twice), is skipped."""
+        if event.origin == self.server_id or event.seq <= self.seen.get(event.origin, 0):
+            return
+        self.seen[event.origin] = event.seq
+        if event.kind == "say":
+            self.history.append((event.when, event.text))
+            self.broadcast(event.text)
+        elif event.kind == "notice":
+            self.broadcast(event.text)
+        elif (member := self.members.get(event.to)) is None:
+            return   # "tell" and "replace" concern one member, who isn't on this server
+        elif event.kind == "tell":
+            self.tell(member.conn, event.text)
+        else:   # "replace": the member came back on another server with its token
+            del self.members[event.to]   # without a "left": it is still in the room
+            member.conn.close_nowait(CloseCode.NORMAL_CLOSURE, REPLACED_REASON)
+
+    async def _heartbeat(self, link: RedisConnection) -> None:
+        """Every TTL/3, renew this server's names (and set again those that expired)."""
+        while True:
+            members = list(self.members.values())
+            keys = [self.name_prefix + key for key in self.members]
+            lost = await link.command("EVAL", RENEW_NAMES, len(keys), *keys,
+                                      *map(self.name_value, members), int(self.name_ttl * 1000))
+            for key in lost if isinstance(lost, list) else ():
+                member = self.members.get(key.decode("utf-8", "replace")[len(self.name_prefix):])
+                if member is not None:
+                    member.conn.close_nowait(CloseCode.POLICY_VIOLATION,
+                                             NAME_LOST_REASON.format(name=member.name))
+            await asyncio.sleep(self.name_ttl / 3)
+
+    # -- names ------------------------------------------------------------------
+
+    def require_link(self, doing: str) -> RedisConnection:
+        if self.link is None:
+            raise TryLater(f"the room is split (Redis is unreachable), so {doing} can't be checked "
+                           f"against the other servers; try again soon")
+        return self.link
+
+    async def claim(self, name: str, fresh: str, offered: str) -> str | None:
+        """Claim ``name`` for a member with the token ``fresh``, or ``offered`` if it resumes.
+
+        None if another member holds it; else '' if it was free, or what it held
+        (the name was this token's already: a resume, or a new spelling of one's own name).
+        """
+        link = self.require_link("names")
+        value = lambda token: f"{token_digest(token)} {self.server_id} {name}"  # noqa: E731
+        offered_digest = f"{token_digest(offered)} " if offered else "-"
+        try:
+            held = await link.command("EVAL", CLAIM_NAME, 1, self.name_prefix + name_key(name),
+                                      value(fresh), value(offered), int(self.name_ttl * 1000),
+                                      offered_digest)
+        except RedisUnavailable:
+            raise TryLater("the room's name store (Redis) did not answer; try again soon") from None
+        return None if held is None else held.decode("utf-8", "replace")
+
+    async def enter(self, conn: Connection) -> Member:
+        """Claim the name in Redis first; a name held on this server is for admit() to judge."""
+        asked, offered = requested_name(conn)
+        if asked is not None and name_key(asked) in self.members:
+            return self.admit(conn)
+        member = Member(asked or "", conn)
+        for attempt in range(1 if asked else GUEST_ATTEMPTS):
+            member.name = asked or self.guest_name()
+            held = await self.claim(member.name, member.token, offered)
+            if held is not None:
+                break
+        else:
+            if asked:
+                raise ValueError(f"the name {asked} is taken; pick another")
+            raise TryLater("no free guest name; pick a name")
+        if held:   # resumed: its old connection, on another server, is closed there
+            member.token = offered
+            self.share("replace", "", name_key(member.name))
+        return self.add_member(member, announce=not held, count=await self.room_size())
+
+    async def room_size(self) -> int | None:
+        """How many members every server has together; None if Redis can't say just now."""
+        try:
+            return len(await self.name_keys())
+        except (TryLater, RedisUnavailable):
+            return None
+
+    async def name_keys(self) -> list[bytes]:
+        """Every member's name key, on every server (SCAN: the keys are the list)."""
+        link, cursor, keys = self.require_link("the room"), b"0", []
+        while True:
+            reply = await link.command("SCAN", cursor, "MATCH", self.name_prefix + "*",
+                                       "COUNT", MAX_KEYS_PER_CALL)
+            try:
+                cursor, batch = reply
+                keys += batch
+            except (TypeError, ValueError):
+                raise RespError("a SCAN reply of the wrong shape") from None
+            if cursor == b"0":
+                return keys
+
+    def leave(self, member: Member) -> None:
+        here = self.members.get(name_key(member.name)) is member
+        super().leave(member)
+        if here:
+            self.release(member)
+
+    # -- what members say ---------------------------------------------------------
+
+    def say(self, line: str) -> None:
+        super().say(line)
+        self.share("say", line)
+
+    def notice(self, text: str) -> None:
+        super().notice(text)
+        self.share("notice", text)
+
+    def on_text(self, member: Member, text: str) -> None:
+        """As in ChatRoom, but lines behind a command that waits for Redis wait too, in order."""
+        waiting = self._busy.get(member)
+        if waiting is None:
+            super().on_text(member, text)
+        elif len(waiting) < self.max_held:
+            waiting.append(text)
+        else:
+            member.conn.fail_nowait(CloseCode.POLICY_VIOLATION, "flooding: lines not relayed")
+
+    def run_command(self, member: Member, command: Command) -> None:
+        shared = SHARED_COMMAND_HANDLERS.get(command.name)
+        if shared is None:
+            super().run_command(member, command)
+            return
+        self._busy[member] = collections.deque()
+        task = asyncio.create_task(self._run_shared(shared, member, command.argument))
+        task.add_done_callback(lambda _: self._done_waiting(member))
+
+    async def _run_shared(self, handler: Callable[[SharedRoom, Member, str], Awaitable[None]],
+                          member: Member, argument: str) -> None:
+        try:
+            await handler(self, member, argument)
+        except (TryLater, RedisUnavailable) as refusal:
+            self.tell(member.conn, f"* {refusal}")
+
+    def _done_waiting(self, member: Member) -> None:
+        waiting = self._busy.pop(member)
+        while waiting and member not in self._busy:
+            self.on_text(member, waiting.popleft())
+        if waiting:   # another command is waiting for Redis now: the rest waits behind it
+            self._busy[member].extendleft(reversed(waiting))
+
+    async def command_who_shared(self, member: Member, argument: str) -> None:
+        if self.link is None:
+            names = [m.name for m in self.members.values()]
+            self.list_names(member, names, " (the room is split: only this server's members)")
+            return
+        keys, names = await self.name_keys(), []
+        for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+            for value in await self.require_link("the room").command(
+                    "MGET", *keys[start:start + MAX_KEYS_PER_CALL]):
+                with contextlib.suppress(ValueError, AttributeError):
+                    names.append(name_holder(value)[2])   # None: it left meanwhile
+        self.list_names(member, names)
+
+    async def command_msg_shared(self, member: Member, argument: str) -> None:
+        recipient_name, text = argument.split(maxsplit=1)
+        if name_key(recipient_name) in self.members:
+            self.command_msg(member, argument)
+            return
+        value = await self.require_link("names").command("GET", self.name_prefix + name_key(recipient_name))
+        try:
+            recipient = name_holder(value)[2]
+        except (ValueError, AttributeError):
+            self.tell(member.conn, f"* there is no {recipient_name} here; /who lists who is")
+            return
+        line = private_line(member.name, recipient, text)
+        self.share("tell", line, name_key(recipient))
+        self.tell(member.conn, line)   # the sender's receipt: the room has it
+
+    async def command_nick_shared(self, member: Member, new: str) -> None:
+        try:
+            name = check_name(new)
+        except ValueError as refusal:
+            self.tell(member.conn, f"* {refusal}")
+            return
+        holder = self.members.get(name_key(name))
+        if holder is not None and holder is not member or (
+                await self.claim(name, member.token, member.token) is None):
+            self.tell(member.conn, f"* the name {name} is taken; pick another")
+            return
+        if member.conn.state is not State.OPEN or self.members.get(name_key(member.name)) is not member:
+            return   # gone while Redis answered; leave() released the old name, the new one expires
+        if name_key(name) != name_key(member.name):
+            self.release(member)
+        self.rename(member, name)
+
+
+#: The commands that ask Redis, in a room shared with other servers.
+SHARED_COMMAND_HANDLERS: typing.Mapping[str, Callable[[SharedRoom, Member, str], Awaitable[None]]] = (
+    types.MappingProxyType({
+        "who": SharedRoom.command_who_shared,
+        "msg": SharedRoom.command_msg_shared,
+        "nick": SharedRoom.command_nick_shared,
+    }))
+
+
+# 11. Line editor ###########################################################
 #
 # Theory of operation. The client puts the terminal in raw mode, so every key
 # reaches us as it is pressed and nothing is echoed: drawing what is typed is
@@ -2745,13 +3645,13 @@ class InputView:
         return cursor_up(rows) + "\r" + ERASE_BELOW
 
 
-# 10. Client ################################################################
+# 12. Client ################################################################
 #
 # The terminal client. Theory of operation: three things go on at once, all
 # in the event loop, and meet in one ChatClient:
 #
 #   the keyboard   lines the user typed, in a Keyboard queue: from the line
-#                  editor (section 9) at a terminal, from a thread reading
+#                  editor (section 11) at a terminal, from a thread reading
 #                  plain lines when stdin is a pipe (or termios is missing)
 #   the network    a Connection that reconnects with backoff; every line
 #                  from the room goes to the Screen, escaped by printable()
@@ -3436,7 +4336,7 @@ def is_quit_command(line: str) -> bool:
     return isinstance(parsed, Command) and parsed.name == "quit"
 
 
-# 11. Command line ##########################################################
+# 13. Command line ##########################################################
 
 async def echo(conn: Connection) -> None:
     """Send every message back unchanged: the server conformance suites expect."""
@@ -3482,19 +4382,77 @@ def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
 
 
 async def run_server(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        return await run_workers(args)
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
-    room = ChatRoom(rate=args.rate, burst=args.burst, max_size=args.max_size,
-                    announce_limit=args.announce_limit, allowed_origins=args.allow_origin,
-                    secure=ssl_context is not None)
+    options = dict(rate=args.rate, burst=args.burst, max_size=args.max_size,
+                   announce_limit=args.announce_limit, allowed_origins=args.allow_origin,
+                   secure=ssl_context is not None)
+    room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else ChatRoom(**options)
+    if isinstance(room, SharedRoom):
+        try:
+            await room.connect()
+        except RedisUnavailable as error:
+            print(f"chat.py: cannot reach Redis at {args.redis}: {error}", file=sys.stderr)
+            return 1
     server = await serve(room.handle, args.host, args.port, ssl_context=ssl_context,
                          process_request=room.process_request, max_size=args.max_size,
-                         max_buffer=args.max_buffer, max_clients=args.max_clients)
+                         max_buffer=args.max_buffer, max_clients=args.max_clients,
+                         reuse_port=args.reuse_port)
     address = host_port(args.host, server.port)
     secure = "s" if ssl_context else ""
-    logger.info("chat server ready: ws%s://%s%s for clients, http%s://%s/ in a browser",
-                secure, address, CHAT_PATH, secure, address)
-    await run_until_signalled(server)
+    logger.info("chat server ready: ws%s://%s%s for clients, http%s://%s/ in a browser%s",
+                secure, address, CHAT_PATH, secure, address,
+                f"; one room with every server on {args.redis}" if args.redis else "")
+    try:
+        await run_until_signalled(server)
+    finally:
+        if isinstance(room, SharedRoom):
+            await room.close()
     return 0
+
+
+async def run_workers(args: argparse.Namespace) -> int:
+    """--workers N: N server processes on one port (SO_REUSEPORT), one room through Redis.
+
+    Each worker is this program again, with the same options; the first
+    sentence of trouble (Redis unreachable, the port taken) comes from here,
+    once. SIGINT and SIGTERM are passed on, so every worker closes its
+    clients with 1001; a worker that dies takes the others down with it.
+    """
+    try:
+        probe = await RedisConnection.open(args.redis)
+    except RedisUnavailable as error:
+        print(f"chat.py: cannot reach Redis at {args.redis}: {error}", file=sys.stderr)
+        return 1
+    probe.close()
+    with reserved_port(args.host, args.port) as port:
+        worker_argv = [*args.argv, "--port", str(port), "--workers", "1", "--reuse-port"]
+        workers = [await asyncio.create_subprocess_exec(sys.executable, os.path.abspath(__file__),
+                                                        *worker_argv) for _ in range(args.workers)]
+        logger.info("%d workers on ws://%s%s, sharing one room through %s",
+                    len(workers), host_port(args.host, port), CHAT_PATH, args.redis)
+        loop = asyncio.get_running_loop()
+        stop = lambda: [w.send_signal(signal.SIGTERM) for w in workers if w.returncode is None]  # noqa: E731
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop)
+        waits = [asyncio.ensure_future(worker.wait()) for worker in workers]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        codes = await asyncio.gather(*waits)
+    return max(code if code > 0 else 0 for code in codes)
+
+
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> typing.Iterator[int]:
+    """A port for the workers: bound here with SO_REUSEPORT, not listening, so port 0 works too."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError("--workers needs SO_REUSEPORT, which this platform lacks")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        yield sock.getsockname()[1]
 
 
 async def run_client(args: argparse.Namespace) -> int:
@@ -3544,6 +4502,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def redis_url(text: str) -> RedisURL:
+    try:
+        return parse_redis_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat.py",
@@ -3585,6 +4557,16 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="also accept browsers from this origin, e.g. https://example.com "
                              "(repeatable; the server's own origin is always accepted)")
+    server.add_argument("--redis", type=redis_url, metavar="URL",
+                        help="share one room with every server started with this URL: "
+                             "redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// for TLS")
+    server.add_argument("--name-ttl", type=positive_float, default=NAME_TTL, metavar="SECONDS",
+                        help="with --redis: how long a crashed server's names stay taken "
+                             "(default: %(default)s)")
+    server.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                        help="with --redis: run N server processes on one port (SO_REUSEPORT); "
+                             "--max-clients then applies to each of them (default: %(default)s)")
+    server.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("--certfile", help="serve https:// and wss:// with this certificate (PEM)")
     server.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
     server.set_defaults(run=run_server)
@@ -3627,7 +4609,14 @@ def add_echo_command(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv   # what --workers runs again
+    if getattr(args, "workers", 1) > 1 and not args.redis:
+        parser.error("--workers needs --redis: separate processes share a room only through Redis")
+    if getattr(args, "redis", None) and args.max_size > MAX_MESSAGE_SIZE:
+        parser.error(f"with --redis, --max-size can be at most {MAX_MESSAGE_SIZE}: "
+                     f"Redis's replies are read within RESP_MAX_REPLY")
     # -v traces our frames, not asyncio's internals; the client's screen is for the chat.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
                         level=logging.WARNING if args.command == "client" else logging.INFO)
@@ -3662,7 +4651,7 @@ def restore_terminal(settings: list | None) -> None:
         termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
 
 
-# 12. Web page #############################################################
+# 14. Web page #############################################################
 #
 # Kept last, as bottle keeps its templates: 70 lines of HTML and JavaScript a
 # reader of the protocol can skip.
