@@ -2547,16 +2547,19 @@ class RedisConnection:
         """Send several commands in one write; their replies, error replies in place."""
         if self.closed is not None:
             raise RedisUnavailable(self.closed)
+        if not commands:
+            return []
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         self._waiting.extend(futures)
         self.writer.write(b"".join(encode_command(*command) for command in commands))
-        try:
-            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
-        except asyncio.TimeoutError:
+        _, late = await asyncio.wait(futures, timeout=timeout)
+        if late:
             # The replies still owed would be matched to later commands: drop the connection.
             self.close(f"no reply within {timeout:g} s")
-            raise RedisUnavailable(self.closed) from None
+        if late or any(future.cancelled() for future in futures):
+            raise RedisUnavailable(self.closed)
+        return [future.result() for future in futures]
 
     async def _read_replies(self, reader: asyncio.StreamReader, replies: RespReader) -> None:
         why = "Redis closed the connection"
@@ -2582,10 +2585,9 @@ class RedisConnection:
         self.writer.close()
         if self._reading is not asyncio.current_task():
             self._reading.cancel()
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_exception(RedisUnavailable(why))
+        for waiter in self._waiting:
+            waiter.cancel()   # pipeline() raises RedisUnavailable(self.closed) for it
+        self._waiting.clear()
 
 
 # 10. One room on many servers ##############################################
@@ -2822,17 +2824,17 @@ class SharedRoom(ChatRoom):
 
     async def _read_the_past(self, link: RedisConnection) -> None:
         """The history, and where the stream ends now, in one transaction (nothing comes between)."""
-        *_, (last, history) = await link.pipeline([
+        *_, transaction = await link.pipeline([
             ("MULTI",), ("XREVRANGE", self.stream, "+", "-", "COUNT", 1),
             ("LRANGE", self.history_key, -self.history.maxlen, -1), ("EXEC",)])
-        if last:
-            self.last_id = last[0][0]
-        for data in history:
-            try:
-                event = decode_event(data)
-            except ValueError:
-                continue
-            self.history.append((event.when, event.text))
+        try:
+            last, history = transaction
+            if last:
+                self.last_id = bytes(last[0][0])
+            events = [decode_event(data) for data in history]
+        except (TypeError, ValueError, IndexError):
+            raise RespError("the stream or the history is not what chat.py writes") from None
+        self.history.extend((event.when, event.text) for event in events)
 
     async def close(self) -> None:
         """Share what is still waiting (the members' leaving, mostly), briefly; then let go."""

@@ -14,9 +14,12 @@ import logging
 import os
 import random
 import re
+import shutil
+import signal
 import socket
 import ssl
 import struct
+import sys
 import tempfile
 import tracemalloc
 import typing
@@ -1840,7 +1843,382 @@ class TestTLS(ChatTestCase):
         writer.close()
 
 
-# 9. Line editor ############################################################
+# 9. Redis: the RESP protocol ###############################################
+
+class TestRespReader(unittest.TestCase):
+    """RESP2 (https://redis.io/docs/latest/develop/reference/protocol-spec/): bytes in, replies out."""
+
+    def replies(self, data: bytes, **limits):
+        return chat.RespReader(**limits).feed(data)
+
+    def assert_malformed(self, data: bytes, message: str, **limits):
+        with self.assertRaises(chat.RespError) as caught:
+            self.replies(data, **limits)
+        self.assertIn(message, str(caught.exception))
+
+    def test_a_command_is_an_array_of_bulk_strings(self):
+        self.assertEqual(chat.encode_command("SET", "k", b"v\r\n", 10),
+                         b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$2\r\n10\r\n")
+
+    def test_each_reply_type(self):
+        replies = self.replies(b"+OK\r\n:-42\r\n$5\r\nhe\r\no\r\n$0\r\n\r\n$-1\r\n*-1\r\n*0\r\n")
+        self.assertEqual(replies, ["OK", -42, b"he\r\no", b"", None, None, []])
+        [error] = self.replies(b"-WRONGTYPE Operation against a key\r\n")
+        self.assertIsInstance(error, chat.RedisError)   # a value in its place, not raised
+        self.assertEqual(str(error), "WRONGTYPE Operation against a key")
+
+    def test_a_nested_reply_fed_byte_by_byte_comes_out_whole(self):
+        # An XREAD reply: [[stream, [[id, [field, value]]]]], then a pipelined PONG.
+        data = (b"*1\r\n*2\r\n$6\r\nevents\r\n*1\r\n*2\r\n$3\r\n1-0\r\n"
+                b"*2\r\n$5\r\nevent\r\n$2\r\nhi\r\n+PONG\r\n")
+        expected = [[[b"events", [[b"1-0", [b"event", b"hi"]]]]], "PONG"]
+        self.assertEqual(self.replies(data), expected)
+        reader, replies = chat.RespReader(), []
+        for i in range(len(data)):
+            replies += reader.feed(data[i:i + 1])
+        self.assertEqual(replies, expected)
+
+    def test_limits_are_checked_before_anything_is_buffered(self):
+        self.assert_malformed(b"$9\r\n", "bulk string of 9 bytes (the limit is 8)", max_bulk=8)
+        self.assert_malformed(b"$99999999999\r\n", "bulk string of 99999999999 bytes")
+        self.assert_malformed(b"*5\r\n", "array of 5 items (the limit is 4)", max_items=4)
+        self.assert_malformed(b"*1\r\n" * 8 + b":1\r\n", "nested more than 7 deep")
+        self.assert_malformed(b"*2\r\n$6\r\n123456\r\n$6\r\n", "reply of more than 16 bytes",
+                              max_reply=16)
+        self.assert_malformed(b"+" + b"x" * chat.RESP_MAX_LINE, "line longer than")
+
+    def test_anything_else_is_malformed(self):
+        self.assert_malformed(b"%1\r\n", "unknown reply type b'%'")   # a RESP3 map
+        self.assert_malformed(b"$abc\r\n", "not a number")
+        self.assert_malformed(b":1" + b"0" * 30 + b"\r\n", "not a number")
+        self.assert_malformed(b"$2\r\nabc\r\n", "longer than its announced length")
+        self.assert_malformed(b"*-2\r\n", "array of -2 items")
+
+    def test_redis_urls(self):
+        url = chat.parse_redis_url("rediss://:s%40cret@cache.example:6380/2")
+        self.assertEqual(url, chat.RedisURL("cache.example", 6380, 2, None, "s@cret", True))
+        self.assertEqual(str(url), "rediss://cache.example:6380/2")   # never the password
+        self.assertEqual(str(chat.parse_redis_url("redis://127.0.0.1")), "redis://127.0.0.1:6379")
+        self.assertEqual(chat.parse_redis_url("redis://me:pw@[::1]/0")[:5], ("::1", 6379, 0, "me", "pw"))
+        for bad in ("http://x", "redis://", "redis://h/x"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                chat.parse_redis_url(bad)
+
+    def test_events_round_trip_and_garbage_is_refused(self):
+        event = chat.Event("12-ab", 7, "tell", 1796000000.5, "[a → b c]: hi  there", " \u0308b")
+        self.assertEqual(chat.decode_event(chat.encode_event(event)), event)
+        for garbage in (b"", b"x 1 say 0 -", b"x 1 shout 0 - hi", b"x one say 0 - hi", b"\xff 1 say 0 - hi"):
+            with self.subTest(garbage=garbage), self.assertRaises(ValueError):
+                chat.decode_event(garbage)
+        with self.assertRaises(chat.RespError):
+            chat.stream_entries([[b"s", [[b"1-0", [b"other", b"x"]]]]])
+
+
+class FakeRedis:
+    """A TCP server that reads commands and answers each with the next bytes a test chose."""
+
+    def __init__(self, *answers: bytes):
+        self.answers = list(answers)
+        self.commands = []
+        self.writers = []
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.url = chat.parse_redis_url(f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}")
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+
+    async def serve(self, reader, writer):
+        self.writers.append(writer)
+        commands = chat.RespReader()   # a command is an array of bulk strings: a reply's shape
+        while self.answers and (data := await reader.read(4096)):
+            for command in commands.feed(data):
+                self.commands.append(command)
+                writer.write(self.answers.pop(0))
+        await reader.read()
+        writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TestRedisConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """The client side of RESP: setup from the URL, pipelining, and a peer that talks nonsense."""
+
+    async def test_auth_and_select_come_from_the_url_and_replies_match_in_order(self):
+        async with FakeRedis(b"+OK\r\n", b"+OK\r\n", b":1\r\n", b"$1\r\nx\r\n") as fake:
+            url = fake.url._replace(password="pw", username="me", db=3)
+            conn = await within(chat.RedisConnection.open(url))
+            self.addCleanup(conn.close)
+            self.assertEqual(await within(conn.pipeline([("INCR", "n"), ("GET", "k")])), [1, b"x"])
+        self.assertEqual(fake.commands, [[b"AUTH", b"me", b"pw"], [b"SELECT", b"3"],
+                                         [b"INCR", b"n"], [b"GET", b"k"]])
+
+    async def test_a_malformed_reply_is_a_clear_error_and_drops_the_connection(self):
+        async with FakeRedis(b"+PONG\r\n", b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n") as fake:
+            conn = await within(chat.RedisConnection.open(fake.url))
+            with self.assertRaises(chat.RedisUnavailable) as caught:
+                await within(conn.command("XREAD", "STREAMS", "s", "0"))
+            self.assertEqual(str(caught.exception), "malformed reply: arrays nested more than 7 deep")
+            with self.assertRaises(chat.RedisUnavailable):
+                await within(conn.command("PING"))   # no reply could be matched to it now
+
+    async def test_an_error_reply_is_raised_by_the_command_only(self):
+        async with FakeRedis(b"+PONG\r\n", b"-ERR nope\r\n", b"+PONG\r\n") as fake:
+            conn = await within(chat.RedisConnection.open(fake.url))
+            self.addCleanup(conn.close)
+            with self.assertRaisesRegex(chat.RedisError, "ERR nope"):
+                await within(conn.command("NOPE"))
+            self.assertEqual(await within(conn.command("PING")), "PONG")
+
+    async def test_a_room_refuses_to_start_on_a_malformed_reply(self):
+        answers = [b"+PONG\r\n"] * 2 + [b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n", b"*1\r\n:1\r\n"]
+        async with FakeRedis(*answers) as fake:
+            room = chat.SharedRoom(fake.url)
+            with self.assertRaisesRegex(chat.RedisUnavailable, "not what chat.py writes"):
+                await within(room.connect())
+
+    async def test_unreachable_redis_at_start_is_one_sentence_and_status_1(self):
+        port = free_port()
+        loop = asyncio.get_running_loop()
+        with unittest.mock.patch("sys.stderr", io.StringIO()) as err:
+            status = await loop.run_in_executor(None, chat.main, [
+                "server", "--port", "0", "--redis", f"redis://127.0.0.1:{port}"])
+        self.assertEqual(status, 1)
+        self.assertEqual(err.getvalue().splitlines()[-1],
+                         f"chat.py: cannot reach Redis at redis://127.0.0.1:{port}: connection refused")
+        self.assertNotIn("Traceback", err.getvalue())
+
+
+# 10. One room on many servers ##############################################
+
+def redis_server_or_skip() -> str:
+    """The redis-server program; skip without one, except in CI, where it must be there."""
+    program = shutil.which("redis-server")
+    if program is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("CI=true but redis-server is missing: .ci/run installs it")
+        raise unittest.SkipTest("needs redis-server (Debian: apt-get install redis-server)")
+    return program
+
+
+class RedisProcess:
+    """A redis-server of our own on a free port, in a temporary directory, saving nothing."""
+
+    def __init__(self, program: str, folder: str):
+        self.program, self.folder = program, folder
+        self.port = free_port()
+        self.url = chat.parse_redis_url(f"redis://127.0.0.1:{self.port}")
+        self.process = None
+
+    async def start(self):
+        self.process = await asyncio.create_subprocess_exec(
+            self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", self.folder, stdout=asyncio.subprocess.PIPE)
+        while b"Ready to accept connections" not in await within(self.process.stdout.readline()):
+            pass
+
+    async def kill(self):
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await within(self.process.wait())
+
+
+class SharedRoomTestCase(ChatTestCase):
+    """A redis-server and chat servers sharing a room through it, all on 127.0.0.1."""
+
+    NAME_TTL = 1.0
+
+    async def asyncSetUp(self):
+        self.greetings = {}
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.redis = RedisProcess(redis_server_or_skip(), folder.name)
+        self.addAsyncCleanup(self.redis.kill)   # last: the rooms' cleanups come after it
+        await self.redis.start()
+
+    async def start_shared(self):
+        """A chat server on its own port: returns (room, server); join(name, server) joins it."""
+        room = chat.SharedRoom(self.redis.url, rate=0, name_ttl=self.NAME_TTL)
+        await within(room.connect())
+        self.addAsyncCleanup(room.close)
+        server = await self.start(room.handle, process_request=room.process_request)
+        return room, server
+
+    async def join_at(self, server, name, resume=None):
+        query = f"name={name}" + (f"&resume={resume}" if resume else "")
+        conn = await self.open(server, f"/chat?{query}")
+        text = await within(conn.recv())
+        self.greetings[conn] = text
+        self.assertIsNotNone(chat.parse_greeting(text), text)
+        return conn
+
+    def greeting(self, conn):
+        return chat.parse_greeting(self.greetings[conn])
+
+    async def refused(self, server, name):
+        conn = await self.open(server, f"/chat?name={name}")
+        return await expect_closed(conn)
+
+    async def lines_until(self, conn, last):
+        lines = []
+        while not lines or lines[-1] != last:
+            lines.append(await within(conn.recv()))
+        return lines
+
+
+class TestSharedRoom(SharedRoomTestCase):
+    """Two servers, one room: lines, notices, /who, /msg, names and history across servers."""
+
+    async def test_every_line_reaches_every_member_once_and_in_order(self):
+        (_, one), (_, two) = await self.start_shared(), await self.start_shared()
+        alice = await self.join_at(one, "alice")
+        bob = await self.join_at(two, "bob")
+        self.assertIn("! There are 2 users here.", self.greetings[bob])
+        await self.expect(alice, "* bob joined")
+        for i in range(20):
+            await alice.send(f"a{i}")
+            await bob.send(f"b{i}")
+        await alice.send("a-done"), await bob.send("b-done")
+        for conn in (alice, bob):
+            lines = await self.lines_until(conn, "[alice]: a-done") + []
+            while "[bob]: b-done" not in lines:
+                lines.append(await within(conn.recv()))
+            for sender in ("alice", "bob"):
+                mine = [line for line in lines if line.startswith(f"[{sender}]: ")]
+                self.assertEqual(mine, [f"[{sender}]: {sender[0]}{i}" for i in range(20)]
+                                 + [f"[{sender}]: {sender[0]}-done"])   # all, once, in order
+        await alice.send("/who")
+        await self.expect(alice, "* 2 here: alice, bob")
+        await bob.send("/msg ALICE psst")
+        await self.expect(bob, "[bob → alice]: psst")
+        await self.expect(alice, "[bob → alice]: psst")
+        await bob.send("/msg carol hello?")
+        await self.expect(bob, "* there is no carol here; /who lists who is")
+
+    async def test_names_are_unique_across_servers_and_history_is_shared(self):
+        (_, one), (_, two) = await self.start_shared(), await self.start_shared()
+        alice = await self.join_at(one, "alice")
+        await alice.send("before you came")
+        await self.expect(alice, "[alice]: before you came")
+        closed = await self.refused(two, "ALICE")
+        self.assertEqual((closed.code, closed.reason), (1008, "the name ALICE is taken; pick another"))
+        bob = await self.join_at(two, "bob")
+        self.assertEqual(self.greeting(bob).history, 1)
+        self.assertRegex(await within(bob.recv()), r"^\(history \S+Z\) \[alice\]: before you came$")
+        await bob.send("/nick Alice")
+        await self.expect(bob, "* the name Alice is taken; pick another")
+        await bob.send("/nick robert")
+        await self.expect(bob, "* bob is now known as robert")
+        await self.expect(alice, "* bob joined", "* bob is now known as robert")
+        await self.join_at(one, "bob")   # the old name is free again
+        await self.expect(alice, "* bob joined")
+        await self.expect(bob, "* bob joined")
+
+    async def test_a_resume_token_takes_the_name_back_at_once_on_another_server(self):
+        (_, one), (_, two) = await self.start_shared(), await self.start_shared()
+        alice = await self.join_at(one, "alice")
+        bob = await self.join_at(two, "bob")
+        await self.expect(alice, "* bob joined")
+        again = await self.join_at(two, "alice", resume=self.greeting(alice).token)
+        self.assertEqual(self.greeting(again).name, "alice")
+        closed = await expect_closed(alice)
+        self.assertEqual((closed.code, closed.reason), (1000, chat.REPLACED_REASON))
+        await again.send("still me")
+        await self.expect(bob, "[alice]: still me")   # no "left", no "joined" in between
+
+
+class TestSharedRoomFaults(SharedRoomTestCase):
+    """Redis killed and restarted; a chat server killed with SIGKILL."""
+
+    async def test_while_redis_is_away_the_room_splits_and_heals(self):
+        (room_one, one), (_, two) = await self.start_shared(), await self.start_shared()
+        alice, amy = await self.join_at(one, "alice"), await self.join_at(one, "amy")
+        bob = await self.join_at(two, "bob")
+        await self.expect(alice, "* amy joined", "* bob joined")
+        await self.expect(amy, "* bob joined")
+        await self.redis.kill()
+        for conn in (alice, amy, bob):
+            await self.expect(conn, chat.SPLIT_NOTICE)
+        await alice.send("just us")
+        await self.expect(amy, "[alice]: just us")   # this server's members still talk
+        closed = await self.refused(one, "carol")
+        self.assertEqual(closed.code, CloseCode.TRY_AGAIN_LATER)
+        self.assertIn("the room is split", closed.reason)
+        await alice.send("/nick al")
+        await self.expect(alice, "[alice]: just us")
+        self.assertIn("the room is split", await within(alice.recv()))
+        await self.redis.start()   # empty: nothing was saved
+        for conn in (alice, amy, bob):
+            await self.expect(conn, chat.WHOLE_NOTICE)
+        await self.expect(bob, "[alice]: just us")   # shared once Redis was back
+        await bob.send("/who")
+        await self.expect(bob, "* 3 here: alice, amy, bob")   # the heartbeat set the names again
+        self.assertEqual(room_one.unshared_bytes, 0)
+
+    async def test_a_killed_servers_names_are_free_within_the_ttl(self):
+        _, one = await self.start_shared()
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, chat.__file__, "server", "--port", "0", "--rate", "0",
+            "--redis", str(self.redis.url), "--name-ttl", str(self.NAME_TTL),
+            stderr=asyncio.subprocess.PIPE)
+        self.addAsyncCleanup(server.wait)
+        self.addCleanup(lambda: server.returncode is None and server.kill())
+        ready = (await within(server.stderr.readline())).decode()
+        port = int(re.search(r"ws://127\.0\.0\.1:(\d+)/chat", ready)[1])
+        url = f"ws://127.0.0.1:{port}/chat"
+        bob = await within(chat.connect(f"{url}?name=bob"))
+        alice = await within(chat.connect(f"{url}?name=alice"))
+        alice_token = chat.parse_greeting(await within(alice.recv())).token
+        server.kill()   # SIGKILL: no leave, no release
+        await within(server.wait())
+        for conn in (alice, bob):
+            await expect_closed(conn, CloseCode.ABNORMAL_CLOSURE)
+        killed = asyncio.get_running_loop().time()
+        again = await self.join_at(one, "alice", resume=alice_token)   # with the token: at once
+        self.assertEqual(self.greeting(again).name, "alice")
+        self.assertEqual((await self.refused(one, "bob")).code, 1008)  # without: not yet
+        while True:
+            conn = await self.open(one, "/chat?name=bob")
+            try:
+                await within(conn.recv())   # the greeting: bob is in
+                break
+            except chat.ConnectionClosed:   # still taken: poll, bounded by the assertion below
+                await asyncio.sleep(self.NAME_TTL / 10)
+        self.assertLess(asyncio.get_running_loop().time() - killed, self.NAME_TTL + 1)
+
+    async def test_workers_share_one_port_and_all_close_with_1001(self):
+        port = free_port()
+        parent = await asyncio.create_subprocess_exec(
+            sys.executable, chat.__file__, "server", "--port", str(port), "--workers", "2",
+            "--redis", str(self.redis.url), stderr=asyncio.subprocess.PIPE)
+        self.addAsyncCleanup(parent.wait)
+        self.addCleanup(lambda: parent.returncode is None and parent.kill())
+        ready = 0
+        while ready < 2:
+            ready += "chat server ready" in (await within(parent.stderr.readline())).decode()
+        names = ["w0", "w1", "w2", "w3", "w4", "w5"]
+        conns = [await within(chat.connect(f"ws://127.0.0.1:{port}/chat?name={name}")) for name in names]
+        for conn in conns:
+            await within(conn.recv())   # the greeting
+        await conns[0].send("/who")
+        while not (line := await within(conns[0].recv())).startswith("* 6 here"):
+            pass
+        self.assertEqual(line, "* 6 here: " + ", ".join(names))
+        parent.send_signal(signal.SIGTERM)
+        for conn in conns:
+            await expect_closed(conn, CloseCode.GOING_AWAY)
+        self.assertEqual(await within(parent.wait()), 0)
+
+
+# 11. Line editor ###########################################################
 
 ESC = "\x1b"
 CSI_SEQUENCE = re.compile(r"\x1b\[([0-9;?]*)([@-~])")
@@ -2479,7 +2857,7 @@ if __name__ == "__main__":
     unittest.main()
 
 
-# 10. Client ################################################################
+# 12. Client ################################################################
 
 class TtyStream(io.StringIO):
     """A StringIO that says it is a terminal."""
@@ -2841,7 +3219,7 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
         await until(lambda: self.keyboard.interrupted)
 
 
-# 11. Command line ##########################################################
+# 13. Command line ##########################################################
 
 class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
     """What a person typing commands sees."""
