@@ -2316,7 +2316,7 @@ class RespError(RedisUnavailable):
     """The bytes from Redis are not RESP2 within our limits; the connection is dropped."""
 
 
-Reply = typing.Union[str, int, bytes, None, RedisError, list]
+Reply = typing.Union[str, int, bytes, None, RedisError, list]   # what RespReader returns
 
 
 class _Pending(enum.Enum):
@@ -2791,7 +2791,7 @@ class SharedRoom(ChatRoom):
         self.last_id = b"0-0"                        # the last stream entry read
         self.seen: dict[str, int] = {}               # the last seq read from each other server
         self.unshared: collections.deque[tuple[bytes, list[tuple]]] = collections.deque()
-        self.unshared_bytes = 0
+        self.unshared_bytes = 0                      # their events' sizes, summed as they come and go
         self.not_shared = 0                          # events dropped for want of room
         self._seq = itertools.count(1)
         self._wake_sharer = asyncio.Event()
@@ -2799,8 +2799,9 @@ class SharedRoom(ChatRoom):
         self._busy: dict[Member, collections.deque[str]] = {}   # lines held behind a Redis command
         self._running: asyncio.Task | None = None
 
-    def name_value(self, member: Member) -> str:
-        return f"{token_digest(member.token)} {self.server_id} {member.name}"
+    def name_value(self, name: str, token: str) -> str:
+        """What a name key holds while ``name`` is a member's here (see name_holder)."""
+        return f"{token_digest(token)} {self.server_id} {name}"
 
     # -- the link to Redis --------------------------------------------------
 
@@ -2810,7 +2811,8 @@ class SharedRoom(ChatRoom):
         try:
             await self._read_the_past(link)
         except (RedisUnavailable, RedisError) as error:
-            link.close(), blocking.close()
+            link.close()
+            blocking.close()
             raise RedisUnavailable(str(error)) from None
         self._running = asyncio.create_task(self._stay_connected(link, blocking))
 
@@ -2830,9 +2832,11 @@ class SharedRoom(ChatRoom):
         try:
             last, history = transaction
             if last:
-                self.last_id = bytes(last[0][0])
+                self.last_id = last[0][0]
+            if not isinstance(self.last_id, bytes):
+                raise TypeError
             events = [decode_event(data) for data in history]
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, AttributeError):
             raise RespError("the stream or the history is not what chat.py writes") from None
         self.history.extend((event.when, event.text) for event in events)
 
@@ -2854,13 +2858,14 @@ class SharedRoom(ChatRoom):
                                               self._heartbeat(link))
             finally:
                 self.link = None
-                link.close(), blocking.close()
-            if not isinstance(failure, RedisUnavailable):
-                logger.error("the link to Redis failed", exc_info=failure)
+                link.close()
+                blocking.close()
+            if not isinstance(failure, (RedisUnavailable, RedisError)):
+                logger.error("the link to Redis failed", exc_info=failure)   # a bug: show where
             logger.warning("Redis at %s: %s; the room is split", self.url, failure)
             self.broadcast(SPLIT_NOTICE)
             link, blocking = await self._reconnect()
-            logger.warning("Redis at %s is back; the room is whole", self.url)
+            logger.info("Redis at %s is back; the room is whole", self.url)
             self.broadcast(WHOLE_NOTICE)
 
     async def _reconnect(self) -> tuple[RedisConnection, RedisConnection]:
@@ -2890,7 +2895,7 @@ class SharedRoom(ChatRoom):
     def release(self, member: Member) -> None:
         """Free the member's name, in order after its last events (queued with them)."""
         key = self.name_prefix + name_key(member.name)
-        self._queue(b"", [("EVAL", RELEASE_NAME, 1, key, self.name_value(member))])
+        self._queue(b"", [("EVAL", RELEASE_NAME, 1, key, self.name_value(member.name, member.token))])
 
     def _queue(self, event: bytes, commands: list[tuple]) -> None:
         self.unshared.append((event, commands))
@@ -2924,8 +2929,11 @@ class SharedRoom(ChatRoom):
             reply = await link.command("XREAD", "COUNT", READ_COUNT, "BLOCK", block_ms,
                                        "STREAMS", self.stream, self.last_id,
                                        timeout=READ_BLOCK + REDIS_TIMEOUT)
+            own = f"{self.server_id} ".encode()
             for entry_id, data in stream_entries(reply):
                 self.last_id = entry_id
+                if data.startswith(own):
+                    continue   # relayed here when it happened; on_event would skip it too
                 try:
                     event = decode_event(data)
                 except ValueError as error:
@@ -2957,7 +2965,8 @@ class SharedRoom(ChatRoom):
             members = list(self.members.values())
             keys = [self.name_prefix + key for key in self.members]
             lost = await link.command("EVAL", RENEW_NAMES, len(keys), *keys,
-                                      *map(self.name_value, members), int(self.name_ttl * 1000))
+                                      *(self.name_value(m.name, m.token) for m in members),
+                                      int(self.name_ttl * 1000))
             for key in lost if isinstance(lost, list) else ():
                 member = self.members.get(key.decode("utf-8", "replace")[len(self.name_prefix):])
                 if member is not None:
@@ -2980,12 +2989,11 @@ class SharedRoom(ChatRoom):
         (the name was this token's already: a resume, or a new spelling of one's own name).
         """
         link = self.require_link("names")
-        value = lambda token: f"{token_digest(token)} {self.server_id} {name}"  # noqa: E731
-        offered_digest = f"{token_digest(offered)} " if offered else "-"
+        offered_digest = f"{token_digest(offered)} " if offered else "-"   # "-" matches no digest
         try:
             held = await link.command("EVAL", CLAIM_NAME, 1, self.name_prefix + name_key(name),
-                                      value(fresh), value(offered), int(self.name_ttl * 1000),
-                                      offered_digest)
+                                      self.name_value(name, fresh), self.name_value(name, offered),
+                                      int(self.name_ttl * 1000), offered_digest)
         except RedisUnavailable:
             raise TryLater("the room's name store (Redis) did not answer; try again soon") from None
         return None if held is None else held.decode("utf-8", "replace")
@@ -2996,7 +3004,7 @@ class SharedRoom(ChatRoom):
         if asked is not None and name_key(asked) in self.members:
             return self.admit(conn)
         member = Member(asked or "", conn)
-        for attempt in range(1 if asked else GUEST_ATTEMPTS):
+        for _ in range(1 if asked else GUEST_ATTEMPTS):
             member.name = asked or self.guest_name()
             held = await self.claim(member.name, member.token, offered)
             if held is not None:
