@@ -79,7 +79,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 __all__ = [
     "Opcode", "CloseCode", "Frame", "Connection", "ConnectionClosed",
     "ProtocolError", "HandshakeError", "connect", "serve", "WebSocketServer",
-    "ChatRoom", "main",
+    "ChatRoom", "SharedRoom", "main",
 ]
 
 logger = logging.getLogger("chat")
@@ -1980,6 +1980,11 @@ def requested_name(conn: Connection) -> tuple[str | None, str]:
     return name, query.get("resume", [""])[0]
 
 
+def name_taken(name: str) -> str:
+    """The refusal of a name someone else has; clients recognise it (is_name_refusal)."""
+    return f"the name {name} is taken; pick another"
+
+
 def private_line(sender: str, recipient: str, text: str) -> str:
     """What /msg delivers, to the recipient and (as a receipt) the sender."""
     return f"[{sender} → {recipient}]: {text}"
@@ -2082,7 +2087,7 @@ class ChatRoom:
     def resume(self, held: Member, conn: Connection, token: str) -> Member:
         """The member came back on a new connection (its old one may not know yet it is dead)."""
         if not secrets.compare_digest(token.encode(), held.token.encode()):
-            raise ValueError(f"the name {held.name} is taken; pick another")
+            raise ValueError(name_taken(held.name))
         held.conn.close_nowait(CloseCode.NORMAL_CLOSURE, REPLACED_REASON)
         member = dataclasses.replace(held, conn=conn, pacer=None)
         self.members[name_key(member.name)] = member
@@ -2191,16 +2196,22 @@ class ChatRoom:
             self.tell(member.conn, line)   # the sender's receipt
 
     def command_nick(self, member: Member, new: str) -> None:
+        name = self.new_name(member, new)
+        if name is not None:
+            self.rename(member, name)
+
+    def new_name(self, member: Member, new: str) -> str | None:
+        """The name /nick asks for, if valid and no one else's here; else None, and the member told why."""
         try:
             name = check_name(new)
         except ValueError as refusal:
             self.tell(member.conn, f"* {refusal}")
-            return
+            return None
         holder = self.members.get(name_key(name))
         if holder is not None and holder is not member:
-            self.tell(member.conn, f"* the name {name} is taken; pick another")
-            return
-        self.rename(member, name)
+            self.tell(member.conn, f"* {name_taken(name)}")
+            return None
+        return name
 
     def rename(self, member: Member, name: str) -> None:
         old, member.name = member.name, name
@@ -2343,6 +2354,15 @@ def parse_resp_integer(text: bytes) -> int:
     return int(text)
 
 
+def announced(length: int, limit: int, what: str) -> bool:
+    """A bulk string's or array's announced length: False for -1 (nil), True within ``limit``."""
+    if length == -1:
+        return False
+    if not 0 <= length <= limit:
+        raise RespError(f"{what.format(length)} (the limit is {limit})")
+    return True
+
+
 class RespReader:
     """RESP2 replies from bytes, sans I/O: feed() takes bytes and returns the replies they complete.
 
@@ -2421,10 +2441,8 @@ class RespReader:
         return line
 
     def _start_bulk(self, length: int) -> bytes | None | _Pending:
-        if length == -1:
+        if not announced(length, self.max_bulk, "a bulk string of {} bytes"):
             return None
-        if not 0 <= length <= self.max_bulk:
-            raise RespError(f"a bulk string of {length} bytes (the limit is {self.max_bulk})")
         self._count(length + 2)   # counted before it is buffered
         self._bulk_length = length
         return self._read_bulk(length)
@@ -2440,10 +2458,8 @@ class RespReader:
         return value
 
     def _start_array(self, count: int) -> list | None | _Pending:
-        if count == -1:
+        if not announced(count, self.max_items, "an array of {} items"):
             return None
-        if not 0 <= count <= self.max_items:
-            raise RespError(f"an array of {count} items (the limit is {self.max_items})")
         if count == 0:
             return []
         if len(self._arrays) >= self.max_depth:
@@ -3011,7 +3027,7 @@ class SharedRoom(ChatRoom):
                 break
         else:
             if asked:
-                raise ValueError(f"the name {asked} is taken; pick another")
+                raise ValueError(name_taken(asked))
             raise TryLater("no free guest name; pick a name")
         if held:   # resumed: its old connection, on another server, is closed there
             member.token = offered
@@ -3117,15 +3133,11 @@ class SharedRoom(ChatRoom):
         self.tell(member.conn, line)   # the sender's receipt: the room has it
 
     async def command_nick_shared(self, member: Member, new: str) -> None:
-        try:
-            name = check_name(new)
-        except ValueError as refusal:
-            self.tell(member.conn, f"* {refusal}")
+        name = self.new_name(member, new)
+        if name is None:
             return
-        holder = self.members.get(name_key(name))
-        if holder is not None and holder is not member or (
-                await self.claim(name, member.token, member.token) is None):
-            self.tell(member.conn, f"* the name {name} is taken; pick another")
+        if await self.claim(name, member.token, member.token) is None:
+            self.tell(member.conn, f"* {name_taken(name)}")   # by a member on another server
             return
         if member.conn.state is not State.OPEN or self.members.get(name_key(member.name)) is not member:
             return   # gone while Redis answered; leave() released the old name, the new one expires
