@@ -2854,7 +2854,9 @@ class SharedRoom(ChatRoom):
             events = [decode_event(data) for data in history]
         except (TypeError, ValueError, IndexError, AttributeError):
             raise RespError("the stream or the history is not what chat.py writes") from None
-        self.history.extend((event.when, event.text) for event in events)
+        # A line sent again after a dropped connection is in the list twice: keep one.
+        once = {(event.origin, event.seq): event for event in events}.values()
+        self.history.extend((event.when, event.text) for event in once)
 
     async def close(self) -> None:
         """Share what is still waiting (the members' leaving, mostly), briefly; then let go."""
