@@ -2679,14 +2679,16 @@ REDIS_MAX_RETRY = 5.0
 #: Guest names tried (user1, user2 ...) before a newcomer is refused.
 GUEST_ATTEMPTS = 100
 
-#: Claim a name: free, or held with the same token's digest (a resume), it is
-#: set; held by another, nothing changes and nil comes back. KEYS[1] the name
-#: key; ARGV: the value if free, the value if resumed, the TTL in ms, the
-#: offered token's digest and a space. Returns '' if it was free, else what
-#: it held before (so the caller can tell the old holder's server).
+#: Claim a name. Free, or held by the claiming server for a member who has
+#: left (its release is still on the way), it is set and '' comes back; held
+#: with the offered token's digest (a resume) it is set and what it held comes
+#: back, so the caller can tell the old holder's server; held by anyone else,
+#: nothing changes and nil comes back. KEYS[1] the name key; ARGV: the value
+#: if free, the value if resumed, the TTL in ms, the offered token's digest
+#: and a space, the claiming server's id between spaces.
 CLAIM_NAME = """
 local held = redis.call('GET', KEYS[1])
-if not held then
+if not held or string.find(held, ARGV[5], 1, true) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
   return ''
 end
@@ -2813,6 +2815,7 @@ class SharedRoom(ChatRoom):
         self._wake_sharer = asyncio.Event()
         self._drained = asyncio.Event()              # set whenever nothing waits to be shared
         self._busy: dict[Member, collections.deque[str]] = {}   # lines held behind a Redis command
+        self._claiming: set[str] = set()                # name keys being claimed from here just now
         self._running: asyncio.Task | None = None
 
     def name_value(self, name: str, token: str) -> str:
@@ -3006,18 +3009,26 @@ class SharedRoom(ChatRoom):
         None if another member holds it; else '' if it was free, or what it held
         (the name was this token's already: a resume, or a new spelling of one's own name).
         """
-        link = self.require_link("names")
+        link, key = self.require_link("names"), name_key(name)
+        if key in self._claiming:
+            return None   # another connection here is claiming it this very moment
         offered_digest = f"{token_digest(offered)} " if offered else "-"   # "-" matches no digest
+        # A name this server holds for no member here is one whose release is on its way.
+        ours = f" {self.server_id} " if key not in self.members else "\n"   # "\n" matches nothing
+        self._claiming.add(key)
         try:
-            held = await link.command("EVAL", CLAIM_NAME, 1, self.name_prefix + name_key(name),
+            held = await link.command("EVAL", CLAIM_NAME, 1, self.name_prefix + key,
                                       self.name_value(name, fresh), self.name_value(name, offered),
-                                      int(self.name_ttl * 1000), offered_digest)
+                                      int(self.name_ttl * 1000), offered_digest, ours)
         except RedisUnavailable:
             raise TryLater("the room's name store (Redis) did not answer; try again soon") from None
+        finally:
+            self._claiming.discard(key)
         return None if held is None else held.decode("utf-8", "replace")
 
     async def enter(self, conn: Connection) -> Member:
         """Claim the name in Redis first; a name held on this server is for admit() to judge."""
+        count = await self.room_size()   # first: no await may come between claim and add_member
         asked, offered = requested_name(conn)
         if asked is not None and name_key(asked) in self.members:
             return self.admit(conn)
@@ -3034,7 +3045,9 @@ class SharedRoom(ChatRoom):
         if held:   # resumed: its old connection, on another server, is closed there
             member.token = offered
             self.share("replace", "", name_key(member.name))
-        return self.add_member(member, announce=not held, count=await self.room_size())
+        if count is not None and not held:
+            count += 1   # the newcomer
+        return self.add_member(member, announce=not held, count=count)
 
     async def room_size(self) -> int | None:
         """How many members every server has together; None if Redis can't say just now."""
