@@ -1633,10 +1633,13 @@ def parse_greeting(line: str) -> Greeting | None:
     found = {field: re.search(pattern, line) for field, pattern in GREETING_PATTERNS.items()}
     if not found["name"]:
         return None
-    value = {field: match[1] if match else None for field, match in found.items()}
-    number = lambda field, kind: kind(value[field]) if value[field] else None  # noqa: E731
-    return Greeting(value["name"], number("max_size", int), number("burst", int),
-                    number("rate", float), value["token"], number("history", int) or 0)
+
+    def value(field: str, kind: Callable[[str], typing.Any] = str) -> typing.Any:
+        match = found[field]
+        return kind(match[1]) if match else None
+
+    return Greeting(value("name"), value("max_size", int), value("burst", int),
+                    value("rate", float), value("token"), value("history", int) or 0)
 
 
 # Names, compared as people read them.
@@ -2806,6 +2809,15 @@ def reconcile(unconfirmed: Sequence[str], echoes: Sequence[str], ours_in_history
     return resend
 
 
+def line_style(line: str, name: str) -> str:
+    """Which STYLES entry a line from the room is shown in ("" for plain)."""
+    if line.startswith("* "):
+        return "notice"
+    if re.match(r"\[[^\]]* → ", line):
+        return "private"
+    return "mine" if line.startswith(f"[{name}]: ") else ""
+
+
 def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple[str, str]:
     """A line from the room as the terminal shows it, and its style.
 
@@ -2819,13 +2831,10 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
         line, style = line[history.end():], "history"
     action = re.match(r"\[([^\]\s]+)\] (?!→)", line)
     if action:
-        line = f"* {action[1]} {line[action.end():]}"
+        line, style = f"* {action[1]} {line[action.end():]}", style or "action"
     if parse_greeting(line) is not None:   # the limits and the token are for the client
         line = line.split(" Limits: ")[0]
-    style = style or ("notice" if line.startswith("* ") and not action else
-                      "action" if action else
-                      "private" if re.match(r"\[[^\]]* → ", line) else
-                      "mine" if line.startswith(f"[{name}]: ") else "")
+    style = style or line_style(line, name)
     text = printable(line)
     return (time.strftime("%H:%M ", time.localtime(stamp)) + text if timestamps else text), style
 
