@@ -3228,23 +3228,13 @@ class ChatClient:
 
     async def send_line(self, conn: Connection, line: str) -> str | None:
         """Send one typed line; None to go on, or the reason to leave with (/quit REASON)."""
-        try:
-            parsed = parse_line(line)
-        except ValueError as reply:
-            self.screen.show(f"* {reply}", "error")   # an unknown command is never sent
-            return None
-        limit = self.greeting.max_size if self.greeting else None
+        parsed = self.check_typed(line)
         if parsed is None:
             return None
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.keyboard.lines.clear()   # what was typed after /quit is not for the room
             self.start_leaving()
             return parsed.argument or "bye"
-        if limit is not None and len(line.encode("utf-8")) > limit:
-            self.screen.show(f"* not sent: the line is {len(line.encode('utf-8'))} bytes; "
-                             f"the room takes lines of up to {limit}", "error")
-            self.refused += 1
-            return None
         try:
             await self.pace()
         except asyncio.CancelledError:
@@ -3253,7 +3243,7 @@ class ChatClient:
         copy = echo_of(line, self.name)
         try:
             await conn.send(line)
-        except ConnectionClosed:
+        except (ConnectionClosed, asyncio.CancelledError):
             # It may have gone out before the connection failed: a line with a
             # copy to come waits for the next connection's history to tell.
             if copy is None:
@@ -3265,6 +3255,26 @@ class ChatClient:
             self.unconfirmed.append((line, copy))
         self.keyboard.changed()
         return None
+
+    def check_typed(self, line: str) -> Command | ChatLine | None:
+        """What a typed line means, or None if it is not to be sent (and the screen says why).
+
+        An unknown command, and a line longer than the room takes, would only
+        be refused: they are refused here, before they are sent.
+        """
+        try:
+            parsed = parse_line(line)
+        except ValueError as reply:
+            self.screen.show(f"* {reply}", "error")
+            return None
+        limit = self.greeting.max_size if self.greeting else None
+        size = len(line.encode("utf-8"))
+        if parsed is not None and limit is not None and size > limit:
+            self.screen.show(f"* not sent: the line is {size} bytes; "
+                             f"the room takes lines of up to {limit}", "error")
+            self.refused += 1
+            return None
+        return parsed
 
     async def pace(self) -> None:
         """Wait for the room's flood control to allow one more line, so it needn't hold any."""
@@ -3290,8 +3300,10 @@ class ChatClient:
         return not receiving.done()
 
     async def until_confirmed(self, conn: Connection) -> None:
-        await self.keyboard.wait_until(lambda: not self.unconfirmed)
-        await conn.ping(b"done?")
+        """Until every line came back and the pong to a last ping, unless Ctrl-C says leave now."""
+        await self.keyboard.wait_until(lambda: not self.unconfirmed or self.keyboard.interrupted)
+        if not self.keyboard.interrupted:
+            await conn.ping(b"done?")
 
     def finish(self, status: int) -> int:
         """At exit: list every line that never reached the room; 1 if there was any."""
