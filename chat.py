@@ -52,6 +52,22 @@ import typing
 import urllib.parse
 from collections.abc import Awaitable, Callable, Collection
 
+
+def check_python_version(version_info: tuple = sys.version_info) -> None:
+    """Exit with one line on Python older than 3.10, before any newer feature runs.
+
+    Python 3.7-3.9 can parse this whole file (the annotations stay unevaluated
+    strings), so the check sits right after the imports, which 3.7 has too;
+    the first line that 3.9 could not run (``Callable[...]`` at module level)
+    comes after it.
+    """
+    if tuple(version_info[:2]) < (3, 10):
+        sys.exit(f"chat.py needs Python 3.10 or later; this is Python "
+                 f"{version_info[0]}.{version_info[1]}")
+
+
+check_python_version()
+
 __all__ = [
     "Opcode", "CloseCode", "Frame", "Connection", "ConnectionClosed",
     "ProtocolError", "HandshakeError", "connect", "serve", "WebSocketServer",

@@ -8,6 +8,7 @@ sockets on 127.0.0.1 with port 0, and every await runs under a timeout.
 
 import asyncio
 import base64
+import glob
 import http
 import io
 import logging
@@ -16,6 +17,7 @@ import random
 import socket
 import ssl
 import struct
+import subprocess
 import tempfile
 import tracemalloc
 import unittest
@@ -1433,6 +1435,28 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(status, 1)
         self.assertIn("address already in use", err.getvalue())
         self.assertNotIn("Traceback", err.getvalue())
+
+    def test_python_before_3_10_gets_one_line(self):
+        for version in ((3, 7, 16, "final", 0), (3, 9, 18, "final", 0)):
+            with self.subTest(version=version), self.assertRaises(SystemExit) as caught:
+                chat.check_python_version(version)
+            self.assertEqual(caught.exception.code, "chat.py needs Python 3.10 or later; "
+                                                    f"this is Python 3.{version[1]}")
+        chat.check_python_version((3, 10, 0, "final", 0))   # no exit
+
+    def test_python_3_7_to_3_9_really_stop_at_the_check(self):
+        # The fake version above can't show that the file gets as far as the
+        # check on an old Python; the old interpreters can, where pyenv has them.
+        pythons = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[789].*/bin/python")))
+        if not pythons:
+            self.skipTest("no Python 3.7-3.9 here")
+        for python in pythons:
+            with self.subTest(python=python):
+                done = subprocess.run([python, chat.__file__, "server"], capture_output=True,
+                                      text=True, timeout=TIMEOUT)
+                self.assertEqual(done.returncode, 1)
+                self.assertRegex(done.stderr, r"\Achat.py needs Python 3.10 or later; "
+                                              r"this is Python 3\.[789]\n\Z")
 
     async def test_verbose_trace_shows_the_handshake_and_frame_headers(self):
         logged = LogCatcher(logging.DEBUG)
