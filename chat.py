@@ -36,13 +36,16 @@ import codecs
 import collections
 import dataclasses
 import enum
+import errno
 import hashlib
 import http
 import logging
+import math
 import os
 import re
 import secrets
 import signal
+import socket
 import ssl
 import struct
 import sys
@@ -1916,10 +1919,35 @@ async def run_until_signalled(server: WebSocketServer) -> None:
         await server.close()
 
 
+class StartupError(Exception):
+    """What kept the program from starting, as one sentence for the person who ran it."""
+
+
+async def listen(handler: Handler, args: argparse.Namespace, **options: typing.Any) -> WebSocketServer:
+    """serve() on --host and --port, with a failure to listen put in words."""
+    try:
+        return await serve(handler, args.host, args.port, **options)
+    except OSError as error:   # socket.gaierror (no such host) is an OSError too
+        where = host_port(args.host or "*", args.port)
+        raise StartupError(f"cannot listen on {where}: {describe_os_error(error)}") from None
+
+
+#: Listening addresses that mean "every interface", and how the start-up line says so.
+ALL_INTERFACES = {"": "all interfaces", "0.0.0.0": "all IPv4 interfaces", "::": "all IPv6 interfaces"}
+
+
+def reachable_at(host: str, port: int) -> tuple[str, str]:
+    """The host:port for the start-up URLs, and " on all interfaces" when that is so."""
+    if host in ALL_INTERFACES:
+        return host_port(socket.gethostname(), port), f" on {ALL_INTERFACES[host]}"
+    return host_port(host, port), ""
+
+
 async def run_echo(args: argparse.Namespace) -> int:
-    server = await serve(echo, args.host, args.port, max_size=args.max_size,
-                         max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
-    logger.info("echo server on ws://%s/", host_port(args.host, server.port))
+    server = await listen(echo, args, max_size=args.max_size,
+                          max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
+    address, where = reachable_at(args.host, server.port)
+    logger.info("echo server%s: ws://%s/", where, address)
     await run_until_signalled(server)
     return 0
 
@@ -1932,12 +1960,28 @@ def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLCont
     if not certfile:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certfile, keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as error:
+        files = f"--certfile {certfile}" + (f" with --keyfile {keyfile}" if keyfile else "")
+        raise StartupError(f"cannot use {files}: {ssl_error_words(error)} (a PEM certificate "
+                           "and its key are needed; --keyfile names the key if it is apart)") from None
     return context
 
 
+def ssl_error_words(error: ssl.SSLError) -> str:
+    """'no certificate or crl found' for NO_CERTIFICATE_OR_CRL_FOUND; '[SSL] PEM lib' without the C file."""
+    if error.reason:
+        return error.reason.replace("_", " ").lower()
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", error.strerror or str(error))
+
+
 def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=cafile)
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as error:
+        raise StartupError(f"cannot use --cafile {cafile}: {ssl_error_words(error)} "
+                           "(it must hold PEM certificates)") from None
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -1948,13 +1992,13 @@ async def run_server(args: argparse.Namespace) -> int:
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
     room = ChatRoom(rate=args.rate, burst=args.burst, announce_limit=args.announce_limit,
                     allowed_origins=args.allow_origin, secure=ssl_context is not None)
-    server = await serve(room.handle, args.host, args.port, ssl_context=ssl_context,
-                         process_request=room.process_request, max_size=args.max_size,
-                         max_buffer=args.max_buffer, max_clients=args.max_clients)
-    address = host_port(args.host, server.port)
+    server = await listen(room.handle, args, ssl_context=ssl_context,
+                          process_request=room.process_request, max_size=args.max_size,
+                          max_buffer=args.max_buffer, max_clients=args.max_clients)
+    address, where = reachable_at(args.host, server.port)
     secure = "s" if ssl_context else ""
-    logger.info("chat server ready: ws%s://%s%s for clients, http%s://%s/ in a browser",
-                secure, address, CHAT_PATH, secure, address)
+    logger.info("chat server ready%s: ws%s://%s%s for clients, http%s://%s/ in a browser",
+                where, secure, address, CHAT_PATH, secure, address)
     await run_until_signalled(server)
     return 0
 
@@ -1985,11 +2029,79 @@ async def run_client(args: argparse.Namespace) -> int:
     return status
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+# Every value is checked as it is parsed, so a bad one is a usage error (exit
+# status 2, one sentence from argparse) rather than a traceback or a server that
+# starts and then misbehaves (a rate of -1, or NaN, which turns the limit off).
+
+def whole_number(text: str, low: int, high: int | None = None) -> int:
+    """An int from low to high (or up), or an error saying what was wrong with ``text``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low or (high is not None and value > high):
+        allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {allowed}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return whole_number(text, 0)
+
+
+def port_number(text: str) -> int:
+    """0 to 65535; 0 lets the system pick a free port."""
+    return whole_number(text, 0, 65535)
+
+
+def rate(text: str) -> float:
+    """A finite number of messages per second, 0 or more ("nan" and "inf" are not rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate: give a number of "
+                                         "messages per second, 0 or more")
+    return value
+
+
+def readable_file(path: str) -> str:
+    """A file we can open now, so a typo fails at once and not at the first client."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {describe_os_error(error)}") from None
+    return path
+
+
+def websocket_url(url: str) -> str:
+    try:
+        parse_uri(url)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return url
+
+
+def describe_os_error(error: OSError) -> str:
+    """The few system errors a person starting chat.py meets, in words to act on."""
+    if isinstance(error, socket.gaierror):
+        if error.errno == socket.EAI_NONAME:
+            return "no such host (give a name this machine can resolve, or an address)"
+        return f"cannot look the name up ({error.strerror}; is DNS reachable?)"
+    reasons = {
+        errno.ENOENT: "no such file",
+        errno.EACCES: "permission denied",
+        errno.EISDIR: "it is a directory",
+        errno.EADDRINUSE: "address already in use (is another server running? --port picks another)",
+        errno.EADDRNOTAVAIL: "this machine has no such address",
+    }
+    return reasons.get(error.errno, (error.strerror or str(error)).lower())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2012,8 +2124,9 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
                     "Ctrl-C closes every connection with 1001 (going away) and exits.")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    server.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; '' means all interfaces (default: %(default)s)")
+    server.add_argument("--port", type=port_number, default=8080, help="port to listen on (default: %(default)s)")
     server.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                         help="largest message accepted, in bytes; larger ones close with 1009 "
                              "(default: %(default)s)")
@@ -2022,19 +2135,19 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--max-buffer", type=positive_int, default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
-    server.add_argument("--rate", type=float, default=RATE_PER_SECOND,
+    server.add_argument("--rate", type=rate, default=RATE_PER_SECOND,
                         help="messages per second allowed per client after a burst; 0 turns "
                              "flood control off (default: %(default)s)")
     server.add_argument("--burst", type=positive_int, default=RATE_BURST,
                         help="messages a client may send at once (default: %(default)s)")
-    server.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT,
+    server.add_argument("--announce-limit", type=non_negative_int, default=ANNOUNCE_LIMIT,
                         help="stop announcing joins and leaves past this many members "
                              "(default: %(default)s)")
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="also accept browsers from this origin, e.g. https://example.com "
                              "(repeatable; the server's own origin is always accepted)")
-    server.add_argument("--certfile", help="serve https:// and wss:// with this certificate (PEM)")
-    server.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
+    server.add_argument("--certfile", type=readable_file, help="serve https:// and wss:// with this certificate (PEM)")
+    server.add_argument("--keyfile", type=readable_file, help="the certificate's private key (PEM), if not in --certfile")
     server.set_defaults(run=run_server)
 
 
@@ -2045,11 +2158,11 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     "/quit, Ctrl-D or Ctrl-C to leave. If the server goes away the client "
                     "reconnects, waiting 1, 2, 4 ... up to 30 seconds between attempts.")
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
-    client.add_argument("--url", default=f"ws://127.0.0.1:8080{CHAT_PATH}",
+    client.add_argument("--url", type=websocket_url, default=f"ws://127.0.0.1:8080{CHAT_PATH}",
                         help="the chat's WebSocket URL (default: %(default)s)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
-    client.add_argument("--cafile", help="trust the CA certificate(s) in this PEM file for wss://")
+    client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
@@ -2061,8 +2174,9 @@ def add_echo_command(commands: argparse._SubParsersAction) -> None:
     echo_cmd = commands.add_parser(
         "echo", help="an echo server for conformance suites (Autobahn)",
         description="Send every message back unchanged, on any path.")
-    echo_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    echo_cmd.add_argument("--port", type=int, default=9001, help="port to listen on (default: %(default)s)")
+    echo_cmd.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on; '' means all interfaces (default: %(default)s)")
+    echo_cmd.add_argument("--port", type=port_number, default=9001, help="port to listen on (default: %(default)s)")
     echo_cmd.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                           help="largest message accepted, in bytes (default: %(default)s)")
     echo_cmd.set_defaults(run=run_echo)
@@ -2080,6 +2194,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(args.run(args))
     except KeyboardInterrupt:
         return 0
+    except StartupError as error:
+        print(f"chat.py: {error}", file=sys.stderr)
+        return 1
     except (OSError, ssl.SSLError) as error:   # e.g. the port is taken, a bad certificate file
         print(f"chat.py: {error.strerror or error}", file=sys.stderr)
         return 1

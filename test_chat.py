@@ -1436,6 +1436,64 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertIn("address already in use", err.getvalue())
         self.assertNotIn("Traceback", err.getvalue())
 
+    def run_main(self, argv):
+        """chat.main(argv) with stderr captured: (exit status, what it printed)."""
+        with unittest.mock.patch("sys.stderr", io.StringIO()) as err:
+            try:
+                status = chat.main(argv)
+            except SystemExit as exit:
+                status = exit.code
+        return status, err.getvalue()
+
+    def test_bad_values_are_usage_errors_in_one_sentence_with_status_2(self):
+        for argv, message in [
+            (["server", "--port", "70000"], "argument --port: 70000 is out of range: "
+                                            "give a number from 0 to 65535"),
+            (["server", "--port", "-1"], "argument --port: -1 is out of range: "
+                                         "give a number from 0 to 65535"),
+            (["echo", "--port", "echo"], "argument --port: 'echo' is not a whole number"),
+            (["server", "--rate", "-1"], "argument --rate: '-1' is not a rate: "
+                                         "give a number of messages per second, 0 or more"),
+            (["server", "--rate", "nan"], "argument --rate: 'nan' is not a rate: "
+                                          "give a number of messages per second, 0 or more"),
+            (["server", "--burst", "0"], "argument --burst: 0 is out of range: give a number 1 or more"),
+            (["server", "--announce-limit", "-1"], "argument --announce-limit: -1 is out of range: "
+                                                   "give a number 0 or more"),
+            (["server", "--certfile", "/nonexistent.pem"],
+             "argument --certfile: cannot read /nonexistent.pem: no such file"),
+            (["client", "--url", "http://example.com/"],
+             "argument --url: 'http://example.com/' is not a ws:// or wss:// URI"),
+        ]:
+            with self.subTest(argv=argv):
+                status, err = self.run_main(argv)
+                self.assertEqual(status, 2)
+                self.assertEqual(err.splitlines()[-1], f"chat.py {argv[0]}: error: {message}")
+                self.assertNotIn("Traceback", err)
+
+    async def test_start_up_failures_are_one_sentence_with_status_1(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as not_pem:
+            not_pem.write("not a certificate\n")
+            not_pem.flush()
+            no_such_host = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            for argv, message in [
+                (["server", "--host", "nosuchhost.invalid"],
+                 "cannot listen on nosuchhost.invalid:8080: no such host"),
+                (["server", "--port", "0", "--certfile", not_pem.name],
+                 f"cannot use --certfile {not_pem.name}: [SSL] PEM lib"),
+            ]:
+                with self.subTest(argv=argv), unittest.mock.patch("socket.getaddrinfo",
+                                                                  side_effect=no_such_host):
+                    loop = asyncio.get_running_loop()
+                    status, err = await within(loop.run_in_executor(None, self.run_main, argv))
+                    self.assertEqual(status, 1)
+                    self.assertTrue(err.startswith(f"chat.py: {message}"), err)
+                    self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_empty_host_means_all_interfaces_and_says_so(self):
+        self.assertEqual(chat.reachable_at("", 8093),
+                         (f"{socket.gethostname()}:8093", " on all interfaces"))
+        self.assertEqual(chat.reachable_at("::1", 8093), ("[::1]:8093", ""))
+
     def test_python_before_3_10_gets_one_line(self):
         for version in ((3, 7, 16, "final", 0), (3, 9, 18, "final", 0)):
             with self.subTest(version=version), self.assertRaises(SystemExit) as caught:
