@@ -39,6 +39,7 @@ import enum
 import errno
 import hashlib
 import http
+import ipaddress
 import logging
 import math
 import os
@@ -1416,17 +1417,40 @@ class TokenBucket:
         return True
 
 
+def host_name(host: str) -> str | None:
+    """The name in a Host header, without the port or IPv6 brackets ("[::1]:80" -> "::1")."""
+    try:
+        name = urllib.parse.urlsplit(f"//{host}").hostname
+    except ValueError:   # "[not-an-address]"
+        return None
+    return name.rstrip(".") if name else None
+
+
+def host_refusal(host: str) -> Response:
+    """421 for a Host we don't answer to, saying why and how to allow it."""
+    name = printable(host_name(host) or host)
+    if not name:
+        return Response(http.HTTPStatus.BAD_REQUEST, "missing Host header\n")
+    return Response(http.HTTPStatus.MISDIRECTED_REQUEST,
+                    f"this server does not answer to the name {name} (a guard against DNS "
+                    f"rebinding); if that name is really its own, start it with --allow-host {name}\n")
+
+
 class ChatRoom:
     """Who is here, what they said lately, and relaying it to everyone."""
 
     def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
                  burst: int = RATE_BURST, announce_limit: int = ANNOUNCE_LIMIT,
-                 allowed_origins: Collection[str] = (), secure: bool = False) -> None:
+                 allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
+                 secure: bool = False) -> None:
         self.members: dict[str, Connection] = {}
         self.history: collections.deque[str] = collections.deque(maxlen=history_size)
         self.rate, self.burst = rate, burst
         self.announce_limit = announce_limit
         self.allowed_origins = {origin.lower().rstrip("/") for origin in allowed_origins}
+        own_name = socket.gethostname().lower()
+        self.allowed_hosts = {"localhost", own_name, own_name.partition(".")[0]} | {
+            host.lower().rstrip(".") for host in allowed_hosts}
         self.secure = secure
         self._guest_number = 0
         self._unsent: list[bytes] = []   # broadcast frames waiting for the end of this loop turn
@@ -1434,7 +1458,10 @@ class ChatRoom:
     # -- before the upgrade ------------------------------------------------
 
     def process_request(self, request: Request) -> Response | None:
-        """Serve the page at /, refuse other paths and foreign origins, upgrade /chat."""
+        """Serve the page at /, refuse unknown hosts, other paths and foreign origins, upgrade /chat."""
+        host = request.headers.get("host", "")
+        if not self.host_allowed(host):
+            return host_refusal(host)
         upgrade = "websocket" in header_tokens(request.headers, "upgrade")
         if request.path == "/" and not upgrade:
             return Response(http.HTTPStatus.OK, PAGE, content_type="text/html; charset=utf-8")
@@ -1454,7 +1481,31 @@ class ChatRoom:
         """
         origin = origin.lower().rstrip("/")
         own = f"{'https' if self.secure else 'http'}://{host.lower()}"
-        return origin == own or origin in self.allowed_origins
+        # Host is only "ours" once it passed host_allowed: a rebinding page
+        # chooses both the Origin and the Host its browser sends.
+        return origin in self.allowed_origins or (origin == own and self.host_allowed(host))
+
+    def host_allowed(self, host: str) -> bool:
+        """Guard against DNS rebinding: answer only to names we know, or to addresses.
+
+        A page on evil.example can make its own name resolve to 127.0.0.1 a
+        moment after it loaded; its scripts then reach this server as
+        "evil.example", which the browser treats as the page's own site, so
+        neither the same-origin rule nor our Origin check stops them. The name
+        in the Host header gives them away: rebinding needs a name, so an IP
+        literal is always fine, as are localhost, this machine's name and the
+        names given with --allow-host ("*" accepts any).
+        """
+        if "*" in self.allowed_hosts:
+            return True
+        name = host_name(host)
+        if name is None:
+            return False
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name in self.allowed_hosts
+        return True
 
     # -- a member's life ---------------------------------------------------
 
@@ -1991,7 +2042,8 @@ def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
 async def run_server(args: argparse.Namespace) -> int:
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
     room = ChatRoom(rate=args.rate, burst=args.burst, announce_limit=args.announce_limit,
-                    allowed_origins=args.allow_origin, secure=ssl_context is not None)
+                    allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
+                    secure=ssl_context is not None)
     server = await listen(room.handle, args, ssl_context=ssl_context,
                           process_request=room.process_request, max_size=args.max_size,
                           max_buffer=args.max_buffer, max_clients=args.max_clients)
@@ -2146,6 +2198,10 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="also accept browsers from this origin, e.g. https://example.com "
                              "(repeatable; the server's own origin is always accepted)")
+    server.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests for this host name (repeatable; '*' for any). "
+                             "IP addresses, localhost and this machine's name always work; other "
+                             "names get HTTP 421, which stops DNS-rebinding pages")
     server.add_argument("--certfile", type=readable_file, help="serve https:// and wss:// with this certificate (PEM)")
     server.add_argument("--keyfile", type=readable_file, help="the certificate's private key (PEM), if not in --certfile")
     server.set_defaults(run=run_server)

@@ -1082,6 +1082,39 @@ class TestLimitsAndDefences(ChatTestCase):
                 self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
                 await conn.close()
 
+    def rebinding_request(self, path="/chat", host="evil.example:8080"):
+        """What a DNS-rebinding page's browser sends: its own name in Host and Origin."""
+        return upgrade_request(path, f"Origin: http://{host}\r\n").replace(
+            b"Host: 127.0.0.1", f"Host: {host}".encode())
+
+    async def test_unknown_host_gets_421_saying_how_to_allow_it(self):
+        await self.start_room()
+        alice = await self.join("alice")
+        for path in ("/chat", "/"):
+            with self.subTest(path=path):
+                answer = await raw_exchange(self.server.port, self.rebinding_request(path))
+                self.assertTrue(answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), answer)
+                self.assertIn(b"start it with --allow-host evil.example\n", answer)
+        await self.assert_still_served(alice)
+
+    async def test_allow_host_admits_that_name_and_star_admits_any(self):
+        for allowed, host in ((["evil.example"], "evil.example:8080"), (["*"], "other.example")):
+            with self.subTest(allowed=allowed):
+                await self.start_room(room=chat.ChatRoom(rate=0, allowed_hosts=allowed))
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+                self.addCleanup(writer.close)
+                writer.write(self.rebinding_request(host=host))
+                self.assertEqual(await within(reader.readline()), b"HTTP/1.1 101 Switching Protocols\r\n")
+
+    async def test_addresses_localhost_and_this_machines_name_are_always_answered(self):
+        await self.start_room()
+        port = self.server.port
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost",
+                     f"LOCALHOST.:{port}", socket.gethostname()):
+            with self.subTest(host=host):
+                answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+
     async def test_over_max_clients_gets_503_and_the_others_stay(self):
         await self.start_room(max_clients=2)
         alice = await self.join("alice")
