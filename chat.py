@@ -170,6 +170,13 @@ KEEPALIVE_INTERVAL = 20.0
 #: maximum-size messages. A slow reader costs memory, so the bound is firm.
 MAX_OUTGOING_BUFFER = 4 * MAX_MESSAGE_SIZE
 
+#: One IP address may hold 50 connections at once, so one script can't fill
+#: the room (or its screens with "joined" and "left"). The trade-off: people
+#: behind one NAT, a classroom or an office, share an address, and 50 of them
+#: is the most that fits. ``--max-per-ip`` changes it; behind a reverse proxy,
+#: ``--trusted-proxy`` counts the addresses it forwards instead of its own.
+MAX_PER_ADDRESS = 50
+
 
 # 2. Errors #################################################################
 
@@ -1141,6 +1148,22 @@ def log_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         loop.default_exception_handler(context)
 
 
+def canonical_address(text: str) -> str | None:
+    """An IP address written one way ("::ffff:10.0.0.1" is 10.0.0.1), or None if it isn't one."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)   # an IPv4 client on an IPv6 socket
+    return str(mapped or address)
+
+
+def peer_address(writer: asyncio.StreamWriter) -> str:
+    """The IP address at the other end of the TCP connection."""
+    peername = writer.get_extra_info("peername")
+    return (canonical_address(peername[0]) or peername[0]) if peername else "?"
+
+
 Handler = Callable[[Connection], Awaitable[None]]
 RequestHook = Callable[[Request], "Response | None"]
 
@@ -1156,7 +1179,8 @@ class WebSocketServer:
                  max_size: int = MAX_MESSAGE_SIZE, max_buffer: int = MAX_OUTGOING_BUFFER,
                  max_clients: int | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  close_timeout: float = CLOSE_TIMEOUT,
-                 keepalive_interval: float | None = KEEPALIVE_INTERVAL) -> None:
+                 keepalive_interval: float | None = KEEPALIVE_INTERVAL,
+                 max_per_address: int | None = None, trusted_proxies: Collection[str] = ()) -> None:
         self.handler = handler
         self.process_request = process_request
         self.max_size = max_size
@@ -1165,7 +1189,11 @@ class WebSocketServer:
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.keepalive_interval = keepalive_interval
+        self.max_per_address = max_per_address
+        self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
         self.connections: set[Connection] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._address_of: dict[Connection, str] = {}
         self._tasks: dict[asyncio.Task, Connection | None] = {}
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task | None = None
@@ -1194,7 +1222,10 @@ class WebSocketServer:
             conn = await self._handshake(reader, writer)
             if conn is not None:
                 self._tasks[task] = conn
-                await self._run_handler(conn)
+                try:
+                    await self._run_handler(conn)
+                finally:
+                    self._release(conn)
         finally:
             del self._tasks[task]
             writer.close()
@@ -1222,7 +1253,11 @@ class WebSocketServer:
             if logger.isEnabledFor(logging.DEBUG):
                 log_head(peer, "<<<", b"\r\n".join(lines))
             request = parse_request(lines)
+            client = self._client_address(writer, request)
+            peer = peer if client == peer_address(writer) else f"{client} via {peer}"
             response, key = self._route(request)
+            if response is None:
+                response = self._over_address_limit(client)
         except HandshakeError as error:
             response = Response(error.status, error.reason + "\n", error.headers)
         except (asyncio.IncompleteReadError, OSError):
@@ -1235,13 +1270,50 @@ class WebSocketServer:
                             printable(response.body.strip()[:200]))
             writer.write(error_response(response))
             return None
+        return self._upgrade(reader, writer, request, key, client, peer)
+
+    def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 request: Request, key: str, client: str, peer: str) -> Connection:
+        """Send 101 and count the new connection against its address."""
         accepted = switching_protocols(key)
         writer.write(accepted)
         if logger.isEnabledFor(logging.DEBUG):
             log_head(peer, ">>>", accepted)
-        return Connection(reader, writer, is_client=False, path=request.target,
+        conn = Connection(reader, writer, is_client=False, path=request.target,
                           max_size=self.max_size, max_buffer=self.max_buffer,
                           close_timeout=self.close_timeout)
+        conn.remote = peer   # the forwarded address, when a trusted proxy gave one
+        self._address_of[conn] = client
+        self._per_address[client] += 1
+        return conn
+
+    def _client_address(self, writer: asyncio.StreamWriter, request: Request) -> str:
+        """The client's IP address: the peer's, or behind a trusted proxy, the one it forwards."""
+        address = peer_address(writer)
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded is None or address not in self.trusted_proxies:
+            return address   # anyone else's X-Forwarded-For is whatever they like
+        # Each proxy appends the address it saw, so the last one is what our
+        # proxy saw; the ones before it came from the client and prove nothing.
+        client = canonical_address(forwarded.rpartition(",")[2].strip())
+        if client is None:
+            raise bad_request("X-Forwarded-For from the trusted proxy ends in no address")
+        return client
+
+    def _over_address_limit(self, client: str) -> Response | None:
+        """503 for one connection too many from one address, before the upgrade."""
+        if self.max_per_address is None or self._per_address[client] < self.max_per_address:
+            return None
+        return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                        f"too many connections from {client} (at most {self.max_per_address} "
+                        "per address); try again later\n", (("Retry-After", "30"),))
+
+    def _release(self, conn: Connection) -> None:
+        """The connection is over: it no longer counts against its address."""
+        client = self._address_of.pop(conn)
+        self._per_address[client] -= 1
+        if not self._per_address[client]:
+            del self._per_address[client]   # don't keep every address ever seen
 
     def _route(self, request: Request) -> tuple[Response | None, str]:
         """Decide what a request gets: (a response, "") or (None, the WebSocket key)."""
@@ -2046,7 +2118,8 @@ async def run_server(args: argparse.Namespace) -> int:
                     secure=ssl_context is not None)
     server = await listen(room.handle, args, ssl_context=ssl_context,
                           process_request=room.process_request, max_size=args.max_size,
-                          max_buffer=args.max_buffer, max_clients=args.max_clients)
+                          max_buffer=args.max_buffer, max_clients=args.max_clients,
+                          max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy)
     address, where = reachable_at(args.host, server.port)
     secure = "s" if ssl_context else ""
     logger.info("chat server ready%s: ws%s://%s%s for clients, http%s://%s/ in a browser",
@@ -2132,6 +2205,13 @@ def readable_file(path: str) -> str:
     return path
 
 
+def ip_address(text: str) -> str:
+    address = canonical_address(text)
+    if address is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address")
+    return address
+
+
 def websocket_url(url: str) -> str:
     try:
         parse_uri(url)
@@ -2184,6 +2264,15 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
                              "(default: %(default)s)")
     server.add_argument("--max-clients", type=positive_int, default=1000,
                         help="connections beyond this get HTTP 503 (default: %(default)s)")
+    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_ADDRESS,
+                        help="connections one IP address may hold at once; more get HTTP 503. "
+                             "A classroom behind one NAT shares one address: raise it there; "
+                             "0 means no limit (default: %(default)s)")
+    server.add_argument("--trusted-proxy", action="append", default=[], type=ip_address,
+                        metavar="ADDR",
+                        help="a reverse proxy in front of the server: for connections from ADDR "
+                             "(and only from it), limits and logs use the client address in its "
+                             "X-Forwarded-For header (repeatable)")
     server.add_argument("--max-buffer", type=positive_int, default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")

@@ -1124,6 +1124,55 @@ class TestLimitsAndDefences(ChatTestCase):
         self.assertEqual(caught.exception.status, 503)
         await self.assert_still_served(alice)
 
+    async def upgrade_status(self, forwarded_for=None):
+        """Send an upgrade request (with X-Forwarded-For if given); the response head and the reader."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self.addCleanup(writer.close)
+        extra = f"X-Forwarded-For: {forwarded_for}\r\n" if forwarded_for else ""
+        writer.write(upgrade_request("/chat", extra))
+        head = await within(reader.readuntil(b"\r\n\r\n"))
+        return head, reader
+
+    async def test_one_address_over_max_per_address_gets_503_and_the_others_stay(self):
+        await self.start_room(max_per_address=2)
+        alice = await self.join("alice")
+        bob = await self.join("bob")
+        with self.assertRaises(chat.InvalidStatus) as caught:
+            await within(chat.connect(self.url + "?name=carol"))
+        self.assertEqual(caught.exception.status, 503)
+        self.assertEqual(caught.exception.reason, "too many connections from 127.0.0.1 "
+                                                  "(at most 2 per address); try again later")
+        head, _ = await self.upgrade_status()
+        self.assertIn(b"\r\nRetry-After: 30\r\n", head)
+        await self.assert_still_served(alice)
+        await bob.close()
+        await self.expect(alice, "* bob left")
+        await self.join("carol")   # bob's place is free again
+
+    async def test_trusted_proxy_makes_limits_and_logs_use_x_forwarded_for(self):
+        logged = LogCatcher(logging.INFO)
+        self.addCleanup(logged.remove)
+        await self.start_room(max_per_address=1, trusted_proxies=["127.0.0.1"])
+        first, _ = await self.upgrade_status("10.9.9.9, 203.0.113.7")
+        other, _ = await self.upgrade_status("198.51.100.1")
+        again, _ = await self.upgrade_status("203.0.113.7")
+        self.assertTrue(first.startswith(b"HTTP/1.1 101 "), first)
+        self.assertTrue(other.startswith(b"HTTP/1.1 101 "), other)
+        self.assertTrue(again.startswith(b"HTTP/1.1 503 "), again)
+        messages = []
+        while not any("refused" in message for message in messages):
+            messages.append((await within(logged.next())).getMessage())
+        self.assertRegex(messages[-1], r"^203\.0\.113\.7 via 127\.0\.0\.1:\d+: refused handshake: "
+                                       r"503 too many connections from 203\.0\.113\.7")
+
+    async def test_x_forwarded_for_from_anyone_else_is_ignored(self):
+        await self.start_room(max_per_address=1, trusted_proxies=["192.0.2.1"])
+        first, _ = await self.upgrade_status("203.0.113.7")
+        second, body = await self.upgrade_status("198.51.100.1")
+        self.assertTrue(first.startswith(b"HTTP/1.1 101 "), first)
+        self.assertTrue(second.startswith(b"HTTP/1.1 503 "), second)
+        self.assertTrue((await within(body.read())).startswith(b"too many connections from 127.0.0.1 "))
+
     async def test_flood_is_refused_then_closed_with_1008(self):
         await self.start_room(room=chat.ChatRoom(rate=0.001, burst=3))
         alice = await self.join("alice")
