@@ -54,6 +54,7 @@ import threading
 import time
 import typing
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Collection
 
 
@@ -169,6 +170,12 @@ KEEPALIVE_INTERVAL = 20.0
 #: Bytes we let pile up for a peer that doesn't read before we drop it: four
 #: maximum-size messages. A slow reader costs memory, so the bound is firm.
 MAX_OUTGOING_BUFFER = 4 * MAX_MESSAGE_SIZE
+
+#: File descriptors kept back from members. Each member holds one; the server
+#: itself needs a few (the listening sockets, the event loop's, stdio, log
+#: files), and newcomers need one each while they are told the room is full.
+#: --max-clients is lowered, at start-up, to what the process's limit leaves.
+FD_RESERVE = 64
 
 #: One IP address may hold 50 connections at once, so one script can't fill
 #: the room (or its screens with "joined" and "left"). The trade-off: people
@@ -1135,17 +1142,76 @@ async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
         lines.append(line)
 
 
-def log_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """Event-loop errors caused by a peer (a failed TLS handshake, a reset) get one line.
+class LoopErrorLog:
+    """The event loop's exception handler: what peers cause gets one line, never a traceback.
 
-    asyncio would log them with a traceback; a peer must not be able to put
-    tracebacks in our log. Anything else is a real bug and keeps its traceback.
+    asyncio would log a failed TLS handshake or a reset with a traceback; a
+    peer must not be able to put tracebacks in our log. Anything else is a
+    real bug and keeps its traceback.
+
+    Running out of file descriptors is the other case. When accept() fails
+    with EMFILE, asyncio stops watching the listening socket and tries again
+    a second later; new connections wait in the kernel's listen queue, and
+    members already connected need no new descriptor, so they chat on. But
+    asyncio reports every failed attempt (a retry tries up to the backlog,
+    1024, and retries multiply): thousands of lines a second. Here an episode
+    gets one line when it starts and one when accepting works again. And
+    since the descriptors are most likely held by connections that opened
+    and then said nothing, each retry round has the servers drop those
+    silent for a second, so that a newcomer gets its answer (a 101, or a
+    503 if the room is full) within a second or two, not after the
+    10 s handshake timeout.
     """
-    error = context.get("exception")
-    if isinstance(error, (OSError, ssl.SSLError)):
-        logger.info("%s: %s", context.get("message", "network error"), error)
-    else:
-        loop.default_exception_handler(context)
+
+    def __init__(self) -> None:
+        self.servers: weakref.WeakSet[WebSocketServer] = weakref.WeakSet()
+        self.failed_accepts = 0     # in the current episode; 0: not out of descriptors
+        self.dropped = 0            # silent handshakes cut in the current episode
+        self.first_failure = self.last_failure = self.last_drop = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        error = context.get("exception")
+        if context.get("message") == "socket.accept() out of system resource":
+            self.accept_failed(loop.time(), error)
+        elif isinstance(error, (OSError, ssl.SSLError)):
+            logger.info("%s: %s", context.get("message", "network error"), error)
+        else:
+            loop.default_exception_handler(context)
+
+    def accept_failed(self, now: float, error: OSError) -> None:
+        if not self.failed_accepts:
+            self.first_failure = now
+            logger.warning("cannot accept new connections: %s (see ulimit -n); they wait until "
+                           "a connection closes, members already here are unaffected",
+                           error.strerror.lower() if error.strerror else error)
+        self.failed_accepts += 1
+        self.last_failure = now
+        if now - self.last_drop > ACCEPT_ROUND:   # once a round, not once an attempt
+            self.last_drop = now
+            self.dropped += sum(server.drop_silent_handshakes(now) for server in self.servers)
+
+    def accepted(self, now: float) -> None:
+        """A connection was accepted: the episode is over, unless accept() failed this round too.
+
+        asyncio retries once a second; a failure in the same round (milliseconds
+        ago) means descriptors are still short, one a round earlier does not.
+        """
+        if self.failed_accepts and now - self.last_failure > ACCEPT_ROUND:
+            logger.warning("accepting connections again after %.1f s (%d attempts failed, "
+                           "%d silent connections dropped)", now - self.first_failure,
+                           self.failed_accepts, self.dropped)
+            self.failed_accepts = self.dropped = 0
+
+
+#: The errors with which accept() says "no descriptor or memory for another socket".
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: Shorter than asyncio's one-second retry of a failed accept(), far longer than one round of accepts.
+ACCEPT_ROUND = 0.5
+
+#: While descriptors are short, a connection that hasn't sent its whole request
+#: in this many seconds loses its descriptor: an honest client sends it at once.
+SILENT_WHEN_SHORT = 1.0
 
 
 def canonical_address(text: str) -> str | None:
@@ -1196,12 +1262,18 @@ class WebSocketServer:
         self._address_of: dict[Connection, str] = {}
         self._tasks: dict[asyncio.Task, Connection | None] = {}
         self._server: asyncio.Server | None = None
+        self._loop_errors: LoopErrorLog | None = None
+        self._handshake_timers: dict[asyncio.StreamWriter, asyncio.TimerHandle] = {}
         self._keepalive: asyncio.Task | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:   # unless the application chose its own
-            loop.set_exception_handler(log_network_errors)
+            loop.set_exception_handler(LoopErrorLog())
+        handler = loop.get_exception_handler()
+        if isinstance(handler, LoopErrorLog):
+            self._loop_errors = handler
+            handler.servers.add(self)
         # backlog: a burst of clients connecting at once waits in the kernel's
         # queue (1024, not asyncio's 100) instead of being refused.
         self._server = await asyncio.start_server(
@@ -1218,6 +1290,8 @@ class WebSocketServer:
         """One TCP connection, from the first byte to the last."""
         task = asyncio.current_task()
         self._tasks[task] = None
+        if self._loop_errors is not None:
+            self._loop_errors.accepted(asyncio.get_running_loop().time())
         try:
             conn = await self._handshake(reader, writer)
             if conn is not None:
@@ -1248,6 +1322,7 @@ class WebSocketServer:
         peer = format_peer(writer)
         timer = asyncio.get_running_loop().call_later(
             self.handshake_timeout, self._handshake_timed_out, writer, peer)
+        self._handshake_timers[writer] = timer
         try:
             lines = await read_http_head(reader)
             if logger.isEnabledFor(logging.DEBUG):
@@ -1264,6 +1339,7 @@ class WebSocketServer:
             return None   # the peer left mid-handshake, or the timer cut it off
         finally:
             timer.cancel()
+            del self._handshake_timers[writer]
         if response is not None:
             if response.status >= 400:
                 logger.info("%s: refused handshake: %d %s", peer, response.status,
@@ -1328,6 +1404,14 @@ class WebSocketServer:
                             f"server full ({self.max_clients} clients); try again later\n",
                             (("Retry-After", "30"),)), ""
         return None, key
+
+    def drop_silent_handshakes(self, now: float) -> int:
+        """Out of descriptors: abort the connections silent in their handshake for a second."""
+        silent = [writer for writer, timer in self._handshake_timers.items()
+                  if now - (timer.when() - self.handshake_timeout) > SILENT_WHEN_SHORT]
+        for writer in silent:
+            writer.transport.abort()
+        return len(silent)
 
     @staticmethod
     def _handshake_timed_out(writer: asyncio.StreamWriter, peer: str) -> None:
@@ -2066,8 +2150,45 @@ def reachable_at(host: str, port: int) -> tuple[str, str]:
     return host_port(host, port), ""
 
 
+def raise_descriptor_limit() -> int | None:
+    """Raise this process's soft limit on open files to its hard limit; return the limit.
+
+    Only the soft limit applies, and it is often 1024 while the hard limit,
+    which a process may raise it to, is far higher. None: no limit we know of.
+    """
+    try:
+        import resource   # Unix only; imported here so that the file runs on Windows too
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):   # macOS refuses an unlimited one: keep the soft limit
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def clients_descriptors_allow(max_clients: int | None, flag: str = "--max-clients") -> int | None:
+    """max_clients, lowered (and said so) if the open-file limit can't hold that many members."""
+    limit = raise_descriptor_limit()
+    if limit is None:
+        return max_clients
+    allowed = limit - FD_RESERVE
+    if allowed < 1:
+        raise StartupError(f"this process may open only {limit} files and the server needs more "
+                           f"than {FD_RESERVE}: raise the limit (ulimit -n)")
+    if max_clients is None or max_clients <= allowed:
+        return allowed if max_clients is None else max_clients
+    logger.warning("%s lowered from %d to %d: this process may open %d files (ulimit -n) "
+                   "and keeps %d for itself", flag, max_clients, allowed, limit, FD_RESERVE)
+    return allowed
+
+
 async def run_echo(args: argparse.Namespace) -> int:
-    server = await listen(echo, args, max_size=args.max_size,
+    max_clients = clients_descriptors_allow(None)
+    server = await listen(echo, args, max_size=args.max_size, max_clients=max_clients,
                           max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
     address, where = reachable_at(args.host, server.port)
     logger.info("echo server%s: ws://%s/", where, address)
@@ -2113,12 +2234,13 @@ def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
 
 async def run_server(args: argparse.Namespace) -> int:
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
+    max_clients = clients_descriptors_allow(args.max_clients)
     room = ChatRoom(rate=args.rate, burst=args.burst, announce_limit=args.announce_limit,
                     allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
                     secure=ssl_context is not None)
     server = await listen(room.handle, args, ssl_context=ssl_context,
                           process_request=room.process_request, max_size=args.max_size,
-                          max_buffer=args.max_buffer, max_clients=args.max_clients,
+                          max_buffer=args.max_buffer, max_clients=max_clients,
                           max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy)
     address, where = reachable_at(args.host, server.port)
     secure = "s" if ssl_context else ""

@@ -10,14 +10,17 @@ import asyncio
 import base64
 import glob
 import http
+import importlib.util
 import io
 import logging
 import os
 import random
+import re
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import tempfile
 import tracemalloc
 import unittest
@@ -1301,6 +1304,73 @@ HF19PY78c0Wa/Jt0yQzePNw18vmhRANCAARLs7VeWrdMVnN4APchrouLenWcKWm2
 bmJez6sAOiLV1GUuR5eRZjNfKBzhldRT0IhgvDaFG9HAAaoYpW0q/LvB
 -----END PRIVATE KEY-----
 """
+
+
+class TestOutOfDescriptors(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """A server at its open-file limit: a child process with a tiny RLIMIT_NOFILE."""
+
+    #: The child: soft limit 70, hard 72; the server raises it to 72 and keeps 64.
+    CHILD = ("import resource, sys\n"
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (70, 72))\n"
+             "import chat\n"
+             "sys.exit(chat.main(sys.argv[1:]))\n")
+
+    async def start_child(self):
+        if importlib.util.find_spec("resource") is None:
+            self.skipTest("no resource module (Windows)")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", self.CHILD, "server", "--port", "0", "--max-clients", "20",
+            "--max-per-ip", "0", cwd=os.path.dirname(os.path.abspath(chat.__file__)),
+            stderr=asyncio.subprocess.PIPE)
+        self.addAsyncCleanup(self.stop, child)
+        return child
+
+    async def stop(self, child):
+        if child.returncode is None:
+            child.terminate()
+            await within(child.wait())
+
+    async def log_lines_until(self, child, text):
+        lines = []
+        while not lines or text not in lines[-1]:
+            line = await within(child.stderr.readline())
+            self.assertTrue(line, f"the server exited before logging {text!r}: {lines}")
+            lines.append(line.decode().rstrip("\n"))
+        return lines
+
+    async def assert_refused_as_full(self, url):
+        with self.assertRaises(chat.InvalidStatus) as caught:
+            await within(chat.connect(url))
+        self.assertEqual((caught.exception.status, caught.exception.reason),
+                         (503, "server full (8 clients); try again later"))
+
+    async def test_at_the_limit_members_chat_on_and_newcomers_get_503_with_one_log_line(self):
+        child = await self.start_child()
+        started = await self.log_lines_until(child, "chat server ready")
+        self.assertIn("WARNING --max-clients lowered from 20 to 8: this process may open 72 files "
+                      "(ulimit -n) and keeps 64 for itself", started[0])
+        url = "ws://" + re.search(r"ws://(127\.0\.0\.1:\d+)/chat", started[-1])[1] + "/chat"
+        members = [await within(chat.connect(f"{url}?name=m{i}")) for i in range(8)]
+        for member in members:
+            self.addAsyncCleanup(member.close)
+        await self.assert_refused_as_full(url)
+        host, port = url[5:-5].split(":")
+        idle = [(await within(asyncio.open_connection(host, int(port))))[1] for _ in range(100)]
+        for writer in idle:
+            self.addCleanup(writer.close)
+        await self.log_lines_until(child, "cannot accept new connections: too many open files")
+        await members[0].send("still here")
+        while await within(members[0].recv()) != "[m0]: still here":
+            pass
+        await self.assert_refused_as_full(url)   # the silent ones made room for the answer
+        for writer in idle:
+            writer.close()
+        for member in members:
+            await within(member.close())
+        await self.stop(child)
+        rest = (await within(child.stderr.read())).decode()
+        self.assertNotIn("cannot accept", rest)   # one line for the whole episode
+        self.assertLess(len(rest.splitlines()), 40, rest)
 
 
 class TestTLS(ChatTestCase):
