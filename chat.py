@@ -1142,6 +1142,25 @@ async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
         lines.append(line)
 
 
+#: RFC 8446 §5.1: the first byte of a TLS record that carries a handshake
+#: message. A request that starts with it is a wss:// client's ClientHello.
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """The request head; a client that speaks TLS to this plain server is told at once.
+
+    Else its ClientHello would wait for a line end that may never come, and
+    the client would see a reset after the 10 s handshake timeout. The 400
+    we answer instead makes its TLS library fail at once ("wrong version").
+    """
+    first = await reader.readexactly(1)
+    if first[0] == TLS_HANDSHAKE_RECORD:
+        raise bad_request("a TLS handshake on a plain ws:// server: is the client's URL wss://?")
+    lines = await read_http_head(reader)
+    return [first + lines[0], *lines[1:]] if lines else []
+
+
 class LoopErrorLog:
     """The event loop's exception handler: what peers cause gets one line, never a traceback.
 
@@ -1324,7 +1343,7 @@ class WebSocketServer:
             self.handshake_timeout, self._handshake_timed_out, writer, peer)
         self._handshake_timers[writer] = timer
         try:
-            lines = await read_http_head(reader)
+            lines = await read_request_head(reader)
             if logger.isEnabledFor(logging.DEBUG):
                 log_head(peer, "<<<", b"\r\n".join(lines))
             request = parse_request(lines)
@@ -1457,9 +1476,15 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
         ssl_context = ssl.create_default_context()   # verifies the certificate and host name
 
     async def open_and_handshake() -> Connection:
-        reader, writer = await asyncio.open_connection(
-            target.host, target.port, ssl=ssl_context if target.secure else None,
-            limit=READ_BUFFER_LIMIT)
+        try:
+            reader, writer = await asyncio.open_connection(
+                target.host, target.port, ssl=ssl_context if target.secure else None,
+                limit=READ_BUFFER_LIMIT)
+        except OSError as error:   # ssl.SSLError is an OSError too
+            if target.secure and not_tls(error):
+                raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"the server at wss://"
+                                     f"{target.host_header} did not answer TLS — is it ws://?") from error
+            raise
         try:
             await client_handshake(reader, writer, target, origin)
         except BaseException:
@@ -1475,6 +1500,19 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
                              f"no handshake within {open_timeout:g} s") from None
 
 
+#: What OpenSSL says when what comes back is not TLS at all (a plain HTTP
+#: answer, or nothing): the sign of a wss:// URL for a ws:// server.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                             "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_EOF_WHILE_READING"})
+
+
+def not_tls(error: OSError) -> bool:
+    """Did a TLS handshake fail because the server doesn't speak TLS (rather than, say, its certificate)?"""
+    if isinstance(error, ssl.SSLError):
+        return isinstance(error, ssl.SSLEOFError) or error.reason in NOT_TLS_REASONS
+    return isinstance(error, ConnectionResetError)
+
+
 async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            target: WebSocketURI, origin: str | None) -> None:
     """Send the request and check the response (§4.1); raise HandshakeError if refused."""
@@ -1482,9 +1520,11 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.write(build_request(target, key, origin))
     try:
         lines = await read_http_head(reader)
-    except asyncio.IncompleteReadError:
+    except asyncio.IncompleteReadError as error:
+        # A TLS server hangs up, unanswered, on the plain HTTP of a ws:// URL.
+        hint = "" if error.partial or target.secure else " (if it speaks TLS, is it wss://?)"
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY,
-                             "connection closed during the handshake") from None
+                             f"connection closed during the handshake{hint}") from None
     if not lines:
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, "empty response")
     status = parse_status_line(lines[0])
@@ -2018,8 +2058,10 @@ class ChatClient:
     def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *,
                  reconnect: bool = True, ssl_context: ssl.SSLContext | None = None,
                  max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
-                 first_backoff: float = FIRST_BACKOFF) -> None:
+                 first_backoff: float = FIRST_BACKOFF,
+                 on_connected: Callable[[], None] | None = None) -> None:
         self.url, self.screen, self.keyboard = url, screen, keyboard
+        self.on_connected = on_connected   # called once, at the first connection
         self.reconnect = reconnect
         self.first_backoff = first_backoff
         self.ssl_context = ssl_context
@@ -2030,13 +2072,15 @@ class ChatClient:
         backoff, connected_before = self.first_backoff, False
         while True:
             try:
-                conn = await connect(self.url, ssl_context=self.ssl_context, max_size=self.max_size)
+                conn = await self.connect_unless_quit()
             except (OSError, HandshakeError, ValueError) as error:
                 if not (connected_before and self.reconnect):
                     self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}", "error")
                     return 1
                 why = f" ({explain_connect_error(error)})"
             else:
+                if conn is None:
+                    return 0   # Ctrl-C (or /quit) while connecting
                 connected_before, backoff = True, self.first_backoff
                 closed = await self.session(conn)
                 if closed is None:
@@ -2049,6 +2093,25 @@ class ChatClient:
             if await self.quit_requested_within(backoff):
                 return 0
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def connect_unless_quit(self) -> Connection | None:
+        """connect(), said on the screen; None if the user quits first (Ctrl-C works at once)."""
+        self.screen.show(f"* connecting to {self.url} …", "notice")
+        connecting = asyncio.create_task(
+            connect(self.url, ssl_context=self.ssl_context, max_size=self.max_size))
+        # connect() gives up by itself after HANDSHAKE_TIMEOUT: waiting as long is enough.
+        quitting = asyncio.create_task(self.quit_requested_within(HANDSHAKE_TIMEOUT))
+        done, _ = await asyncio.wait({connecting, quitting}, return_when=asyncio.FIRST_COMPLETED)
+        if connecting not in done and quitting.result():
+            connecting.cancel()
+            await asyncio.wait({connecting})
+            return None
+        quitting.cancel()
+        conn = await connecting
+        if self.on_connected is not None:
+            self.on_connected()   # the keyboard, and its prompt, only once there is a room
+            self.on_connected = None
+        return conn
 
     async def session(self, conn: Connection) -> ConnectionClosed | None:
         """One connection: None if the user quit, else how the connection ended."""
@@ -2267,9 +2330,9 @@ async def run_client(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, keyboard.interrupt)
-    keyboard.start()
     client = ChatClient(url, screen, keyboard, reconnect=not args.no_reconnect,
-                        ssl_context=ssl_context, max_size=args.max_size)
+                        ssl_context=ssl_context, max_size=args.max_size,
+                        on_connected=keyboard.start)   # no prompt before a connection exists
     status = await client.run()
     if interactive:
         print()   # end the prompt's line, so the shell's prompt starts on its own

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -1390,6 +1391,13 @@ class TestTLS(ChatTestCase):
         await self.start_room(ssl_context=context)
         return f"wss://localhost:{self.server.port}/chat"
 
+    async def test_ws_to_a_tls_server_suggests_wss(self):
+        url = (await self.start_tls_room()).replace("wss://", "ws://")
+        with self.assertRaises(chat.HandshakeError) as caught:
+            await within(chat.connect(url))
+        self.assertEqual(str(caught.exception),
+                         "connection closed during the handshake (if it speaks TLS, is it wss://?)")
+
     async def test_wss_with_a_trusted_ca(self):
         url = await self.start_tls_room()
         conn = await within(chat.connect(url, ssl_context=chat.client_ssl_context(self.files["ca"], False)))
@@ -1480,7 +1488,7 @@ class TestChatClient(ChatTestCase):
         out = io.StringIO()
         screen = chat.Screen(out, interactive=False, color=False)
         keyboard = chat.Keyboard(screen, stdin)
-        keyboard.start()
+        options.setdefault("on_connected", keyboard.start)   # as run_client does
         return chat.ChatClient(url, screen, keyboard, **options), out
 
     def pipe(self):
@@ -1510,8 +1518,46 @@ class TestChatClient(ChatTestCase):
         sock.close()   # nothing listens there now
         client, out = self.client(f"ws://127.0.0.1:{port}/chat", io.StringIO(""))
         self.assertEqual(await within(client.run()), 1)
-        self.assertEqual(out.getvalue(), f"cannot connect to ws://127.0.0.1:{port}/chat: "
+        self.assertEqual(out.getvalue(), f"* connecting to ws://127.0.0.1:{port}/chat …\n"
+                                         f"cannot connect to ws://127.0.0.1:{port}/chat: "
                                          "connection refused — is the server running?\n")
+
+    async def silent_listener(self):
+        """A TCP server that accepts and never answers; returns its port and an 'accepted' event."""
+        accepted = asyncio.Event()
+        held = []
+
+        def hold(reader, writer):
+            held.append(writer)
+            accepted.set()
+        listener = await asyncio.start_server(hold, "127.0.0.1", 0)
+        self.addAsyncCleanup(listener.wait_closed)
+        self.addCleanup(listener.close)
+        self.addCleanup(lambda: [writer.close() for writer in held])
+        return listener.sockets[0].getsockname()[1], accepted
+
+    async def test_ctrl_c_while_connecting_to_a_silent_server_quits_at_once(self):
+        port, accepted = await self.silent_listener()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, chat.__file__, "client", "--url", f"ws://127.0.0.1:{port}/chat",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        self.addCleanup(lambda: client.returncode is None and client.kill())
+        self.assertEqual(await within(client.stdout.readline()),
+                         f"* connecting to ws://127.0.0.1:{port}/chat …\n".encode())
+        await within(accepted.wait())
+        client.send_signal(signal.SIGINT)
+        # Well within connect()'s own 10 s timeout: Ctrl-C itself ended it.
+        self.assertEqual(await within(client.wait(), chat.HANDSHAKE_TIMEOUT / 4), 0)
+        self.assertEqual(await within(client.stdout.read()), b"")   # no prompt, no error
+
+    async def test_wss_to_a_plain_server_says_so_in_words(self):
+        await self.start_room()
+        client, out = self.client(f"wss://127.0.0.1:{self.server.port}/chat", io.StringIO(""),
+                                  ssl_context=ssl.create_default_context())
+        self.assertEqual(await within(client.run()), 1)
+        self.assertIn(f"cannot connect to wss://127.0.0.1:{self.server.port}/chat: the server at "
+                      f"wss://127.0.0.1:{self.server.port} did not answer TLS — is it ws://?\n",
+                      out.getvalue())
 
     async def test_refused_name_shows_the_servers_reason_and_exits_1(self):
         await self.start_room()
