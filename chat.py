@@ -2447,17 +2447,6 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                         help="largest message accepted, in bytes; larger ones close with 1009 "
                              "(default: %(default)s)")
-    server.add_argument("--max-clients", type=positive_int, default=1000,
-                        help="connections beyond this get HTTP 503 (default: %(default)s)")
-    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_ADDRESS,
-                        help="connections one IP address may hold at once; more get HTTP 503. "
-                             "A classroom behind one NAT shares one address: raise it there; "
-                             "0 means no limit (default: %(default)s)")
-    server.add_argument("--trusted-proxy", action="append", default=[], type=ip_address,
-                        metavar="ADDR",
-                        help="a reverse proxy in front of the server: for connections from ADDR "
-                             "(and only from it), limits and logs use the client address in its "
-                             "X-Forwarded-For header (repeatable)")
     server.add_argument("--max-buffer", type=positive_int, default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
@@ -2469,6 +2458,26 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--announce-limit", type=non_negative_int, default=ANNOUNCE_LIMIT,
                         help="stop announcing joins and leaves past this many members "
                              "(default: %(default)s)")
+    server.add_argument("--certfile", type=readable_file, help="serve https:// and wss:// with this certificate (PEM)")
+    server.add_argument("--keyfile", type=readable_file, help="the certificate's private key (PEM), if not in --certfile")
+    add_server_access_flags(server)
+    server.set_defaults(run=run_server)
+
+
+def add_server_access_flags(server: argparse.ArgumentParser) -> None:
+    """Who may connect, and how many: the flags for an operator's defences."""
+    server.add_argument("--max-clients", type=positive_int, default=1000,
+                        help="connections beyond this get HTTP 503; lowered at start-up if the "
+                             "open-file limit (ulimit -n) can't hold them (default: %(default)s)")
+    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_ADDRESS,
+                        help="connections one IP address may hold at once; more get HTTP 503. "
+                             "A classroom behind one NAT shares one address: raise it there; "
+                             "0 means no limit (default: %(default)s)")
+    server.add_argument("--trusted-proxy", action="append", default=[], type=ip_address,
+                        metavar="ADDR",
+                        help="a reverse proxy in front of the server: for connections from ADDR "
+                             "(and only from it), limits and logs use the client address in its "
+                             "X-Forwarded-For header (repeatable)")
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="also accept browsers from this origin, e.g. https://example.com "
                              "(repeatable; the server's own origin is always accepted)")
@@ -2476,9 +2485,6 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
                         help="also answer requests for this host name (repeatable; '*' for any). "
                              "IP addresses, localhost and this machine's name always work; other "
                              "names get HTTP 421, which stops DNS-rebinding pages")
-    server.add_argument("--certfile", type=readable_file, help="serve https:// and wss:// with this certificate (PEM)")
-    server.add_argument("--keyfile", type=readable_file, help="the certificate's private key (PEM), if not in --certfile")
-    server.set_defaults(run=run_server)
 
 
 def add_client_command(commands: argparse._SubParsersAction) -> None:
