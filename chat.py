@@ -315,6 +315,7 @@ class Response:
     body: str = ""
     headers: tuple[tuple[str, str], ...] = ()
     content_type: str = "text/plain; charset=utf-8"
+    logged: bool = False   # the refusal is already in the log, in a line of its own
 
 
 def bad_request(reason: str) -> HandshakeError:
@@ -1279,6 +1280,7 @@ class WebSocketServer:
         self.connections: set[Connection] = set()
         self._per_address: collections.Counter[str] = collections.Counter()
         self._address_of: dict[Connection, str] = {}
+        self._refused_at_limit: collections.Counter[str] = collections.Counter()
         self._tasks: dict[asyncio.Task, Connection | None] = {}
         self._server: asyncio.Server | None = None
         self._loop_errors: LoopErrorLog | None = None
@@ -1360,7 +1362,7 @@ class WebSocketServer:
             timer.cancel()
             del self._handshake_timers[writer]
         if response is not None:
-            if response.status >= 400:
+            if response.status >= 400 and not response.logged:
                 logger.info("%s: refused handshake: %d %s", peer, response.status,
                             printable(response.body.strip()[:200]))
             writer.write(error_response(response))
@@ -1399,9 +1401,15 @@ class WebSocketServer:
         """503 for one connection too many from one address, before the upgrade."""
         if self.max_per_address is None or self._per_address[client] < self.max_per_address:
             return None
+        # One line when the address reaches its limit and one when it drops below
+        # (in _release), not one per refusal: a script may try thousands of times.
+        if not self._refused_at_limit[client]:
+            logger.info("%s: at its limit of %d connection(s); refusing more with 503 until "
+                        "one closes", client, self.max_per_address)
+        self._refused_at_limit[client] += 1
         return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
                         f"too many connections from {client} (at most {self.max_per_address} "
-                        "per address); try again later\n", (("Retry-After", "30"),))
+                        "per address); try again later\n", (("Retry-After", "30"),), logged=True)
 
     def _release(self, conn: Connection) -> None:
         """The connection is over: it no longer counts against its address."""
@@ -1409,6 +1417,9 @@ class WebSocketServer:
         self._per_address[client] -= 1
         if not self._per_address[client]:
             del self._per_address[client]   # don't keep every address ever seen
+        refused = self._refused_at_limit.pop(client, 0)
+        if refused:
+            logger.info("%s: below its limit again; %d connection(s) refused meanwhile", client, refused)
 
     def _route(self, request: Request) -> tuple[Response | None, str]:
         """Decide what a request gets: (a response, "") or (None, the WebSocket key)."""

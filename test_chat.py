@@ -1149,9 +1149,13 @@ class TestLimitsAndDefences(ChatTestCase):
         head, _ = await self.upgrade_status()
         self.assertIn(b"\r\nRetry-After: 30\r\n", head)
         await self.assert_still_served(alice)
+        logged = LogCatcher(logging.INFO)
+        self.addCleanup(logged.remove)
         await bob.close()
         await self.expect(alice, "* bob left")
         await self.join("carol")   # bob's place is free again
+        messages = [(await within(logged.next())).getMessage() for _ in range(2)]
+        self.assertEqual(messages[1], "127.0.0.1: below its limit again; 2 connection(s) refused meanwhile")
 
     async def test_trusted_proxy_makes_limits_and_logs_use_x_forwarded_for(self):
         logged = LogCatcher(logging.INFO)
@@ -1164,10 +1168,11 @@ class TestLimitsAndDefences(ChatTestCase):
         self.assertTrue(other.startswith(b"HTTP/1.1 101 "), other)
         self.assertTrue(again.startswith(b"HTTP/1.1 503 "), again)
         messages = []
-        while not any("refused" in message for message in messages):
+        while not any("at its limit" in message for message in messages):
             messages.append((await within(logged.next())).getMessage())
-        self.assertRegex(messages[-1], r"^203\.0\.113\.7 via 127\.0\.0\.1:\d+: refused handshake: "
-                                       r"503 too many connections from 203\.0\.113\.7")
+        self.assertRegex(messages[0], r"^203\.0\.113\.7 via 127\.0\.0\.1:\d+: user1 joined")
+        self.assertEqual(messages[-1], "203.0.113.7: at its limit of 1 connection(s); "
+                                       "refusing more with 503 until one closes")
 
     async def test_x_forwarded_for_from_anyone_else_is_ignored(self):
         await self.start_room(max_per_address=1, trusted_proxies=["192.0.2.1"])
