@@ -1162,6 +1162,14 @@ async def read_request_head(reader: asyncio.StreamReader) -> list[bytes]:
     return [first + lines[0], *lines[1:]] if lines else []
 
 
+#: Shorter than asyncio's one-second retry of a failed accept(), far longer than one round of accepts.
+ACCEPT_ROUND = 0.5
+
+#: While descriptors are short, a connection that hasn't sent its whole request
+#: in this many seconds loses its descriptor: an honest client sends it at once.
+SILENT_WHEN_SHORT = 1.0
+
+
 class LoopErrorLog:
     """The event loop's exception handler: what peers cause gets one line, never a traceback.
 
@@ -1198,12 +1206,12 @@ class LoopErrorLog:
         else:
             loop.default_exception_handler(context)
 
-    def accept_failed(self, now: float, error: OSError) -> None:
+    def accept_failed(self, now: float, error: OSError | None) -> None:
         if not self.failed_accepts:
             self.first_failure = now
+            reason = getattr(error, "strerror", None) or "out of resources"
             logger.warning("cannot accept new connections: %s (see ulimit -n); they wait until "
-                           "a connection closes, members already here are unaffected",
-                           error.strerror.lower() if error.strerror else error)
+                           "a connection closes, members already here are unaffected", reason.lower())
         self.failed_accepts += 1
         self.last_failure = now
         if now - self.last_drop > ACCEPT_ROUND:   # once a round, not once an attempt
@@ -1221,17 +1229,6 @@ class LoopErrorLog:
                            "%d silent connections dropped)", now - self.first_failure,
                            self.failed_accepts, self.dropped)
             self.failed_accepts = self.dropped = 0
-
-
-#: The errors with which accept() says "no descriptor or memory for another socket".
-OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-#: Shorter than asyncio's one-second retry of a failed accept(), far longer than one round of accepts.
-ACCEPT_ROUND = 0.5
-
-#: While descriptors are short, a connection that hasn't sent its whole request
-#: in this many seconds loses its descriptor: an honest client sends it at once.
-SILENT_WHEN_SHORT = 1.0
 
 
 def canonical_address(text: str) -> str | None:
