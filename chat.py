@@ -47,14 +47,18 @@ import codecs
 import collections
 import dataclasses
 import enum
+import errno
 import hashlib
 import http
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import signal
+import socket
 import ssl
 import struct
 import sys
@@ -64,7 +68,24 @@ import types
 import typing
 import unicodedata
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Sequence
+
+
+def check_python_version(version_info: tuple = sys.version_info) -> None:
+    """Exit with one line on Python older than 3.10, before any newer feature runs.
+
+    Python 3.7-3.9 can parse this whole file (the annotations stay unevaluated
+    strings), so the check sits right after the imports, which 3.7 has too;
+    the first line that 3.9 could not run (``Callable[...]`` at module level)
+    comes after it.
+    """
+    if tuple(version_info[:2]) < (3, 10):
+        sys.exit(f"chat.py needs Python 3.10 or later; this is Python "
+                 f"{version_info[0]}.{version_info[1]}")
+
+
+check_python_version()
 
 __all__ = [
     "Opcode", "CloseCode", "Frame", "Connection", "ConnectionClosed",
@@ -169,6 +190,19 @@ KEEPALIVE_INTERVAL = 20.0
 #: Bytes we let pile up for a peer that doesn't read before we drop it: four
 #: maximum-size messages. A slow reader costs memory, so the bound is firm.
 MAX_OUTGOING_BUFFER = 4 * MAX_MESSAGE_SIZE
+
+#: File descriptors kept back from members. Each member holds one; the server
+#: itself needs a few (the listening sockets, the event loop's, stdio, log
+#: files), and newcomers need one each while they are told the room is full.
+#: --max-clients is lowered, at start-up, to what the process's limit leaves.
+FD_RESERVE = 64
+
+#: One IP address may hold 50 connections at once, so one script can't fill
+#: the room (or its screens with "joined" and "left"). The trade-off: people
+#: behind one NAT, a classroom or an office, share an address, and 50 of them
+#: is the most that fits. ``--max-per-ip`` changes it; behind a reverse proxy,
+#: ``--trusted-proxy`` counts the addresses it forwards instead of its own.
+MAX_PER_ADDRESS = 50
 
 
 # 2. Errors #################################################################
@@ -314,6 +348,7 @@ class Response:
     body: str = ""
     headers: tuple[tuple[str, str], ...] = ()
     content_type: str = "text/plain; charset=utf-8"
+    logged: bool = False   # the refusal is already in the log, in a line of its own
 
 
 def bad_request(reason: str) -> HandshakeError:
@@ -1045,8 +1080,10 @@ class Connection:
         invalid UTF-8 fail the connection the moment it shows up, even in the
         middle of a frame (§8.1). Usually the whole payload is already here.
         """
-        while not (chunk := self._frames.read_payload()):
+        chunk = self._frames.read_payload()
+        while not chunk:
             await self._receive_more()
+            chunk = self._frames.read_payload()
         return chunk
 
     async def _read_control_payload(self) -> bytes:
@@ -1314,17 +1351,108 @@ async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
         lines.append(line)
 
 
-def log_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """Event-loop errors caused by a peer (a failed TLS handshake, a reset) get one line.
+#: RFC 8446 §5.1: the first byte of a TLS record that carries a handshake
+#: message. A request that starts with it is a wss:// client's ClientHello.
+TLS_HANDSHAKE_RECORD = 0x16
 
-    asyncio would log them with a traceback; a peer must not be able to put
-    tracebacks in our log. Anything else is a real bug and keeps its traceback.
+
+async def read_request_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """The request head; a client that speaks TLS to this plain server is told at once.
+
+    Else its ClientHello would wait for a line end that may never come, and
+    the client would see a reset after the 10 s handshake timeout. The 400
+    we answer instead makes its TLS library fail at once ("wrong version").
     """
-    error = context.get("exception")
-    if isinstance(error, (OSError, ssl.SSLError)):
-        logger.info("%s: %s", context.get("message", "network error"), error)
-    else:
-        loop.default_exception_handler(context)
+    first = await reader.readexactly(1)
+    if first[0] == TLS_HANDSHAKE_RECORD:
+        raise bad_request("a TLS handshake on a plain ws:// server: is the client's URL wss://?")
+    lines = await read_http_head(reader)
+    return [first + lines[0], *lines[1:]] if lines else []
+
+
+#: Shorter than asyncio's one-second retry of a failed accept(), far longer than one round of accepts.
+ACCEPT_ROUND = 0.5
+
+#: While descriptors are short, a connection that hasn't sent its whole request
+#: in this many seconds loses its descriptor: an honest client sends it at once.
+SILENT_WHEN_SHORT = 1.0
+
+
+class LoopErrorLog:
+    """The event loop's exception handler: what peers cause gets one line, never a traceback.
+
+    asyncio would log a failed TLS handshake or a reset with a traceback; a
+    peer must not be able to put tracebacks in our log. Anything else is a
+    real bug and keeps its traceback.
+
+    Running out of file descriptors is the other case. When accept() fails
+    with EMFILE, asyncio stops watching the listening socket and tries again
+    a second later; new connections wait in the kernel's listen queue, and
+    members already connected need no new descriptor, so they chat on. But
+    asyncio reports every failed attempt (a retry tries up to the backlog,
+    1024, and retries multiply): thousands of lines a second. Here an episode
+    gets one line when it starts and one when accepting works again. And
+    since the descriptors are most likely held by connections that opened
+    and then said nothing, each retry round has the servers drop those
+    silent for a second, so that a newcomer gets its answer (a 101, or a
+    503 if the room is full) within a second or two, not after the
+    10 s handshake timeout.
+    """
+
+    def __init__(self) -> None:
+        self.servers: weakref.WeakSet[WebSocketServer] = weakref.WeakSet()
+        self.failed_accepts = 0     # in the current episode; 0: not out of descriptors
+        self.dropped = 0            # silent handshakes cut in the current episode
+        self.first_failure = self.last_failure = self.last_drop = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        error = context.get("exception")
+        if context.get("message") == "socket.accept() out of system resource":
+            self.accept_failed(loop.time(), error)
+        elif isinstance(error, (OSError, ssl.SSLError)):
+            logger.info("%s: %s", context.get("message", "network error"), error)
+        else:
+            loop.default_exception_handler(context)
+
+    def accept_failed(self, now: float, error: OSError | None) -> None:
+        if not self.failed_accepts:
+            self.first_failure = now
+            reason = getattr(error, "strerror", None) or "out of resources"
+            logger.warning("cannot accept new connections: %s (see ulimit -n); they wait until "
+                           "a connection closes, members already here are unaffected", reason.lower())
+        self.failed_accepts += 1
+        self.last_failure = now
+        if now - self.last_drop > ACCEPT_ROUND:   # once a round, not once an attempt
+            self.last_drop = now
+            self.dropped += sum(server.drop_silent_handshakes(now) for server in self.servers)
+
+    def accepted(self, now: float) -> None:
+        """A connection was accepted: the episode is over, unless accept() failed this round too.
+
+        asyncio retries once a second; a failure in the same round (milliseconds
+        ago) means descriptors are still short, one a round earlier does not.
+        """
+        if self.failed_accepts and now - self.last_failure > ACCEPT_ROUND:
+            logger.warning("accepting connections again after %.1f s (%d attempts failed, "
+                           "%d silent connections dropped)", now - self.first_failure,
+                           self.failed_accepts, self.dropped)
+            self.failed_accepts = self.dropped = 0
+
+
+def canonical_address(text: str) -> str | None:
+    """An IP address written one way ("::ffff:10.0.0.1" is 10.0.0.1), or None if it isn't one."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)   # an IPv4 client on an IPv6 socket
+    return str(mapped or address)
+
+
+def peer_address(writer: asyncio.StreamWriter) -> str:
+    """The IP address at the other end of the TCP connection."""
+    peername = writer.get_extra_info("peername")
+    return (canonical_address(peername[0]) or peername[0]) if peername else "?"
 
 
 Handler = Callable[[Connection], Awaitable[None]]
@@ -1342,7 +1470,8 @@ class WebSocketServer:
                  max_size: int = MAX_MESSAGE_SIZE, max_buffer: int = MAX_OUTGOING_BUFFER,
                  max_clients: int | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  close_timeout: float = CLOSE_TIMEOUT,
-                 keepalive_interval: float | None = KEEPALIVE_INTERVAL) -> None:
+                 keepalive_interval: float | None = KEEPALIVE_INTERVAL,
+                 max_per_address: int | None = None, trusted_proxies: Collection[str] = ()) -> None:
         self.handler = handler
         self.process_request = process_request
         self.max_size = max_size
@@ -1351,15 +1480,26 @@ class WebSocketServer:
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.keepalive_interval = keepalive_interval
+        self.max_per_address = max_per_address
+        self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
         self.connections: set[Connection] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._address_of: dict[Connection, str] = {}
+        self._refused_at_limit: collections.Counter[str] = collections.Counter()
         self._tasks: dict[asyncio.Task, Connection | None] = {}
         self._server: asyncio.Server | None = None
+        self._loop_errors: LoopErrorLog | None = None
+        self._handshaking: dict[asyncio.StreamWriter, float] = {}   # when each began
         self._keepalive: asyncio.Task | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:   # unless the application chose its own
-            loop.set_exception_handler(log_network_errors)
+            loop.set_exception_handler(LoopErrorLog())
+        handler = loop.get_exception_handler()
+        if isinstance(handler, LoopErrorLog):
+            self._loop_errors = handler
+            handler.servers.add(self)
         # backlog: a burst of clients connecting at once waits in the kernel's
         # queue (1024, not asyncio's 100) instead of being refused.
         self._server = await asyncio.start_server(
@@ -1376,11 +1516,16 @@ class WebSocketServer:
         """One TCP connection, from the first byte to the last."""
         task = asyncio.current_task()
         self._tasks[task] = None
+        if self._loop_errors is not None:
+            self._loop_errors.accepted(asyncio.get_running_loop().time())
         try:
             conn = await self._handshake(reader, writer)
             if conn is not None:
                 self._tasks[task] = conn
-                await self._run_handler(conn)
+                try:
+                    await self._run_handler(conn)
+                finally:
+                    self._release(conn)
         finally:
             del self._tasks[task]
             writer.close()
@@ -1401,41 +1546,98 @@ class WebSocketServer:
                          writer: asyncio.StreamWriter) -> Connection | None:
         """Read the request; answer 101 and return a Connection, or refuse and return None."""
         peer = format_peer(writer)
+        self._handshaking[writer] = asyncio.get_running_loop().time()
         try:
             # Both sides bound the handshake the same way: wait_for around it.
-            request, response = await asyncio.wait_for(self._read_request(reader, peer),
-                                                       self.handshake_timeout)
+            request, response, client = await asyncio.wait_for(
+                self._read_request(reader, writer, peer), self.handshake_timeout)
         except asyncio.TimeoutError:
             logger.info("%s: handshake not completed in time; dropping", peer)
             return None
         except (asyncio.IncompleteReadError, OSError):
-            return None   # the peer left mid-handshake
+            return None   # the peer left mid-handshake, or was dropped while descriptors ran short
+        finally:
+            del self._handshaking[writer]
         head = serialize_response(response)
         writer.write(head)
         if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS:
-            if response.status >= 400:
+            if response.status >= 400 and not response.logged:
                 logger.info("%s: refused handshake: %d %s", peer, response.status,
                             printable(response.body.strip()[:200]))
             return None
         if logger.isEnabledFor(logging.DEBUG):
             log_head(peer, ">>>", head)
         assert request is not None   # a 101 answers only a request that parsed
-        return Connection(reader, writer, is_client=False, path=request.target,
-                          max_size=self.max_size, max_buffer=self.max_buffer,
-                          close_timeout=self.close_timeout)
+        return self._upgrade(reader, writer, request, client, peer)
 
-    async def _read_request(self, reader: asyncio.StreamReader,
-                            peer: str) -> tuple[Request | None, Response]:
-        """Read the request head and decide the answer; a HandshakeError becomes a refusal."""
-        request = None   # until it parses
+    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            peer: str) -> tuple[Request | None, Response, str]:
+        """Read the request head and decide the answer; a HandshakeError becomes a refusal.
+
+        Also returns the client's address, the one the per-address limit counts.
+        """
+        request, client = None, peer_address(writer)   # until the request parses
         try:
-            lines = await read_http_head(reader)
+            lines = await read_request_head(reader)
             if logger.isEnabledFor(logging.DEBUG):
                 log_head(peer, "<<<", b"\r\n".join(lines))
             request = parse_request(lines)
-            return request, self._route(request)
+            client = self._client_address(writer, request)
+            response = self._route(request)
+            if response.status == http.HTTPStatus.SWITCHING_PROTOCOLS:
+                response = self._over_address_limit(client) or response
+            return request, response, client
         except HandshakeError as error:
-            return request, error.as_response()
+            return request, error.as_response(), client
+
+    def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 request: Request, client: str, peer: str) -> Connection:
+        """The 101 is sent: a Connection, counted against its address."""
+        conn = Connection(reader, writer, is_client=False, path=request.target,
+                          max_size=self.max_size, max_buffer=self.max_buffer,
+                          close_timeout=self.close_timeout)
+        if client != peer_address(writer):
+            conn.remote = f"{client} via {peer}"   # the address a trusted proxy forwarded
+        self._address_of[conn] = client
+        self._per_address[client] += 1
+        return conn
+
+    def _client_address(self, writer: asyncio.StreamWriter, request: Request) -> str:
+        """The client's IP address: the peer's, or behind a trusted proxy, the one it forwards."""
+        address = peer_address(writer)
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded is None or address not in self.trusted_proxies:
+            return address   # anyone else's X-Forwarded-For is whatever they like
+        # Each proxy appends the address it saw, so the last one is what our
+        # proxy saw; the ones before it came from the client and prove nothing.
+        client = canonical_address(forwarded.rpartition(",")[2].strip())
+        if client is None:
+            raise bad_request("X-Forwarded-For from the trusted proxy ends in no address")
+        return client
+
+    def _over_address_limit(self, client: str) -> Response | None:
+        """503 for one connection too many from one address, before the upgrade."""
+        if self.max_per_address is None or self._per_address[client] < self.max_per_address:
+            return None
+        # One line when the address reaches its limit and one when it drops below
+        # (in _release), not one per refusal: a script may try thousands of times.
+        if not self._refused_at_limit[client]:
+            logger.info("%s: at its limit of %d connection(s); refusing more with 503 until "
+                        "one closes", client, self.max_per_address)
+        self._refused_at_limit[client] += 1
+        return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                        f"too many connections from {client} (at most {self.max_per_address} "
+                        "per address); try again later\n", (("Retry-After", "30"),), logged=True)
+
+    def _release(self, conn: Connection) -> None:
+        """The connection is over: it no longer counts against its address."""
+        client = self._address_of.pop(conn)
+        self._per_address[client] -= 1
+        if not self._per_address[client]:
+            del self._per_address[client]   # don't keep every address ever seen
+        refused = self._refused_at_limit.pop(client, 0)
+        if refused:
+            logger.info("%s: below its limit again; %d connection(s) refused meanwhile", client, refused)
 
     def _route(self, request: Request) -> Response:
         """What a request gets: the application's own answer, a refusal, or the 101."""
@@ -1450,6 +1652,14 @@ class WebSocketServer:
                             f"server full ({self.max_clients} clients); try again later\n",
                             (("Retry-After", "30"),))
         return switching_protocols(key)
+
+    def drop_silent_handshakes(self, now: float) -> int:
+        """Out of descriptors: abort the connections silent in their handshake for a second."""
+        silent = [writer for writer, started in self._handshaking.items()
+                  if now - started > SILENT_WHEN_SHORT]
+        for writer in silent:
+            writer.transport.abort()
+        return len(silent)
 
     async def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
         """Stop listening, close every connection with ``code``, wait for them (bounded)."""
@@ -1490,9 +1700,15 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
         ssl_context = ssl.create_default_context()   # verifies the certificate and host name
 
     async def open_and_handshake() -> Connection:
-        reader, writer = await asyncio.open_connection(
-            target.host, target.port, ssl=ssl_context if target.secure else None,
-            limit=READ_BUFFER_LIMIT)
+        try:
+            reader, writer = await asyncio.open_connection(
+                target.host, target.port, ssl=ssl_context if target.secure else None,
+                limit=READ_BUFFER_LIMIT)
+        except OSError as error:   # ssl.SSLError is an OSError too
+            if target.secure and not_tls(error):
+                raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"the server at wss://"
+                                     f"{target.host_header} did not answer TLS — is it ws://?") from error
+            raise
         try:
             await client_handshake(reader, writer, target, origin)
         except BaseException:
@@ -1508,6 +1724,19 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
                              f"no handshake within {open_timeout:g} s") from None
 
 
+#: What OpenSSL says when what comes back is not TLS at all (a plain HTTP
+#: answer, or nothing): the sign of a wss:// URL for a ws:// server.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                             "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_EOF_WHILE_READING"})
+
+
+def not_tls(error: OSError) -> bool:
+    """Did a TLS handshake fail because the server doesn't speak TLS (rather than, say, its certificate)?"""
+    if isinstance(error, ssl.SSLError):
+        return isinstance(error, ssl.SSLEOFError) or error.reason in NOT_TLS_REASONS
+    return isinstance(error, ConnectionResetError)
+
+
 async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            target: WebSocketURI, origin: str | None) -> None:
     """Send the request and check the response (§4.1); raise HandshakeError if refused."""
@@ -1515,9 +1744,11 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.write(build_request(target, key, origin))
     try:
         lines = await read_http_head(reader)
-    except asyncio.IncompleteReadError:
+    except asyncio.IncompleteReadError as error:
+        # A TLS server hangs up, unanswered, on the plain HTTP of a ws:// URL.
+        hint = "" if error.partial or target.secure else " (if it speaks TLS, is it wss://?)"
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY,
-                             "connection closed during the handshake") from None
+                             f"connection closed during the handshake{hint}") from None
     if not lines:
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, "empty response")
     status = parse_status_line(lines[0])
@@ -1966,19 +2197,42 @@ class Member:
     quit_reason: str = ""
 
 
+def host_name(host: str) -> str | None:
+    """The name in a Host header, without the port or IPv6 brackets ("[::1]:80" -> "::1")."""
+    try:
+        name = urllib.parse.urlsplit(f"//{host}").hostname
+    except ValueError:   # "[not-an-address]"
+        return None
+    return name.rstrip(".") if name else None
+
+
+def host_refusal(host: str) -> Response:
+    """421 for a Host we don't answer to, saying why and how to allow it."""
+    name = printable(host_name(host) or host)
+    if not name:
+        return Response(http.HTTPStatus.BAD_REQUEST, "missing Host header\n")
+    return Response(http.HTTPStatus.MISDIRECTED_REQUEST,
+                    f"this server does not answer to the name {name} (a guard against DNS "
+                    f"rebinding); if that name is really its own, start it with --allow-host {name}\n")
+
+
 class ChatRoom:
     """Who is here, what they said lately, and relaying it to everyone."""
 
     def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
                  burst: int = RATE_BURST, max_held: int = MAX_HELD_LINES,
                  max_size: int = MAX_MESSAGE_SIZE, announce_limit: int = ANNOUNCE_LIMIT,
-                 allowed_origins: Collection[str] = (), secure: bool = False) -> None:
+                 allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
+                 secure: bool = False) -> None:
         self.members: dict[str, Member] = {}   # by name_key(name): names as people read them
         self.history: collections.deque[tuple[float, str]] = collections.deque(maxlen=history_size)
         self.rate, self.burst, self.max_held = rate, burst, max_held
         self.max_size = max_size
         self.announce_limit = announce_limit
         self.allowed_origins = {origin.lower().rstrip("/") for origin in allowed_origins}
+        own_name = socket.gethostname().lower()
+        self.allowed_hosts = {"localhost", own_name, own_name.partition(".")[0]} | {
+            host.lower().rstrip(".") for host in allowed_hosts}
         self.secure = secure
         self._guest_number = 0
         self._shared: SharedFrames | None = None   # this turn's broadcasts, while open
@@ -1986,7 +2240,10 @@ class ChatRoom:
     # -- before the upgrade ------------------------------------------------
 
     def process_request(self, request: Request) -> Response | None:
-        """Serve the page at /, refuse other paths and foreign origins, upgrade /chat."""
+        """Serve the page at /, refuse unknown hosts, other paths and foreign origins, upgrade /chat."""
+        host = request.headers.get("host", "")
+        if not self.host_allowed(host):
+            return host_refusal(host)
         if request.path == "/" and not wants_upgrade(request.headers):
             return Response(http.HTTPStatus.OK, PAGE, content_type="text/html; charset=utf-8")
         if request.path != CHAT_PATH:
@@ -2005,7 +2262,31 @@ class ChatRoom:
         """
         origin = origin.lower().rstrip("/")
         own = f"{'https' if self.secure else 'http'}://{host.lower()}"
-        return origin == own or origin in self.allowed_origins
+        # Host is only "ours" once it passed host_allowed: a rebinding page
+        # chooses both the Origin and the Host its browser sends.
+        return origin in self.allowed_origins or (origin == own and self.host_allowed(host))
+
+    def host_allowed(self, host: str) -> bool:
+        """Guard against DNS rebinding: answer only to names we know, or to addresses.
+
+        A page on evil.example can make its own name resolve to 127.0.0.1 a
+        moment after it loaded; its scripts then reach this server as
+        "evil.example", which the browser treats as the page's own site, so
+        neither the same-origin rule nor our Origin check stops them. The name
+        in the Host header gives them away: rebinding needs a name, so an IP
+        literal is always fine, as are localhost, this machine's name and the
+        names given with --allow-host ("*" accepts any).
+        """
+        if "*" in self.allowed_hosts:
+            return True
+        name = host_name(host)
+        if name is None:
+            return False
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name in self.allowed_hosts
+        return True
 
     # -- a member's life ---------------------------------------------------
 
@@ -2486,31 +2767,32 @@ class LineEditor:
 
     def edit(self, key: Key) -> None:
         """Move the cursor, delete, or browse the history, as key says."""
-        match key:
-            case Key.LEFT | Key.CTRL_B:
-                self.cursor = self._left_of(self.cursor)
-            case Key.RIGHT | Key.CTRL_F:
-                self.cursor = self._right_of(self.cursor)
-            case Key.HOME | Key.CTRL_A:
-                self.cursor = 0
-            case Key.END | Key.CTRL_E:
-                self.cursor = len(self.buffer)
-            case Key.BACKSPACE:
-                self._delete(self._left_of(self.cursor), self.cursor)
-            case Key.DELETE | Key.CTRL_D:
-                self._delete(self.cursor, self._right_of(self.cursor))
-            case Key.CTRL_K:
-                self._delete(self.cursor, len(self.buffer))
-            case Key.CTRL_U:
-                self._delete(0, self.cursor)
-            case Key.CTRL_W:
-                self._delete(self._word_start(), self.cursor)
-            case Key.UP | Key.CTRL_P:
-                self._recall(self._recalled + 1)
-            case Key.DOWN | Key.CTRL_N:
-                self._recall(self._recalled - 1)
-            case Key.TAB:
-                self.insert(TAB_SPACES)
+        # (Not a match statement: Python 3.7-3.9 must be able to parse this
+        # file, to be told that it needs 3.10.)
+        if key in (Key.LEFT, Key.CTRL_B):
+            self.cursor = self._left_of(self.cursor)
+        elif key in (Key.RIGHT, Key.CTRL_F):
+            self.cursor = self._right_of(self.cursor)
+        elif key in (Key.HOME, Key.CTRL_A):
+            self.cursor = 0
+        elif key in (Key.END, Key.CTRL_E):
+            self.cursor = len(self.buffer)
+        elif key is Key.BACKSPACE:
+            self._delete(self._left_of(self.cursor), self.cursor)
+        elif key in (Key.DELETE, Key.CTRL_D):
+            self._delete(self.cursor, self._right_of(self.cursor))
+        elif key is Key.CTRL_K:
+            self._delete(self.cursor, len(self.buffer))
+        elif key is Key.CTRL_U:
+            self._delete(0, self.cursor)
+        elif key is Key.CTRL_W:
+            self._delete(self._word_start(), self.cursor)
+        elif key in (Key.UP, Key.CTRL_P):
+            self._recall(self._recalled + 1)
+        elif key in (Key.DOWN, Key.CTRL_N):
+            self._recall(self._recalled - 1)
+        elif key is Key.TAB:
+            self.insert(TAB_SPACES)
 
     def insert(self, text: str) -> None:
         """Type text at the cursor (control characters can't get into the buffer)."""
@@ -3122,13 +3404,15 @@ class ChatClient:
                  ssl_context: ssl.SSLContext | None = None,
                  max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
                  first_backoff: float = FIRST_BACKOFF, confirm_timeout: float = CONFIRM_TIMEOUT,
-                 keepalive_interval: float = CLIENT_KEEPALIVE_INTERVAL) -> None:
+                 keepalive_interval: float = CLIENT_KEEPALIVE_INTERVAL,
+                 on_connected: Callable[[], None] = lambda: None) -> None:
         self.url, self.screen, self.keyboard = url, screen, keyboard
         self.name = name or ""      # asked for, then the one the room gave us
         self.reconnect, self.interactive = reconnect, interactive
         self.ssl_context, self.max_size = ssl_context, max_size
         self.first_backoff, self.confirm_timeout = first_backoff, confirm_timeout
         self.keepalive_interval = keepalive_interval
+        self.on_connected = on_connected               # once, at the first connection
         self.greeting: Greeting | None = None          # of the current connection
         self.token: str | None = None                  # gets our name back on a reconnect
         self.unconfirmed: collections.deque[tuple[str, str]] = collections.deque()  # (line, copy)
@@ -3138,7 +3422,7 @@ class ChatClient:
         self.bucket: TokenBucket | None = None         # the room's pace, from the greeting
         self.leave_by: float | None = None             # once the user asked to leave
         self.refused = 0                               # lines too long for the room
-        self.same_room = self.certain = False            # see on_greeting, on_history_line
+        self.same_room = self.certain = False          # see on_greeting, on_history_line
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
 
     def waiting(self) -> list[str]:
@@ -3155,7 +3439,7 @@ class ChatClient:
         while True:
             url = with_query(self.url, name=self.name or None, resume=self.token)
             try:
-                conn = await connect(url, ssl_context=self.ssl_context, max_size=self.max_size)
+                conn = await self.connect_unless_interrupted(url)
             except (OSError, HandshakeError, ValueError) as error:
                 if not (connected_before and self.reconnect):
                     self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}",
@@ -3163,6 +3447,8 @@ class ChatClient:
                     return self.finish(1)
                 why = f" ({explain_connect_error(error)})"
             else:
+                if conn is None:
+                    return self.finish(0)   # Ctrl-C while connecting
                 connected_before, backoff = True, self.first_backoff
                 closed = await self.session(conn)
                 if closed is None:
@@ -3179,6 +3465,23 @@ class ChatClient:
             if await self.wants_out_within(backoff):
                 return self.finish(0)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def connect_unless_interrupted(self, url: str) -> Connection | None:
+        """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
+        self.screen.show(f"* connecting to {self.url} …", "notice")
+        connecting = asyncio.create_task(
+            connect(url, ssl_context=self.ssl_context, max_size=self.max_size))
+        interrupted = asyncio.create_task(self.keyboard.wait_until(lambda: self.keyboard.interrupted))
+        await asyncio.wait({connecting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.wait({connecting})
+            return None
+        conn = connecting.result()   # or the error connect() raised
+        self.on_connected()          # the keyboard, and its prompt, only once there is a room
+        self.on_connected = lambda: None
+        return conn
 
     async def session(self, conn: Connection) -> ConnectionClosed | None:
         """One connection: None once the user has left, else how the connection ended."""
@@ -3442,10 +3745,72 @@ async def run_until_signalled(server: WebSocketServer) -> None:
         await server.close()
 
 
+class StartupError(Exception):
+    """What kept the program from starting, as one sentence for the person who ran it."""
+
+
+async def listen(handler: Handler, args: argparse.Namespace, **options: typing.Any) -> WebSocketServer:
+    """serve() on --host and --port, with a failure to listen put in words."""
+    try:
+        return await serve(handler, args.host, args.port, **options)
+    except OSError as error:   # socket.gaierror (no such host) is an OSError too
+        where = host_port(args.host or "*", args.port)
+        raise StartupError(f"cannot listen on {where}: {describe_os_error(error)}") from None
+
+
+#: Listening addresses that mean "every interface", and how the start-up line says so.
+ALL_INTERFACES = {"": "all interfaces", "0.0.0.0": "all IPv4 interfaces", "::": "all IPv6 interfaces"}
+
+
+def reachable_at(host: str, port: int) -> tuple[str, str]:
+    """The host:port for the start-up URLs, and " on all interfaces" when that is so."""
+    if host in ALL_INTERFACES:
+        return host_port(socket.gethostname(), port), f" on {ALL_INTERFACES[host]}"
+    return host_port(host, port), ""
+
+
+def raise_descriptor_limit() -> int | None:
+    """Raise this process's soft limit on open files to its hard limit; return the limit.
+
+    Only the soft limit applies, and it is often 1024 while the hard limit,
+    which a process may raise it to, is far higher. None: no limit we know of.
+    """
+    try:
+        import resource   # Unix only; imported here so that the file runs on Windows too
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):   # macOS refuses an unlimited one: keep the soft limit
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def clients_descriptors_allow(max_clients: int | None, flag: str = "--max-clients") -> int | None:
+    """max_clients, lowered (and said so) if the open-file limit can't hold that many members."""
+    limit = raise_descriptor_limit()
+    if limit is None:
+        return max_clients
+    allowed = limit - FD_RESERVE
+    if allowed < 1:
+        raise StartupError(f"this process may open only {limit} files and the server needs more "
+                           f"than {FD_RESERVE}: raise the limit (ulimit -n)")
+    if max_clients is None or max_clients <= allowed:
+        return allowed if max_clients is None else max_clients
+    logger.warning("%s lowered from %d to %d: this process may open %d files (ulimit -n) "
+                   "and keeps %d for itself", flag, max_clients, allowed, limit, FD_RESERVE)
+    return allowed
+
+
 async def run_echo(args: argparse.Namespace) -> int:
-    server = await serve(echo, args.host, args.port, max_size=args.max_size,
-                         max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
-    logger.info("echo server on ws://%s/", host_port(args.host, server.port))
+    max_clients = clients_descriptors_allow(None)
+    server = await listen(echo, args, max_size=args.max_size, max_clients=max_clients,
+                          max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
+    address, where = reachable_at(args.host, server.port)
+    logger.info("echo server%s: ws://%s/", where, address)
     await run_until_signalled(server)
     return 0
 
@@ -3454,12 +3819,28 @@ def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLCont
     if not certfile:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certfile, keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as error:
+        files = f"--certfile {certfile}" + (f" with --keyfile {keyfile}" if keyfile else "")
+        raise StartupError(f"cannot use {files}: {ssl_error_words(error)} (a PEM certificate "
+                           "and its key are needed; --keyfile names the key if it is apart)") from None
     return context
 
 
+def ssl_error_words(error: ssl.SSLError) -> str:
+    """'no certificate or crl found' for NO_CERTIFICATE_OR_CRL_FOUND; '[SSL] PEM lib' without the C file."""
+    if error.reason:
+        return error.reason.replace("_", " ").lower()
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", error.strerror or str(error))
+
+
 def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=cafile)
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as error:
+        raise StartupError(f"cannot use --cafile {cafile}: {ssl_error_words(error)} "
+                           "(it must hold PEM certificates)") from None
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -3468,16 +3849,18 @@ def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
 
 async def run_server(args: argparse.Namespace) -> int:
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
+    max_clients = clients_descriptors_allow(args.max_clients)
     room = ChatRoom(rate=args.rate, burst=args.burst, max_size=args.max_size,
                     announce_limit=args.announce_limit, allowed_origins=args.allow_origin,
-                    secure=ssl_context is not None)
-    server = await serve(room.handle, args.host, args.port, ssl_context=ssl_context,
-                         process_request=room.process_request, max_size=args.max_size,
-                         max_buffer=args.max_buffer, max_clients=args.max_clients)
-    address = host_port(args.host, server.port)
+                    allowed_hosts=args.allow_host, secure=ssl_context is not None)
+    server = await listen(room.handle, args, ssl_context=ssl_context,
+                          process_request=room.process_request, max_size=args.max_size,
+                          max_buffer=args.max_buffer, max_clients=max_clients,
+                          max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy)
+    address, where = reachable_at(args.host, server.port)
     secure = "s" if ssl_context else ""
-    logger.info("chat server ready: ws%s://%s%s for clients, http%s://%s/ in a browser",
-                secure, address, CHAT_PATH, secure, address)
+    logger.info("chat server ready%s: ws%s://%s%s for clients, http%s://%s/ in a browser",
+                where, secure, address, CHAT_PATH, secure, address)
     await run_until_signalled(server)
     return 0
 
@@ -3492,16 +3875,16 @@ async def run_client(args: argparse.Namespace) -> int:
         screen.show("* --insecure: the server's certificate is NOT checked", "error")
     client = ChatClient(args.url, screen, keyboard, name=args.name, interactive=interactive,
                         reconnect=not args.no_reconnect, ssl_context=ssl_context,
-                        max_size=args.max_size)
+                        max_size=args.max_size,   # no prompt before there is a room:
+                        on_connected=lambda: start_keyboard(keyboard, screen, client, interactive))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, keyboard.interrupt)
-    terminal = start_keyboard(keyboard, screen, client, interactive)
     try:
         return await client.run()
     finally:
-        if terminal is not None:
-            terminal.stop()
+        if screen.terminal is not None:
+            screen.terminal.stop()
 
 
 def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient,
@@ -3522,11 +3905,86 @@ def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient,
     return terminal
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+# Every value is checked as it is parsed, so a bad one is a usage error (exit
+# status 2, one sentence from argparse) rather than a traceback or a server that
+# starts and then misbehaves (a rate of -1, or NaN, which turns the limit off).
+
+def whole_number(text: str, low: int, high: int | None = None) -> int:
+    """An int from low to high (or up), or an error saying what was wrong with ``text``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low or (high is not None and value > high):
+        allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {allowed}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return whole_number(text, 0)
+
+
+def port_number(text: str) -> int:
+    """0 to 65535; 0 lets the system pick a free port."""
+    return whole_number(text, 0, 65535)
+
+
+def rate(text: str) -> float:
+    """A finite number of messages per second, 0 or more ("nan" and "inf" are not rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate: give a number of "
+                                         "messages per second, 0 or more")
+    return value
+
+
+def readable_file(path: str) -> str:
+    """A file we can open now, so a typo fails at once and not at the first client."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {describe_os_error(error)}") from None
+    return path
+
+
+def ip_address(text: str) -> str:
+    address = canonical_address(text)
+    if address is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address")
+    return address
+
+
+def websocket_url(url: str) -> str:
+    try:
+        parse_uri(url)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return url
+
+
+def describe_os_error(error: OSError) -> str:
+    """The few system errors a person starting chat.py meets, in words to act on."""
+    if isinstance(error, socket.gaierror):
+        if error.errno == socket.EAI_NONAME:
+            return "no such host (give a name this machine can resolve, or an address)"
+        return f"cannot look the name up ({error.strerror}; is DNS reachable?)"
+    reasons = {
+        errno.ENOENT: "no such file",
+        errno.EACCES: "permission denied",
+        errno.EISDIR: "it is a directory",
+        errno.EADDRINUSE: "address already in use (is another server running? --port picks another)",
+        errno.EADDRNOTAVAIL: "this machine has no such address",
+    }
+    return reasons.get(error.errno, (error.strerror or str(error)).lower())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3549,30 +4007,50 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
                     "Ctrl-C closes every connection with 1001 (going away) and exits.")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    server.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; '' means all interfaces (default: %(default)s)")
+    server.add_argument("--port", type=port_number, default=8080, help="port to listen on (default: %(default)s)")
     server.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                         help="largest message accepted, in bytes; larger ones close with 1009 "
                              "(default: %(default)s)")
-    server.add_argument("--max-clients", type=positive_int, default=1000,
-                        help="connections beyond this get HTTP 503 (default: %(default)s)")
     server.add_argument("--max-buffer", type=positive_int, default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
-    server.add_argument("--rate", type=float, default=RATE_PER_SECOND,
+    server.add_argument("--rate", type=rate, default=RATE_PER_SECOND,
                         help="messages per second allowed per client after a burst; 0 turns "
                              "flood control off (default: %(default)s)")
     server.add_argument("--burst", type=positive_int, default=RATE_BURST,
                         help="messages a client may send at once (default: %(default)s)")
-    server.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT,
+    server.add_argument("--announce-limit", type=non_negative_int, default=ANNOUNCE_LIMIT,
                         help="stop announcing joins and leaves past this many members "
                              "(default: %(default)s)")
+    server.add_argument("--certfile", type=readable_file, help="serve https:// and wss:// with this certificate (PEM)")
+    server.add_argument("--keyfile", type=readable_file, help="the certificate's private key (PEM), if not in --certfile")
+    add_server_access_flags(server)
+    server.set_defaults(run=run_server)
+
+
+def add_server_access_flags(server: argparse.ArgumentParser) -> None:
+    """Who may connect, and how many: the flags for an operator's defences."""
+    server.add_argument("--max-clients", type=positive_int, default=1000,
+                        help="connections beyond this get HTTP 503; lowered at start-up if the "
+                             "open-file limit (ulimit -n) can't hold them (default: %(default)s)")
+    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_ADDRESS,
+                        help="connections one IP address may hold at once; more get HTTP 503. "
+                             "A classroom behind one NAT shares one address: raise it there; "
+                             "0 means no limit (default: %(default)s)")
+    server.add_argument("--trusted-proxy", action="append", default=[], type=ip_address,
+                        metavar="ADDR",
+                        help="a reverse proxy in front of the server: for connections from ADDR "
+                             "(and only from it), limits and logs use the client address in its "
+                             "X-Forwarded-For header (repeatable)")
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="also accept browsers from this origin, e.g. https://example.com "
                              "(repeatable; the server's own origin is always accepted)")
-    server.add_argument("--certfile", help="serve https:// and wss:// with this certificate (PEM)")
-    server.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
-    server.set_defaults(run=run_server)
+    server.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests for this host name (repeatable; '*' for any). "
+                             "IP addresses, localhost and this machine's name always work; other "
+                             "names get HTTP 421, which stops DNS-rebinding pages")
 
 
 def add_client_command(commands: argparse._SubParsersAction) -> None:
@@ -3586,11 +4064,11 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     "server goes away the client reconnects, waiting 1, 2, 4 ... up to 30 "
                     "seconds, and gets its name back.")
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
-    client.add_argument("--url", default=f"ws://127.0.0.1:8080{CHAT_PATH}",
+    client.add_argument("--url", type=websocket_url, default=f"ws://127.0.0.1:8080{CHAT_PATH}",
                         help="the chat's WebSocket URL (default: %(default)s)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
-    client.add_argument("--cafile", help="trust the CA certificate(s) in this PEM file for wss://")
+    client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
@@ -3604,8 +4082,9 @@ def add_echo_command(commands: argparse._SubParsersAction) -> None:
     echo_cmd = commands.add_parser(
         "echo", help="an echo server for conformance suites (Autobahn)",
         description="Send every message back unchanged, on any path.")
-    echo_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    echo_cmd.add_argument("--port", type=int, default=9001, help="port to listen on (default: %(default)s)")
+    echo_cmd.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on; '' means all interfaces (default: %(default)s)")
+    echo_cmd.add_argument("--port", type=port_number, default=9001, help="port to listen on (default: %(default)s)")
     echo_cmd.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                           help="largest message accepted, in bytes (default: %(default)s)")
     echo_cmd.set_defaults(run=run_echo)
@@ -3623,6 +4102,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(args.run(args))
     except KeyboardInterrupt:
         return 0
+    except StartupError as error:
+        print(f"chat.py: {error}", file=sys.stderr)
+        return 1
     except (OSError, ssl.SSLError) as error:   # e.g. the port is taken, a bad certificate file
         print(f"chat.py: {error.strerror or error}", file=sys.stderr)
         return 1
