@@ -935,8 +935,12 @@ def log_frame(who: str, direction: str, header_bytes: bytes, length: int) -> Non
 
 
 def log_head(who: str, direction: str, head: bytes) -> None:
-    """The -v trace of a handshake's HTTP head, one line per header, escaped."""
-    lines = [printable(line) for line in head.decode("latin-1").strip().split("\r\n")]
+    """The -v trace of a handshake's HTTP head, one line per header, escaped.
+
+    A resume token in the request line is replaced by "…": it is a secret.
+    """
+    text = re.sub(r"([?&]resume=)[^&\s]+", r"\1…", head.decode("latin-1"))
+    lines = [printable(line) for line in text.strip().split("\r\n")]
     logger.debug("%s %s %s", who, direction, "\n    ".join(lines))
 
 
@@ -1813,7 +1817,8 @@ RELAY_OVERHEAD = 1024
 #: history lines follow.
 GREETING = ("* You are connected as {name}! There {count}. Type /help for commands. "
             "Limits: lines of up to {max_size} bytes; {rate}. "
-            "Your resume token is {token} (keep it to yourself). {history} of history follow.")
+            "Your resume token is {token} (keep it to yourself). The room has {delivered} of "
+            "yours. {history} of history follow.")
 
 #: Close reason for a connection whose member came back on a new one.
 REPLACED_REASON = "replaced by your new connection"
@@ -1831,9 +1836,13 @@ def describe_rate(rate: float, burst: int) -> str:
     return f"bursts of {burst} lines, then {rate:g} per second"
 
 
+#: RFC 3339 in UTC, as history lines carry it: "2026-12-02T09:15:00Z".
+UTC_STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def utc_stamp(when: float) -> str:
     """'2026-12-02T09:15:00Z': an unambiguous time on the wire (RFC 3339)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    return time.strftime(UTC_STAMP_FORMAT, time.gmtime(when))
 
 
 #: How a client reads the greeting back; JavaScript's regular expressions
@@ -1844,6 +1853,7 @@ GREETING_PATTERNS = types.MappingProxyType({
     "burst": r"bursts of (\d+) lines",
     "rate": r"then ([\d.]+) per second",
     "token": r"Your resume token is (\S+) ",
+    "delivered": r"The room has (\d+) lines? of yours",
     "history": r"(\d+) lines? of history follow",
 })
 
@@ -1856,6 +1866,7 @@ class Greeting(typing.NamedTuple):
     burst: int | None
     rate: float | None
     token: str | None
+    delivered: int | None   # how many of this member's lines the room has relayed
     history: int
 
 
@@ -1869,8 +1880,12 @@ def parse_greeting(line: str) -> Greeting | None:
         match = found[field]
         return kind(match[1]) if match else None
 
-    return Greeting(value("name"), value("max_size", int), value("burst", int),
-                    value("rate", float), value("token"), value("history", int) or 0)
+    try:
+        return Greeting(value("name"), value("max_size", int), value("burst", int),
+                        value("rate", float), value("token"), value("delivered", int),
+                        value("history", int) or 0)
+    except ValueError:   # digits Python can't take as a number ("1.2.3", 5000 of them)
+        return None
 
 
 # Names, compared as people read them.
@@ -2195,6 +2210,7 @@ class Member:
     token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
     pacer: Pacer | None = None
     quit_reason: str = ""
+    lines: int = 0   # relayed from this member: what its receipts count (see ChatClient)
 
 
 def host_name(host: str) -> str | None:
@@ -2339,7 +2355,8 @@ class ChatRoom:
         there = f"{'is' if count == 1 else 'are'} {plural(count, 'user')} here"
         self.tell(member.conn, GREETING.format(
             name=member.name, count=there, max_size=self.max_size, token=member.token,
-            rate=describe_rate(self.rate, self.burst), history=plural(len(self.history), "line")))
+            rate=describe_rate(self.rate, self.burst), delivered=plural(member.lines, "line"),
+            history=plural(len(self.history), "line")))
         for when, line in self.history:
             self.tell(member.conn, f"(history {utc_stamp(when)}) {line}")
 
@@ -2393,6 +2410,7 @@ class ChatRoom:
             self.tell(member.conn, f"* {reply}")
             return
         if isinstance(line, ChatLine):
+            member.lines += 1
             self.say(f"[{member.name}]: {line.text}")
         elif line is not None:
             COMMAND_HANDLERS[line.name](self, member, line.argument)
@@ -2411,6 +2429,7 @@ class ChatRoom:
         self.tell(member.conn, f"* {len(names)} here: {', '.join(names)}")
 
     def command_me(self, member: Member, action: str) -> None:
+        member.lines += 1   # an action comes back to its sender like a line
         self.say(f"[{member.name}] {action}")
 
     def command_msg(self, member: Member, argument: str) -> None:
@@ -3072,23 +3091,21 @@ def mark_resent(line: str) -> str:
     return RESENT_MARK + parsed.text   # "//etc" -> "(resent) /etc": no longer a command
 
 
-def reconcile(unconfirmed: Sequence[str], echoes: Sequence[str], ours_in_history: Sequence[str],
-              *, certain: bool) -> list[str]:
-    """Which unconfirmed lines to send again after a reconnect, marked where in doubt.
+def to_send_again(unconfirmed: Sequence[str], arrived: int | None) -> list[str]:
+    """After a reconnect, which of our unconfirmed lines to send again.
 
-    ``echoes`` are the copies the lines would come back as; ``ours_in_history``
-    our lines in the history the new connection received, oldest first, from
-    just after the last line the room confirmed to us. A line found there (in
-    order) arrived before the connection dropped; one that isn't is sent again,
-    marked as a possible repeat unless ``certain`` that the room never had it.
+    The room counts the lines it relayed from each member and its greeting
+    says how many it has of ours. If we are back in the same room (it gave
+    our resume token back), the first ``arrived`` of the unconfirmed lines
+    got there before the connection dropped (only their copies were lost),
+    and the rest never did: those are sent again as they were. A room that
+    doesn't know us (``arrived`` None: the server restarted) can't say; the
+    old one may have relayed some of them to people who are here again, so
+    each is sent again marked as a possible repeat.
     """
-    resend, position = [], 0
-    for line, echo in zip(unconfirmed, echoes):
-        try:
-            position = ours_in_history.index(echo, position) + 1
-        except ValueError:
-            resend.append(line if certain else mark_resent(line))
-    return resend
+    if arrived is None:
+        return [mark_resent(line) for line in unconfirmed]
+    return list(unconfirmed[arrived:])
 
 
 def line_style(line: str, name: str) -> str:
@@ -3109,7 +3126,10 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
     stamp, style = now, ""
     history = HISTORY_PREFIX.match(line)
     if history:
-        stamp = calendar.timegm(time.strptime(history[1], "%Y-%m-%dT%H:%M:%SZ"))
+        try:
+            stamp = calendar.timegm(time.strptime(history[1], UTC_STAMP_FORMAT))
+        except ValueError:   # a month 13 from a broken server: keep the line, stamp it now
+            pass
         line, style = line[history.end():], "history"
     action = re.match(r"\[([^\]\s]+)\] (?!→)", line)
     if action:
@@ -3287,8 +3307,7 @@ class Terminal:
         """Ctrl-Z: give the terminal back as it was, stop; draw again after fg."""
         self._write(self.view.clear())
         self._leave_raw_mode()
-        os.kill(os.getpid(), signal.SIGTSTP)   # returns once the shell continues us
-        self._resumed()
+        os.kill(os.getpid(), signal.SIGTSTP)   # fg continues us: SIGCONT calls _resumed
 
     def _resumed(self) -> None:
         self._enter_raw_mode()
@@ -3416,13 +3435,12 @@ class ChatClient:
         self.greeting: Greeting | None = None          # of the current connection
         self.token: str | None = None                  # gets our name back on a reconnect
         self.unconfirmed: collections.deque[tuple[str, str]] = collections.deque()  # (line, copy)
-        self.last_confirmed: str | None = None         # the copy of the last line confirmed
-        self.history_left = 0                          # history lines still to come
-        self.ours_in_history: list[str] = []
+        self.delivered = 0                             # of ours the room confirmed (by copy)
         self.bucket: TokenBucket | None = None         # the room's pace, from the greeting
         self.leave_by: float | None = None             # once the user asked to leave
+        self.quit_reason: str | None = None            # /quit REASON, kept across reconnects
         self.refused = 0                               # lines too long for the room
-        self.same_room = self.certain = False          # see on_greeting, on_history_line
+        self.reconnected = False                       # then the history repeats what we saw
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
 
     def waiting(self) -> list[str]:
@@ -3454,6 +3472,7 @@ class ChatClient:
                 if closed is None:
                     return self.finish(0)
                 self.screen.show(f"* disconnected: {closed}", "error")
+                self.reconnected = True
                 if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
                     continue
                 if not self.reconnect or closed.code not in RECONNECT_CODES:
@@ -3505,6 +3524,8 @@ class ChatClient:
         finally:
             for task in (receiving, sending, pinging):
                 task.cancel()
+            # Let them finish: a cancelled send must first put its line back.
+            await asyncio.gather(receiving, sending, pinging, return_exceptions=True)
 
     # -- sending -----------------------------------------------------------
 
@@ -3517,6 +3538,8 @@ class ChatClient:
         # The greeting tells our name and the room's limits; Ctrl-C needn't wait for it.
         await self.keyboard.wait_until(lambda: greeted.is_set() or self.keyboard.interrupted)
         while True:
+            if self.quit_reason is not None and not self.keyboard.lines:
+                return self.quit_reason   # /quit came before a reconnect: what it waited for is sent
             await self.keyboard.wait()
             line = self.keyboard.take()
             if line is None:
@@ -3537,12 +3560,16 @@ class ChatClient:
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.keyboard.lines.clear()   # what was typed after /quit is not for the room
             self.start_leaving()
-            return parsed.argument or "bye"
+            self.quit_reason = parsed.argument or "bye"
+            return self.quit_reason
         try:
             await self.pace()
         except asyncio.CancelledError:
             self.keyboard.unget(line)   # the connection ended while it waited its turn
             raise
+        if conn.state is not State.OPEN:
+            self.keyboard.unget(line)   # certainly not sent: it goes first next time
+            raise ConnectionClosed(conn.close_rcvd, conn.close_sent, tcp_closed=False)
         copy = echo_of(line, self.name)
         try:
             await conn.send(line)
@@ -3610,7 +3637,8 @@ class ChatClient:
 
     def finish(self, status: int) -> int:
         """At exit: list every line that never reached the room; 1 if there was any."""
-        lost = [line for line, _ in self.unconfirmed] + list(self.keyboard.lines)
+        lost = [line for line, _ in self.unconfirmed] + [
+            line for line in self.keyboard.lines if not is_quit_command(line)]
         for line in lost:
             self.screen.show(f"* not sent: {line}", "error")
         return 1 if lost or self.refused else status
@@ -3636,55 +3664,38 @@ class ChatClient:
         greeting = parse_greeting(line)
         if greeting is None:
             return   # not our kind of server: no names, no receipts
-        # The room gives our token back only if it is the room we were in (the
-        # server did not restart): only then can its history tell what it has.
-        self.same_room = self.token is not None and greeting.token == self.token
+        # The room gives our token back only if it is the room we were in
+        # (the server did not restart): only then does its count mean ours.
+        same_room = self.token is not None and greeting.token == self.token
+        arrived = (greeting.delivered or 0) - self.delivered if same_room else None
         self.greeting, self.token = greeting, greeting.token
+        self.delivered = greeting.delivered or 0
         self.name = self.screen.name = greeting.name
         self.bucket = TokenBucket(greeting.rate, greeting.burst or 1) if greeting.rate else None
-        self.history_left, self.ours_in_history, self.certain = greeting.history, [], False
-        if not self.history_left:
-            self.resend_unconfirmed()
+        lines = [line for line, _ in self.unconfirmed]
+        self.unconfirmed.clear()
+        for line in reversed(to_send_again(lines, arrived)):
+            self.keyboard.unget(line)   # before anything typed while we were away
 
     def on_line(self, line: str) -> None:
         """One line from the room: show it, and note what it tells about our lines."""
-        history = HISTORY_PREFIX.match(line)
-        if history and self.history_left:
-            self.on_history_line(line[history.end():])
-        elif self.unconfirmed and line == self.unconfirmed[0][1]:
-            self.last_confirmed = self.unconfirmed.popleft()[1]
+        if self.unconfirmed and line == self.unconfirmed[0][1]:
+            self.unconfirmed.popleft()   # the room's copy of our line: it has it
+            self.delivered += 1
             self.keyboard.changed()
         renamed = re.fullmatch(r"\* (\S+) is now known as (\S+)", line)
         if renamed and renamed[1] == self.name:
             self.name = self.screen.name = renamed[2]
             self.unconfirmed = collections.deque(   # copies of what is on its way now carry it
                 (text, echo_of(text, self.name) or copy) for text, copy in self.unconfirmed)
-        # After a reconnect the history repeats what was shown before: skip
-        # it. (A line said twice in the same words is then shown once.)
+        history = HISTORY_PREFIX.match(line)
         text = line[history.end():] if history else line
-        if history and text in self.seen:
+        # After a reconnect the history repeats what was shown before: skip
+        # that. (So a line said twice in the same words may then show once.)
+        if history and self.reconnected and text in self.seen:
             return
         self.seen.append(text)
         self.screen.show(line)
-
-    def on_history_line(self, line: str) -> None:
-        self.history_left -= 1
-        if line == self.last_confirmed:   # what follows is all the room has of ours since
-            self.ours_in_history, self.certain = [], self.same_room
-        elif line.startswith((f"[{self.name}]: ", f"[{self.name}] ")):
-            self.ours_in_history.append(line)
-        if not self.history_left:
-            self.resend_unconfirmed()
-
-    def resend_unconfirmed(self) -> None:
-        """After a reconnect: send again what the history shows the room never got."""
-        if not self.unconfirmed:
-            return
-        lines = [line for line, _ in self.unconfirmed]
-        copies = [copy for _, copy in self.unconfirmed]
-        self.unconfirmed.clear()
-        for line in reversed(reconcile(lines, copies, self.ours_in_history, certain=self.certain)):
-            self.keyboard.unget(line)
 
     # -- between connections ----------------------------------------------
 
@@ -3695,10 +3706,12 @@ class ChatClient:
         to deliver. Lines typed meanwhile wait for the next connection.
         """
         def out() -> bool:
-            idle = not self.unconfirmed and all(map(is_quit_command, self.keyboard.lines))
-            leaving = self.keyboard.ended or self.leave_by is not None
-            asked = any(map(is_quit_command, self.keyboard.lines))
-            return self.keyboard.interrupted or (idle and (leaving or asked))
+            if self.keyboard.interrupted:
+                return True
+            typed = [line for line in self.keyboard.lines if not is_quit_command(line)]
+            asked = self.keyboard.ended or self.leave_by is not None or len(typed) < len(
+                self.keyboard.lines)
+            return asked and not typed and not self.unconfirmed   # nothing left to deliver
         try:
             await asyncio.wait_for(self.keyboard.wait_until(out), delay)
         except asyncio.TimeoutError:
@@ -3708,11 +3721,12 @@ class ChatClient:
     async def ask_for_a_name(self) -> bool:
         """The room refused our name: the next line typed is the new one."""
         self.screen.show("* type another name and Enter (Ctrl-C leaves)", "notice")
-        await self.keyboard.wait()
-        name = self.keyboard.take()
-        if name is None:
+        waiting = len(self.keyboard.lines)   # lines typed before this are chat, kept for later
+        await self.keyboard.wait_until(
+            lambda: len(self.keyboard.lines) > waiting or self.keyboard.done)
+        if len(self.keyboard.lines) <= waiting:
             return False
-        self.name, self.token = name.strip(), None
+        self.name, self.token = self.keyboard.lines.pop().strip(), None
         return True
 
 
@@ -4167,9 +4181,10 @@ input[type=text] { flex: 1; } [hidden] { display: none !important; }
 const PATTERNS = @GREETING_PATTERNS@, RESENT_MARK = @RESENT_MARK@, RECONNECT = @RECONNECT_CODES@;
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
-let socket = null, myName = "", token = "", greeted = false, historyLeft = 0, ours = [];
-let anchor = null, certain = false, sameRoom = false, backoff = 1, bucket = null, pumping = null;
+let socket = null, myName = "", token = "", greeted = false, delivered = 0, reconnected = false;
+let backoff = 1, bucket = null, pumping = null;
 const pending = [];   // our lines on their way: {line, copy, sent, item}
+const seen = [];      // the latest lines shown, so a reconnect's history doesn't repeat them
 
 function field(line, name) { const m = new RegExp(PATTERNS[name]).exec(line); return m ? m[1] : null; }
 function hhmm(date) { return date.toTimeString().slice(0, 5); }
@@ -4200,55 +4215,50 @@ function connect() {
   const query = new URLSearchParams();
   if (myName) query.set("name", myName);
   if (token) query.set("resume", token);
-  socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
-  greeted = false; status.textContent = "connecting…";
-  socket.onopen = () => { status.textContent = "connected"; backoff = 1; };
-  socket.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
-  socket.onclose = closed;
+  const ws = socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
+  greeted = false; status.textContent = "connecting…"; $("join").hidden = true;
+  ws.onopen = () => { status.textContent = "connected"; backoff = 1; };
+  ws.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
+  ws.onclose = (event) => { if (ws === socket) closed(event); };   // not an older socket's
 }
 
 function greeting(line) {
   greeted = true;
   const name = field(line, "name"), rate = parseFloat(field(line, "rate")), resume = field(line, "token");
-  sameRoom = token !== "" && resume === token;
+  const has = parseInt(field(line, "delivered")) || 0;
+  // Back in the same room (it gave our token back): it says how many of our
+  // lines it has, so the first of the unconfirmed ones arrived; the rest are
+  // sent again. A room that doesn't know us can't say: all go again, marked.
+  const arrived = token !== "" && resume === token ? has - delivered : null;
   if (name) { myName = name; token = resume || ""; }
+  delivered = has;
   const burst = parseInt(field(line, "burst")) || 1;
   bucket = rate ? {rate, burst, tokens: burst, stamp: Date.now()} : null;
-  historyLeft = parseInt(field(line, "history")) || 0; ours = []; certain = false;
   $("join").hidden = true; $("send").hidden = false; $("text").focus();
   show(line.split(" Limits: ")[0]);
-  if (!historyLeft) reconcile();
+  const sent = pending.filter((p) => p.sent);
+  sent.forEach((p, i) => {
+    if (arrived !== null && i < arrived) { drop(p); return; }
+    p.sent = false;
+    if (arrived === null) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
+  });
+  pump();
 }
 
 function received(line) {
-  const history = /^\\(history (\\S+)\\) /.exec(line);
-  if (history && historyLeft) {
-    const text = line.slice(history[0].length);
-    historyLeft -= 1;
-    if (text === anchor) { ours = []; certain = sameRoom; }
-    else if (text.startsWith("[" + myName + "]")) ours.push(text);
-    if (!seen.has(text)) show(text, new Date(history[1]), "history");
-    if (!historyLeft) reconcile();
-    return;
-  }
   const first = pending.find((p) => p.sent);
-  if (first && line === first.copy) { anchor = line; drop(first); }
-  const renamed = /^\\* (\\S+) is now known as (\\S+)$/.exec(line);
-  if (renamed && renamed[1] === myName) myName = renamed[2];
-  seen.add(line); show(line);
-}
-const seen = new Set();
-
-function reconcile() {   // after a reconnect: which of our lines did the room get?
-  let position = 0;
-  for (const p of pending.filter((p) => p.sent)) {
-    const at = ours.indexOf(p.copy, position);
-    if (at >= 0) { position = at + 1; drop(p); continue; }
-    p.sent = false;
-    if (!certain) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
+  if (first && line === first.copy) { delivered += 1; drop(first); }
+  const renamed = /^\* (\S+) is now known as (\S+)$/.exec(line);
+  if (renamed && renamed[1] === myName) {
+    myName = renamed[2];
+    for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
   }
-  pump();
+  const history = /^\(history (\S+)\) /.exec(line), text = history ? line.slice(history[0].length) : line;
+  if (history && reconnected && seen.includes(text)) return;   // shown before the reconnect
+  seen.push(text); if (seen.length > 100) seen.shift();
+  if (history) show(text, new Date(history[1]), "history"); else show(line);
 }
+
 function mark(line) {
   const me = /^\\/me\\s+/i.exec(line);
   return me ? "/me " + RESENT_MARK + line.slice(me[0].length) : RESENT_MARK + (line.startsWith("//") ? line.slice(1) : line);
@@ -4275,6 +4285,7 @@ function drop(p) { pending.splice(pending.indexOf(p), 1); p.item.remove(); }
 function closed(event) {
   if (greeted || !RECONNECT.includes(event.code))   // a failed reconnect says nothing new
     show("disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")", null, "error");
+  if (greeted) reconnected = true;
   status.textContent = "not connected"; socket = null; greeted = false;
   if (RECONNECT.includes(event.code)) {
     status.textContent = "reconnecting in " + backoff + " s";

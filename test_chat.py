@@ -1033,10 +1033,11 @@ class TestChatRoom(ChatTestCase):
             "* You are connected as alice! There is 1 user here. Type /help for commands. "
             "Limits: lines of up to 4096 bytes; bursts of 20 lines, then 2 per second. "
             "Your resume token is "), greeting)
-        self.assertTrue(greeting.endswith(" (keep it to yourself). 0 lines of history follow."))
+        self.assertTrue(greeting.endswith(
+            " (keep it to yourself). The room has 0 lines of yours. 0 lines of history follow."))
         bob = await self.open(self.server, "/chat?name=bob")
         parsed = chat.parse_greeting(await within(bob.recv()))
-        self.assertEqual(parsed._replace(token=None), chat.Greeting("bob", 4096, 20, 2.0, None, 0))
+        self.assertEqual(parsed._replace(token=None), chat.Greeting("bob", 4096, 20, 2.0, None, 0, 0))
         self.assertEqual(len(parsed.token), 22)   # 16 random bytes
         await self.expect(alice, "* bob joined")
 
@@ -1159,10 +1160,14 @@ class TestChatRoom(ChatTestCase):
         old = await self.open(self.server, "/chat?name=bob")
         token = chat.parse_greeting(await within(old.recv())).token
         await self.expect(alice, "* bob joined")
+        await old.send("before the link died")
+        await self.expect(alice, "[bob]: before the link died")
         thief = await self.open(self.server, "/chat?name=bob&resume=wrong")
         await expect_closed(thief, CloseCode.POLICY_VIOLATION)
         new = await self.open(self.server, f"/chat?name=bob&resume={token}")
-        self.assertEqual(chat.parse_greeting(await within(new.recv())).token, token)
+        greeting = chat.parse_greeting(await within(new.recv()))
+        self.assertEqual((greeting.token, greeting.delivered), (token, 1))   # it has 1 of bob's
+
         closed = await expect_closed(old, CloseCode.NORMAL_CLOSURE)
         self.assertEqual(closed.reason, chat.REPLACED_REASON)
         await new.send("back")
@@ -2727,34 +2732,39 @@ class TestDelivery(unittest.TestCase):
         for command in ("/who", "/msg alice hi", "/nick x", "/foo"):
             self.assertIsNone(chat.echo_of(command, "bob"))
 
-    def test_lines_the_history_shows_are_not_sent_again(self):
-        lines = ["one", "two", "three"]
-        copies = [f"[bob]: {line}" for line in lines]
-        self.assertEqual(chat.reconcile(lines, copies, ["[bob]: one", "[bob]: two"], certain=True),
-                         ["three"])
+    def test_after_a_reconnect_to_the_same_room_only_what_it_lacks_is_sent_again(self):
+        self.assertEqual(chat.to_send_again(["one", "two", "three"], 2), ["three"])
+        self.assertEqual(chat.to_send_again(["ok", "ok"], 1), ["ok"])   # counted, not matched
 
-    def test_lines_in_doubt_are_marked_as_possible_repeats(self):
-        lines = ["one", "/me waves", "//etc"]
-        copies = ["[bob]: one", "[bob] waves", "[bob]: /etc"]
-        self.assertEqual(chat.reconcile(lines, copies, [], certain=False),
+    def test_a_room_that_does_not_know_us_gets_them_all_marked_as_possible_repeats(self):
+        self.assertEqual(chat.to_send_again(["one", "/me waves", "//etc"], None),
                          ["(resent) one", "/me (resent) waves", "(resent) /etc"])
 
     def test_a_reconnected_client_resends_what_the_room_never_got(self):
         keyboard = chat.Keyboard()
         client = chat.ChatClient("ws://h/chat", chat.Screen(io.StringIO(), color=False), keyboard)
         greeting = ("* You are connected as bob! Limits: lines of up to 99 bytes; no rate limit. "
-                    "Your resume token is T1 (keep it to yourself). 0 lines of history follow.")
-        client.on_greeting(greeting)
-        client.on_line("[bob]: one")   # nothing unconfirmed yet: just shown
-        client.unconfirmed.extend([("one", "[bob]: one"), ("two", "[bob]: two")])
-        client.on_line("[bob]: one")
-        self.assertEqual([line for line, _ in client.unconfirmed], ["two"])
-        # The connection drops; the same room (same token) shows what it has of ours.
-        client.on_greeting(greeting.replace("0 lines", "2 lines"))
-        client.on_line("(history 2026-12-02T09:15:00Z) [bob]: one")
-        client.on_line("(history 2026-12-02T09:15:01Z) [alice]: hi")
-        self.assertEqual(list(keyboard.lines), ["two"])   # certain: sent again as it was
+                    "Your resume token is T1 (keep it to yourself). The room has {} of yours. "
+                    "0 lines of history follow.")
+        client.on_greeting(greeting.format("0 lines"))
+        client.unconfirmed.extend([("ok", "[bob]: ok"), ("ok", "[bob]: ok"), ("three", "[bob]: three")])
+        client.on_line("[bob]: ok")
+        self.assertEqual((client.delivered, len(client.unconfirmed)), (1, 2))
+        # The connection drops; the same room (it gives T1 back) had relayed one more.
+        client.on_greeting(greeting.format("2 lines"))
+        self.assertEqual(list(keyboard.lines), ["three"])   # sent again as it was
         self.assertFalse(client.unconfirmed)
+        # A server that restarted doesn't know T1: it can't say, so the line is marked.
+        client.unconfirmed.append(("four", "[bob]: four"))
+        client.on_greeting(greeting.format("0 lines").replace("T1", "T2"))
+        self.assertEqual(list(keyboard.lines), ["(resent) four", "three"])
+
+    def test_a_broken_greeting_or_history_stamp_is_shown_not_a_traceback(self):
+        self.assertIsNone(chat.parse_greeting("* You are connected as x! Limits: lines of up to "
+                                              "10 bytes; bursts of 3 lines, then 1.2.3 per second."))
+        text, style = chat.display_line("(history 2026-13-45T99:00:00Z) [x]: odd", name="y",
+                                        timestamps=False, now=0)
+        self.assertEqual((text, style), ("[x]: odd", "history"))
 
 
 class TestChatClient(ChatTestCase):
@@ -2838,6 +2848,7 @@ class TestChatClient(ChatTestCase):
             """Greets, then is closing: send() fails; the peer's close frame comes 50 ms later."""
             sends = 0
             greeted = False
+            state = chat.State.OPEN   # as far as the client can tell before it sends
 
             async def send(self, line):
                 self.sends += 1
