@@ -17,21 +17,28 @@ Read it top to bottom; the sections come in the order a learner needs them
     4. Frames         the §5.2 header, masking, encoding and parsing (§5.2-§5.5)
     5. Messages       fragments, UTF-8 and close payloads (§5.4, §5.6, §7.4, §8.1)
        --- everything above is pure: no await, no I/O, no logging ---
-    6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7)
-    7. Server and client  serve() and connect(): TCP, the handshake on the wire
-    8. Chat room      names, history, broadcast, commands, rate limits
-    9. Client         connect, read the keyboard, show the room safely
-   10. Command line   argparse subcommands; main(argv) -> exit status
-   11. Web page       the HTML and JavaScript served at /
+    6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7);
+                      printable(), which keeps what peers send from driving a terminal
+    7. Server and client  serve() and connect(): TCP, the handshake on the wire, limits
+    8. Chat room      names, history, commands, flood control, broadcast
+    9. Line editor    raw-mode keys, one buffer and a cursor, the input redrawn whole
+   10. Client         connect, deliver what is typed, show the room; reconnect
+   11. Command line   argparse subcommands; main(argv) -> exit status
+   12. Web page       the HTML and JavaScript served at /
+   (9 and 12 can be skipped by a reader who came for the protocol.)
 
 The life of a chat line, with the names to read at each step:
 
-    bob types "hi" and Enter     Keyboard (9) queues the line; ChatClient.session takes it
-    bob's client sends it        Connection.send (6) -> encode_frame (4): a masked TEXT frame
+    bob types "hi" and Enter     LineEditor (9) -> Keyboard (10) queues the line
+    bob's client sends it        ChatClient.send_line, paced by pace() (10) -> Connection.send (6)
+                                 -> encode_frame (4): a masked TEXT frame
     the server reads it          Connection.recv (6): FrameReader (4), MessageAssembler (5)
-    the room relays it           ChatRoom.relay_messages -> on_text -> broadcast (8)
+    the room relays it           ChatRoom.relay_messages -> Pacer.submit -> on_text -> say
+                                 -> broadcast (8): one SharedFrames for this loop turn
     every member's socket        Connection.queue_frame (6): one write per member per loop turn
-    alice's client shows it      ChatClient.show_incoming -> Screen.show (9), escaped by printable
+    alice's client shows it      ChatClient.receive -> on_line -> Screen.show -> Terminal.show
+                                 -> InputView.show_above (10, 9), escaped by printable (6)
+    bob's copy comes back        on_line sees it: the line is confirmed, no longer dimmed (10)
 
 Left out on purpose: extensions (permessage-deflate), subprotocols, HTTP
 redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
@@ -821,7 +828,7 @@ def parse_close_payload(payload: bytes) -> tuple[int, str]:
     if len(payload) == 1:
         raise ProtocolError("close frame with a 1-byte payload")
     code = struct.unpack("!H", payload[:2])[0]
-    if code not in SENDABLE_CLOSE_CODES and not 3000 <= code <= 4999:
+    if code not in SENDABLE_CLOSE_CODES:
         raise ProtocolError(f"close code {code} is not allowed on the wire")
     try:
         reason = payload[2:].decode("utf-8")
@@ -1708,7 +1715,7 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
             reader, writer = await asyncio.open_connection(
                 target.host, target.port, ssl=ssl_context if target.secure else None,
                 limit=READ_BUFFER_LIMIT)
-        except OSError as error:   # ssl.SSLError is an OSError too
+        except OSError as error:   # an ssl.SSLError too: it is a kind of OSError
             if target.secure and not_tls(error):
                 raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"the server at wss://"
                                      f"{target.host_header} did not answer TLS — is it ws://?") from error
@@ -1779,7 +1786,7 @@ async def read_short_body(reader: asyncio.StreamReader, headers: dict[str, str])
 # WebSocket chat": everyone in one room, every line relayed to everyone, the
 # sender included (its copy is the sender's receipt). Everything on the wire
 # is a plain text line, readable in any WebSocket client (wscat, a browser
-# console). What a member can cause always starts with "[name]", which no
+# console). What a member says always starts with "[name]", which no
 # notice does, since names can't contain brackets:
 #
 #   [bob]: hello                          a line, the name attached by the server
@@ -3619,8 +3626,9 @@ class ChatClient:
         """Wait (bounded) until the room confirmed every line and answered every command.
 
         The server answers frames in order, so its pong to a ping sent now
-        comes after its replies to everything we sent before. False if the
-        connection ended first.
+        comes after its replies to everything we sent before, unless its
+        flood control held some of our lines: pace() keeps to the room's rate
+        so that it need not. False if the connection ended first.
         """
         remaining = max(0.0, (self.leave_by or 0) - time.monotonic())
         waiting = asyncio.create_task(self.until_confirmed(conn))
@@ -4127,7 +4135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def save_terminal() -> list | None:
-    """The terminal's settings, to restore if we exit while readline holds it in raw mode."""
+    """The terminal's settings, to restore should we exit with it still in raw mode."""
     if not sys.stdin.isatty():
         return None
     try:
@@ -4145,7 +4153,7 @@ def restore_terminal(settings: list | None) -> None:
 
 # 12. Web page #############################################################
 #
-# Kept last, as bottle keeps its templates: 70 lines of HTML and JavaScript a
+# Kept last, as bottle keeps its templates: 170 lines of HTML and JavaScript a
 # reader of the protocol can skip.
 
 #: The browser page served at "/": self-contained (no external scripts,
