@@ -17,27 +17,33 @@ Read it top to bottom; the sections come in the order a learner needs them
     4. Frames         the §5.2 header, masking, encoding and parsing (§5.2-§5.5)
     5. Messages       fragments, UTF-8 and close payloads (§5.4, §5.6, §7.4, §8.1)
        --- everything above is pure: no await, no I/O, no logging ---
-    6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7)
-    7. Server and client  serve() and connect(): TCP, the handshake on the wire
-    8. Chat room      names, history, broadcast, commands, rate limits
-       --- 9 and 10 only for ``server --redis``: skip them on a first reading ---
+    6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7);
+                      printable(), which keeps what peers send from driving a terminal
+    7. Server and client  serve() and connect(): TCP, the handshake on the wire, limits
+    8. Chat room      names, history, commands, flood control, broadcast
     9. Redis: RESP    a RESP2 reader (bytes in, replies out) and a pipelining client
    10. Shared room    one room on many servers: a Redis stream, name keys, the split
-   11. Line editor    keys in, an edited line and a redrawn screen out
-   12. Client         connect, read the keyboard, show the room safely
+   11. Line editor    raw-mode keys, one buffer and a cursor, the input redrawn whole
+   12. Client         connect, deliver what is typed, show the room; reconnect
    13. Command line   argparse subcommands; main(argv) -> exit status
    14. Web page       the HTML and JavaScript served at /
+   (9 and 10 serve only ``server --redis``; 11 and 14 can be skipped by a reader
+   who came for the protocol.)
 
 The life of a chat line, with the names to read at each step:
 
-    bob types "hi" and Enter     Keyboard (12) queues the line; ChatClient.session takes it
-    bob's client sends it        Connection.send (6) -> encode_frame (4): a masked TEXT frame
+    bob types "hi" and Enter     LineEditor (11) -> Keyboard (12) queues the line
+    bob's client sends it        ChatClient.send_line, paced by pace() (12) -> Connection.send (6)
+                                 -> encode_frame (4): a masked TEXT frame
     the server reads it          Connection.recv (6): FrameReader (4), MessageAssembler (5)
-    the room relays it           ChatRoom.relay_messages -> on_text -> broadcast (8)
+    the room relays it           ChatRoom.relay_messages -> Pacer.submit -> on_text -> say
+                                 -> broadcast (8): one SharedFrames for this loop turn
     every member's socket        Connection.queue_frame (6): one write per member per loop turn
     with --redis, other servers  SharedRoom.say -> share: XADD (10); each other server's
                                  _follower: XREAD -> on_event -> broadcast (10, 8)
-    alice's client shows it      ChatClient.on_line -> Screen.show (12), escaped by printable
+    alice's client shows it      ChatClient.receive -> on_line -> Screen.show -> Terminal.show
+                                 -> InputView.show_above (12, 11), escaped by printable (6)
+    bob's copy comes back        on_line sees it: the line is confirmed, no longer dimmed (12)
 
 Left out on purpose: extensions (permessage-deflate), subprotocols, HTTP
 redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
@@ -54,11 +60,14 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import errno
 import hashlib
 import http
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -74,7 +83,24 @@ import types
 import typing
 import unicodedata
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Sequence
+
+
+def check_python_version(version_info: tuple = sys.version_info) -> None:
+    """Exit with one line on Python older than 3.10, before any newer feature runs.
+
+    Python 3.7-3.9 can parse this whole file (the annotations stay unevaluated
+    strings), so the check sits right after the imports, which 3.7 has too;
+    the first line that 3.9 could not run (``Callable[...]`` at module level)
+    comes after it.
+    """
+    if tuple(version_info[:2]) < (3, 10):
+        sys.exit(f"chat.py needs Python 3.10 or later; this is Python "
+                 f"{version_info[0]}.{version_info[1]}")
+
+
+check_python_version()
 
 __all__ = [
     "Opcode", "CloseCode", "Frame", "Connection", "ConnectionClosed",
@@ -179,6 +205,19 @@ KEEPALIVE_INTERVAL = 20.0
 #: Bytes we let pile up for a peer that doesn't read before we drop it: four
 #: maximum-size messages. A slow reader costs memory, so the bound is firm.
 MAX_OUTGOING_BUFFER = 4 * MAX_MESSAGE_SIZE
+
+#: File descriptors kept back from members. Each member holds one; the server
+#: itself needs a few (the listening sockets, the event loop's, stdio, log
+#: files), and newcomers need one each while they are told the room is full.
+#: --max-clients is lowered, at start-up, to what the process's limit leaves.
+FD_RESERVE = 64
+
+#: One IP address may hold 50 connections at once, so one script can't fill
+#: the room (or its screens with "joined" and "left"). The trade-off: people
+#: behind one NAT, a classroom or an office, share an address, and 50 of them
+#: is the most that fits. ``--max-per-ip`` changes it; behind a reverse proxy,
+#: ``--trusted-proxy`` counts the addresses it forwards instead of its own.
+MAX_PER_ADDRESS = 50
 
 
 # 2. Errors #################################################################
@@ -324,6 +363,7 @@ class Response:
     body: str = ""
     headers: tuple[tuple[str, str], ...] = ()
     content_type: str = "text/plain; charset=utf-8"
+    logged: bool = False   # the refusal is already in the log, in a line of its own
 
 
 def bad_request(reason: str) -> HandshakeError:
@@ -796,7 +836,7 @@ def parse_close_payload(payload: bytes) -> tuple[int, str]:
     if len(payload) == 1:
         raise ProtocolError("close frame with a 1-byte payload")
     code = struct.unpack("!H", payload[:2])[0]
-    if code not in SENDABLE_CLOSE_CODES and not 3000 <= code <= 4999:
+    if code not in SENDABLE_CLOSE_CODES:
         raise ProtocolError(f"close code {code} is not allowed on the wire")
     try:
         reason = payload[2:].decode("utf-8")
@@ -910,8 +950,12 @@ def log_frame(who: str, direction: str, header_bytes: bytes, length: int) -> Non
 
 
 def log_head(who: str, direction: str, head: bytes) -> None:
-    """The -v trace of a handshake's HTTP head, one line per header, escaped."""
-    lines = [printable(line) for line in head.decode("latin-1").strip().split("\r\n")]
+    """The -v trace of a handshake's HTTP head, one line per header, escaped.
+
+    A resume token in the request line is replaced by "…": it is a secret.
+    """
+    text = re.sub(r"([?&]resume=)[^&\s]+", r"\1…", head.decode("latin-1"))
+    lines = [printable(line) for line in text.strip().split("\r\n")]
     logger.debug("%s %s %s", who, direction, "\n    ".join(lines))
 
 
@@ -1055,8 +1099,10 @@ class Connection:
         invalid UTF-8 fail the connection the moment it shows up, even in the
         middle of a frame (§8.1). Usually the whole payload is already here.
         """
-        while not (chunk := self._frames.read_payload()):
+        chunk = self._frames.read_payload()
+        while not chunk:
             await self._receive_more()
+            chunk = self._frames.read_payload()
         return chunk
 
     async def _read_control_payload(self) -> bytes:
@@ -1324,17 +1370,108 @@ async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
         lines.append(line)
 
 
-def log_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """Event-loop errors caused by a peer (a failed TLS handshake, a reset) get one line.
+#: RFC 8446 §5.1: the first byte of a TLS record that carries a handshake
+#: message. A request that starts with it is a wss:// client's ClientHello.
+TLS_HANDSHAKE_RECORD = 0x16
 
-    asyncio would log them with a traceback; a peer must not be able to put
-    tracebacks in our log. Anything else is a real bug and keeps its traceback.
+
+async def read_request_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """The request head; a client that speaks TLS to this plain server is told at once.
+
+    Else its ClientHello would wait for a line end that may never come, and
+    the client would see a reset after the 10 s handshake timeout. The 400
+    we answer instead makes its TLS library fail at once ("wrong version").
     """
-    error = context.get("exception")
-    if isinstance(error, (OSError, ssl.SSLError)):
-        logger.info("%s: %s", context.get("message", "network error"), error)
-    else:
-        loop.default_exception_handler(context)
+    first = await reader.readexactly(1)
+    if first[0] == TLS_HANDSHAKE_RECORD:
+        raise bad_request("a TLS handshake on a plain ws:// server: is the client's URL wss://?")
+    lines = await read_http_head(reader)
+    return [first + lines[0], *lines[1:]] if lines else []
+
+
+#: Shorter than asyncio's one-second retry of a failed accept(), far longer than one round of accepts.
+ACCEPT_ROUND = 0.5
+
+#: While descriptors are short, a connection that hasn't sent its whole request
+#: in this many seconds loses its descriptor: an honest client sends it at once.
+SILENT_WHEN_SHORT = 1.0
+
+
+class LoopErrorLog:
+    """The event loop's exception handler: what peers cause gets one line, never a traceback.
+
+    asyncio would log a failed TLS handshake or a reset with a traceback; a
+    peer must not be able to put tracebacks in our log. Anything else is a
+    real bug and keeps its traceback.
+
+    Running out of file descriptors is the other case. When accept() fails
+    with EMFILE, asyncio stops watching the listening socket and tries again
+    a second later; new connections wait in the kernel's listen queue, and
+    members already connected need no new descriptor, so they chat on. But
+    asyncio reports every failed attempt (a retry tries up to the backlog,
+    1024, and retries multiply): thousands of lines a second. Here an episode
+    gets one line when it starts and one when accepting works again. And
+    since the descriptors are most likely held by connections that opened
+    and then said nothing, each retry round has the servers drop those
+    silent for a second, so that a newcomer gets its answer (a 101, or a
+    503 if the room is full) within a second or two, not after the
+    10 s handshake timeout.
+    """
+
+    def __init__(self) -> None:
+        self.servers: weakref.WeakSet[WebSocketServer] = weakref.WeakSet()
+        self.failed_accepts = 0     # in the current episode; 0: not out of descriptors
+        self.dropped = 0            # silent handshakes cut in the current episode
+        self.first_failure = self.last_failure = self.last_drop = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        error = context.get("exception")
+        if context.get("message") == "socket.accept() out of system resource":
+            self.accept_failed(loop.time(), error)
+        elif isinstance(error, (OSError, ssl.SSLError)):
+            logger.info("%s: %s", context.get("message", "network error"), error)
+        else:
+            loop.default_exception_handler(context)
+
+    def accept_failed(self, now: float, error: OSError | None) -> None:
+        if not self.failed_accepts:
+            self.first_failure = now
+            reason = getattr(error, "strerror", None) or "out of resources"
+            logger.warning("cannot accept new connections: %s (see ulimit -n); they wait until "
+                           "a connection closes, members already here are unaffected", reason.lower())
+        self.failed_accepts += 1
+        self.last_failure = now
+        if now - self.last_drop > ACCEPT_ROUND:   # once a round, not once an attempt
+            self.last_drop = now
+            self.dropped += sum(server.drop_silent_handshakes(now) for server in self.servers)
+
+    def accepted(self, now: float) -> None:
+        """A connection was accepted: the episode is over, unless accept() failed this round too.
+
+        asyncio retries once a second; a failure in the same round (milliseconds
+        ago) means descriptors are still short, one a round earlier does not.
+        """
+        if self.failed_accepts and now - self.last_failure > ACCEPT_ROUND:
+            logger.warning("accepting connections again after %.1f s (%d attempts failed, "
+                           "%d silent connections dropped)", now - self.first_failure,
+                           self.failed_accepts, self.dropped)
+            self.failed_accepts = self.dropped = 0
+
+
+def canonical_address(text: str) -> str | None:
+    """An IP address written one way ("::ffff:10.0.0.1" is 10.0.0.1), or None if it isn't one."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)   # an IPv4 client on an IPv6 socket
+    return str(mapped or address)
+
+
+def peer_address(writer: asyncio.StreamWriter) -> str:
+    """The IP address at the other end of the TCP connection."""
+    peername = writer.get_extra_info("peername")
+    return (canonical_address(peername[0]) or peername[0]) if peername else "?"
 
 
 Handler = Callable[[Connection], Awaitable[None]]
@@ -1352,7 +1489,8 @@ class WebSocketServer:
                  max_size: int = MAX_MESSAGE_SIZE, max_buffer: int = MAX_OUTGOING_BUFFER,
                  max_clients: int | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  close_timeout: float = CLOSE_TIMEOUT,
-                 keepalive_interval: float | None = KEEPALIVE_INTERVAL) -> None:
+                 keepalive_interval: float | None = KEEPALIVE_INTERVAL,
+                 max_per_address: int | None = None, trusted_proxies: Collection[str] = ()) -> None:
         self.handler = handler
         self.process_request = process_request
         self.max_size = max_size
@@ -1361,16 +1499,27 @@ class WebSocketServer:
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.keepalive_interval = keepalive_interval
+        self.max_per_address = max_per_address
+        self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
         self.connections: set[Connection] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._address_of: dict[Connection, str] = {}
+        self._refused_at_limit: collections.Counter[str] = collections.Counter()
         self._tasks: dict[asyncio.Task, Connection | None] = {}
         self._server: asyncio.Server | None = None
+        self._loop_errors: LoopErrorLog | None = None
+        self._handshaking: dict[asyncio.StreamWriter, float] = {}   # when each began
         self._keepalive: asyncio.Task | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:   # unless the application chose its own
-            loop.set_exception_handler(log_network_errors)
+            loop.set_exception_handler(LoopErrorLog())
+        handler = loop.get_exception_handler()
+        if isinstance(handler, LoopErrorLog):
+            self._loop_errors = handler
+            handler.servers.add(self)
         # backlog: a burst of clients connecting at once waits in the kernel's
         # queue (1024, not asyncio's 100) instead of being refused.
         self._server = await asyncio.start_server(
@@ -1388,11 +1537,16 @@ class WebSocketServer:
         """One TCP connection, from the first byte to the last."""
         task = asyncio.current_task()
         self._tasks[task] = None
+        if self._loop_errors is not None:
+            self._loop_errors.accepted(asyncio.get_running_loop().time())
         try:
             conn = await self._handshake(reader, writer)
             if conn is not None:
                 self._tasks[task] = conn
-                await self._run_handler(conn)
+                try:
+                    await self._run_handler(conn)
+                finally:
+                    self._release(conn)
         finally:
             del self._tasks[task]
             writer.close()
@@ -1413,41 +1567,98 @@ class WebSocketServer:
                          writer: asyncio.StreamWriter) -> Connection | None:
         """Read the request; answer 101 and return a Connection, or refuse and return None."""
         peer = format_peer(writer)
+        self._handshaking[writer] = asyncio.get_running_loop().time()
         try:
             # Both sides bound the handshake the same way: wait_for around it.
-            request, response = await asyncio.wait_for(self._read_request(reader, peer),
-                                                       self.handshake_timeout)
+            request, response, client = await asyncio.wait_for(
+                self._read_request(reader, writer, peer), self.handshake_timeout)
         except asyncio.TimeoutError:
             logger.info("%s: handshake not completed in time; dropping", peer)
             return None
         except (asyncio.IncompleteReadError, OSError):
-            return None   # the peer left mid-handshake
+            return None   # the peer left mid-handshake, or was dropped while descriptors ran short
+        finally:
+            del self._handshaking[writer]
         head = serialize_response(response)
         writer.write(head)
         if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS:
-            if response.status >= 400:
+            if response.status >= 400 and not response.logged:
                 logger.info("%s: refused handshake: %d %s", peer, response.status,
                             printable(response.body.strip()[:200]))
             return None
         if logger.isEnabledFor(logging.DEBUG):
             log_head(peer, ">>>", head)
         assert request is not None   # a 101 answers only a request that parsed
-        return Connection(reader, writer, is_client=False, path=request.target,
-                          max_size=self.max_size, max_buffer=self.max_buffer,
-                          close_timeout=self.close_timeout)
+        return self._upgrade(reader, writer, request, client, peer)
 
-    async def _read_request(self, reader: asyncio.StreamReader,
-                            peer: str) -> tuple[Request | None, Response]:
-        """Read the request head and decide the answer; a HandshakeError becomes a refusal."""
-        request = None   # until it parses
+    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            peer: str) -> tuple[Request | None, Response, str]:
+        """Read the request head and decide the answer; a HandshakeError becomes a refusal.
+
+        Also returns the client's address, the one the per-address limit counts.
+        """
+        request, client = None, peer_address(writer)   # until the request parses
         try:
-            lines = await read_http_head(reader)
+            lines = await read_request_head(reader)
             if logger.isEnabledFor(logging.DEBUG):
                 log_head(peer, "<<<", b"\r\n".join(lines))
             request = parse_request(lines)
-            return request, self._route(request)
+            client = self._client_address(writer, request)
+            response = self._route(request)
+            if response.status == http.HTTPStatus.SWITCHING_PROTOCOLS:
+                response = self._over_address_limit(client) or response
+            return request, response, client
         except HandshakeError as error:
-            return request, error.as_response()
+            return request, error.as_response(), client
+
+    def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 request: Request, client: str, peer: str) -> Connection:
+        """The 101 is sent: a Connection, counted against its address."""
+        conn = Connection(reader, writer, is_client=False, path=request.target,
+                          max_size=self.max_size, max_buffer=self.max_buffer,
+                          close_timeout=self.close_timeout)
+        if client != peer_address(writer):
+            conn.remote = f"{client} via {peer}"   # the address a trusted proxy forwarded
+        self._address_of[conn] = client
+        self._per_address[client] += 1
+        return conn
+
+    def _client_address(self, writer: asyncio.StreamWriter, request: Request) -> str:
+        """The client's IP address: the peer's, or behind a trusted proxy, the one it forwards."""
+        address = peer_address(writer)
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded is None or address not in self.trusted_proxies:
+            return address   # anyone else's X-Forwarded-For is whatever they like
+        # Each proxy appends the address it saw, so the last one is what our
+        # proxy saw; the ones before it came from the client and prove nothing.
+        client = canonical_address(forwarded.rpartition(",")[2].strip())
+        if client is None:
+            raise bad_request("X-Forwarded-For from the trusted proxy ends in no address")
+        return client
+
+    def _over_address_limit(self, client: str) -> Response | None:
+        """503 for one connection too many from one address, before the upgrade."""
+        if self.max_per_address is None or self._per_address[client] < self.max_per_address:
+            return None
+        # One line when the address reaches its limit and one when it drops below
+        # (in _release), not one per refusal: a script may try thousands of times.
+        if not self._refused_at_limit[client]:
+            logger.info("%s: at its limit of %d connection(s); refusing more with 503 until "
+                        "one closes", client, self.max_per_address)
+        self._refused_at_limit[client] += 1
+        return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                        f"too many connections from {client} (at most {self.max_per_address} "
+                        "per address); try again later\n", (("Retry-After", "30"),), logged=True)
+
+    def _release(self, conn: Connection) -> None:
+        """The connection is over: it no longer counts against its address."""
+        client = self._address_of.pop(conn)
+        self._per_address[client] -= 1
+        if not self._per_address[client]:
+            del self._per_address[client]   # don't keep every address ever seen
+        refused = self._refused_at_limit.pop(client, 0)
+        if refused:
+            logger.info("%s: below its limit again; %d connection(s) refused meanwhile", client, refused)
 
     def _route(self, request: Request) -> Response:
         """What a request gets: the application's own answer, a refusal, or the 101."""
@@ -1462,6 +1673,14 @@ class WebSocketServer:
                             f"server full ({self.max_clients} clients); try again later\n",
                             (("Retry-After", "30"),))
         return switching_protocols(key)
+
+    def drop_silent_handshakes(self, now: float) -> int:
+        """Out of descriptors: abort the connections silent in their handshake for a second."""
+        silent = [writer for writer, started in self._handshaking.items()
+                  if now - started > SILENT_WHEN_SHORT]
+        for writer in silent:
+            writer.transport.abort()
+        return len(silent)
 
     async def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
         """Stop listening, close every connection with ``code``, wait for them (bounded)."""
@@ -1507,9 +1726,15 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
         ssl_context = ssl.create_default_context()   # verifies the certificate and host name
 
     async def open_and_handshake() -> Connection:
-        reader, writer = await asyncio.open_connection(
-            target.host, target.port, ssl=ssl_context if target.secure else None,
-            limit=READ_BUFFER_LIMIT)
+        try:
+            reader, writer = await asyncio.open_connection(
+                target.host, target.port, ssl=ssl_context if target.secure else None,
+                limit=READ_BUFFER_LIMIT)
+        except OSError as error:   # an ssl.SSLError too: it is a kind of OSError
+            if target.secure and not_tls(error):
+                raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"the server at wss://"
+                                     f"{target.host_header} did not answer TLS — is it ws://?") from error
+            raise
         try:
             await client_handshake(reader, writer, target, origin)
         except BaseException:
@@ -1525,6 +1750,19 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
                              f"no handshake within {open_timeout:g} s") from None
 
 
+#: What OpenSSL says when what comes back is not TLS at all (a plain HTTP
+#: answer, or nothing): the sign of a wss:// URL for a ws:// server.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                             "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_EOF_WHILE_READING"})
+
+
+def not_tls(error: OSError) -> bool:
+    """Did a TLS handshake fail because the server doesn't speak TLS (rather than, say, its certificate)?"""
+    if isinstance(error, ssl.SSLError):
+        return isinstance(error, ssl.SSLEOFError) or error.reason in NOT_TLS_REASONS
+    return isinstance(error, ConnectionResetError)
+
+
 async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            target: WebSocketURI, origin: str | None) -> None:
     """Send the request and check the response (§4.1); raise HandshakeError if refused."""
@@ -1532,9 +1770,11 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.write(build_request(target, key, origin))
     try:
         lines = await read_http_head(reader)
-    except asyncio.IncompleteReadError:
+    except asyncio.IncompleteReadError as error:
+        # A TLS server hangs up, unanswered, on the plain HTTP of a ws:// URL.
+        hint = "" if error.partial or target.secure else " (if it speaks TLS, is it wss://?)"
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY,
-                             "connection closed during the handshake") from None
+                             f"connection closed during the handshake{hint}") from None
     if not lines:
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, "empty response")
     status = parse_status_line(lines[0])
@@ -1561,7 +1801,7 @@ async def read_short_body(reader: asyncio.StreamReader, headers: dict[str, str])
 # WebSocket chat": everyone in one room, every line relayed to everyone, the
 # sender included (its copy is the sender's receipt). Everything on the wire
 # is a plain text line, readable in any WebSocket client (wscat, a browser
-# console). What a member can cause always starts with "[name]", which no
+# console). What a member says always starts with "[name]", which no
 # notice does, since names can't contain brackets:
 #
 #   [bob]: hello                          a line, the name attached by the server
@@ -1599,7 +1839,8 @@ RELAY_OVERHEAD = 1024
 #: history lines follow.
 GREETING = ("* You are connected as {name}! There {count}. Type /help for commands. "
             "Limits: lines of up to {max_size} bytes; {rate}. "
-            "Your resume token is {token} (keep it to yourself). {history} of history follow.")
+            "Your resume token is {token} (keep it to yourself). The room has {delivered} of "
+            "yours. {history} of history follow.")
 
 #: Close reason for a connection whose member came back on a new one.
 REPLACED_REASON = "replaced by your new connection"
@@ -1621,9 +1862,13 @@ def describe_rate(rate: float, burst: int) -> str:
     return f"bursts of {burst} lines, then {rate:g} per second"
 
 
+#: RFC 3339 in UTC, as history lines carry it: "2026-12-02T09:15:00Z".
+UTC_STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def utc_stamp(when: float) -> str:
     """'2026-12-02T09:15:00Z': an unambiguous time on the wire (RFC 3339)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    return time.strftime(UTC_STAMP_FORMAT, time.gmtime(when))
 
 
 #: How a client reads the greeting back; JavaScript's regular expressions
@@ -1634,6 +1879,7 @@ GREETING_PATTERNS = types.MappingProxyType({
     "burst": r"bursts of (\d+) lines",
     "rate": r"then ([\d.]+) per second",
     "token": r"Your resume token is (\S+) ",
+    "delivered": r"The room has (\d+) lines? of yours",
     "history": r"(\d+) lines? of history follow",
 })
 
@@ -1646,6 +1892,7 @@ class Greeting(typing.NamedTuple):
     burst: int | None
     rate: float | None
     token: str | None
+    delivered: int | None   # how many of this member's lines the room has relayed
     history: int
 
 
@@ -1654,10 +1901,17 @@ def parse_greeting(line: str) -> Greeting | None:
     found = {field: re.search(pattern, line) for field, pattern in GREETING_PATTERNS.items()}
     if not found["name"]:
         return None
-    value = {field: match[1] if match else None for field, match in found.items()}
-    number = lambda field, kind: kind(value[field]) if value[field] else None  # noqa: E731
-    return Greeting(value["name"], number("max_size", int), number("burst", int),
-                    number("rate", float), value["token"], number("history", int) or 0)
+
+    def value(field: str, kind: Callable[[str], typing.Any] = str) -> typing.Any:
+        match = found[field]
+        return kind(match[1]) if match else None
+
+    try:
+        return Greeting(value("name"), value("max_size", int), value("burst", int),
+                        value("rate", float), value("token"), value("delivered", int),
+                        value("history", int) or 0)
+    except ValueError:   # digits Python can't take as a number ("1.2.3", 5000 of them)
+        return None
 
 
 # Names, compared as people read them.
@@ -1999,6 +2253,26 @@ class Member:
     token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
     pacer: Pacer | None = None
     quit_reason: str = ""
+    lines: int = 0   # relayed from this member: what its receipts count (see ChatClient)
+
+
+def host_name(host: str) -> str | None:
+    """The name in a Host header, without the port or IPv6 brackets ("[::1]:80" -> "::1")."""
+    try:
+        name = urllib.parse.urlsplit(f"//{host}").hostname
+    except ValueError:   # "[not-an-address]"
+        return None
+    return name.rstrip(".") if name else None
+
+
+def host_refusal(host: str) -> Response:
+    """421 for a Host we don't answer to, saying why and how to allow it."""
+    name = printable(host_name(host) or host)
+    if not name:
+        return Response(http.HTTPStatus.BAD_REQUEST, "missing Host header\n")
+    return Response(http.HTTPStatus.MISDIRECTED_REQUEST,
+                    f"this server does not answer to the name {name} (a guard against DNS "
+                    f"rebinding); if that name is really its own, start it with --allow-host {name}\n")
 
 
 class ChatRoom:
@@ -2007,13 +2281,17 @@ class ChatRoom:
     def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
                  burst: int = RATE_BURST, max_held: int = MAX_HELD_LINES,
                  max_size: int = MAX_MESSAGE_SIZE, announce_limit: int = ANNOUNCE_LIMIT,
-                 allowed_origins: Collection[str] = (), secure: bool = False) -> None:
+                 allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
+                 secure: bool = False) -> None:
         self.members: dict[str, Member] = {}   # by name_key(name): names as people read them
         self.history: collections.deque[tuple[float, str]] = collections.deque(maxlen=history_size)
         self.rate, self.burst, self.max_held = rate, burst, max_held
         self.max_size = max_size
         self.announce_limit = announce_limit
         self.allowed_origins = {origin.lower().rstrip("/") for origin in allowed_origins}
+        own_name = socket.gethostname().lower()
+        self.allowed_hosts = {"localhost", own_name, own_name.partition(".")[0]} | {
+            host.lower().rstrip(".") for host in allowed_hosts}
         self.secure = secure
         self._guest_number = 0
         self._shared: SharedFrames | None = None   # this turn's broadcasts, while open
@@ -2021,7 +2299,10 @@ class ChatRoom:
     # -- before the upgrade ------------------------------------------------
 
     def process_request(self, request: Request) -> Response | None:
-        """Serve the page at /, refuse other paths and foreign origins, upgrade /chat."""
+        """Serve the page at /, refuse unknown hosts, other paths and foreign origins, upgrade /chat."""
+        host = request.headers.get("host", "")
+        if not self.host_allowed(host):
+            return host_refusal(host)
         if request.path == "/" and not wants_upgrade(request.headers):
             return Response(http.HTTPStatus.OK, PAGE, content_type="text/html; charset=utf-8")
         if request.path != CHAT_PATH:
@@ -2040,7 +2321,31 @@ class ChatRoom:
         """
         origin = origin.lower().rstrip("/")
         own = f"{'https' if self.secure else 'http'}://{host.lower()}"
-        return origin == own or origin in self.allowed_origins
+        # Host is only "ours" once it passed host_allowed: a rebinding page
+        # chooses both the Origin and the Host its browser sends.
+        return origin in self.allowed_origins or (origin == own and self.host_allowed(host))
+
+    def host_allowed(self, host: str) -> bool:
+        """Guard against DNS rebinding: answer only to names we know, or to addresses.
+
+        A page on evil.example can make its own name resolve to 127.0.0.1 a
+        moment after it loaded; its scripts then reach this server as
+        "evil.example", which the browser treats as the page's own site, so
+        neither the same-origin rule nor our Origin check stops them. The name
+        in the Host header gives them away: rebinding needs a name, so an IP
+        literal is always fine, as are localhost, this machine's name and the
+        names given with --allow-host ("*" accepts any).
+        """
+        if "*" in self.allowed_hosts:
+            return True
+        name = host_name(host)
+        if name is None:
+            return False
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name in self.allowed_hosts
+        return True
 
     # -- a member's life ---------------------------------------------------
 
@@ -2100,7 +2405,8 @@ class ChatRoom:
         there = f"{'is' if count == 1 else 'are'} {plural(count, 'user')} here"
         self.tell(member.conn, GREETING.format(
             name=member.name, count=there, max_size=self.max_size, token=member.token,
-            rate=describe_rate(self.rate, self.burst), history=plural(len(self.history), "line")))
+            rate=describe_rate(self.rate, self.burst), delivered=plural(member.lines, "line"),
+            history=plural(len(self.history), "line")))
         for when, line in self.history:
             self.tell(member.conn, f"(history {utc_stamp(when)}) {line}")
 
@@ -2154,15 +2460,16 @@ class ChatRoom:
             self.tell(member.conn, f"* {reply}")
             return
         if isinstance(line, ChatLine):
-            self.say(f"[{member.name}]: {line.text}")
+            self.say(member, f"[{member.name}]: {line.text}")
         elif line is not None:
             self.run_command(member, line)
 
     def run_command(self, member: Member, command: Command) -> None:
         COMMAND_HANDLERS[command.name](self, member, command.argument)
 
-    def say(self, line: str) -> None:
-        """A line for everyone, kept in the history for newcomers."""
+    def say(self, member: Member, line: str) -> None:
+        """A member's line for everyone, kept in the history, counted for its receipts."""
+        member.lines += 1   # its copy comes back to the member like everyone's
         self.history.append((time.time(), line))
         self.broadcast(line)
 
@@ -2182,7 +2489,7 @@ class ChatRoom:
         self.tell(member.conn, f"* {len(names)} here: {', '.join(names)}{note}")
 
     def command_me(self, member: Member, action: str) -> None:
-        self.say(f"[{member.name}] {action}")
+        self.say(member, f"[{member.name}] {action}")
 
     def command_msg(self, member: Member, argument: str) -> None:
         recipient_name, text = argument.split(maxsplit=1)   # parse_line checked there are two
@@ -2386,11 +2693,13 @@ class RespReader:
         self._buffer += data
         replies: list[Reply] = []
         try:
-            while (value := self._read_value()) is not _Pending.MORE_BYTES:
+            value = self._read_value()
+            while value is not _Pending.MORE_BYTES:
                 if value is not _Pending.ARRAY_OPENED:
                     reply = self._place(value)
                     if reply is not _Pending.IN_ARRAY:
                         replies.append(reply)
+                value = self._read_value()
         finally:
             del self._buffer[:self._pos]
             self._pos = 0
@@ -2502,13 +2811,13 @@ def parse_redis_url(url: str) -> RedisURL:
                     unquote(parts.username) or None, unquote(parts.password), parts.scheme == "rediss")
 
 
-def describe_os_error(error: BaseException) -> str:
+def connect_error_words(error: BaseException) -> str:
     """'connection refused': why a connection failed, in a few lower-case words."""
     if isinstance(error, asyncio.TimeoutError):
         return "no answer in time"
-    errno = getattr(error, "errno", None)
-    if isinstance(errno, int) and errno > 0:
-        return os.strerror(errno).lower()
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code).lower()
     return str(error) or type(error).__name__
 
 
@@ -2535,7 +2844,7 @@ class RedisConnection:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 url.host, url.port, ssl=context, limit=READ_BUFFER_LIMIT), timeout)
         except (OSError, asyncio.TimeoutError) as error:
-            raise RedisUnavailable(describe_os_error(error)) from None
+            raise RedisUnavailable(connect_error_words(error)) from None
         conn = cls(reader, writer)
         setup = []
         if url.password is not None:
@@ -2580,7 +2889,10 @@ class RedisConnection:
     async def _read_replies(self, reader: asyncio.StreamReader, replies: RespReader) -> None:
         why = "Redis closed the connection"
         try:
-            while data := await reader.read(READ_BUFFER_LIMIT):
+            while True:
+                data = await reader.read(READ_BUFFER_LIMIT)
+                if not data:
+                    break
                 for reply in replies.feed(data):
                     if not self._waiting:
                         raise RespError("a reply to no command")
@@ -2590,7 +2902,7 @@ class RedisConnection:
         except RespError as error:
             why = f"malformed reply: {error}"
         except OSError as error:
-            why = describe_os_error(error)
+            why = connect_error_words(error)
         self.close(why)
 
     def close(self, why: str = "closed") -> None:
@@ -2679,40 +2991,49 @@ REDIS_MAX_RETRY = 5.0
 #: Guest names tried (user1, user2 ...) before a newcomer is refused.
 GUEST_ATTEMPTS = 100
 
+#: The scripts below take a name's two keys: KEYS[1] the name (its value
+#: "DIGEST SERVER NAME"), KEYS[2] how many of its member's lines the room has
+#: relayed (the greeting's count, for a resume on another server).
+#:
 #: Claim a name. Free, or held by the claiming server for a member who has
-#: left (its release is still on the way), it is set and '' comes back; held
-#: with the offered token's digest (a resume) it is set and what it held comes
-#: back, so the caller can tell the old holder's server; held by anyone else,
-#: nothing changes and nil comes back. KEYS[1] the name key; ARGV: the value
-#: if free, the value if resumed, the TTL in ms, the offered token's digest
-#: and a space, the claiming server's id between spaces.
+#: left (its release is still on the way), it is set, its count is reset, and
+#: '' comes back; held with the offered token's digest (a resume) it is set,
+#: and what it held comes back with the count, so the caller can tell the old
+#: holder's server and greet with the count; held by anyone else, nothing
+#: changes and nil comes back. ARGV: the value if free, the value if resumed,
+#: the TTL in ms, the offered token's digest and a space, the claiming
+#: server's id between spaces.
 CLAIM_NAME = """
 local held = redis.call('GET', KEYS[1])
 if not held or string.find(held, ARGV[5], 1, true) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
   return ''
 end
 if string.sub(held, 1, #ARGV[4]) ~= ARGV[4] then return false end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return held
+return {held, redis.call('GET', KEYS[2]) or '0'}
 """
 
-#: Release a name on leave, unless it has been taken over since.
+#: Release a name on leave, unless it has been taken over since. ARGV[1]: its value.
 RELEASE_NAME = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1], KEYS[2]) end
 return 0
 """
 
-#: The heartbeat: renew each of this server's names, or set it again if it
-#: expired (or Redis restarted empty); return the keys someone else holds now.
+#: The heartbeat: renew each of this server's names and counts, or set a name
+#: again if it expired (or Redis restarted empty); return the names someone
+#: else holds now. KEYS: the names, then their counts; ARGV: the names'
+#: values, then the TTL in ms.
 RENEW_NAMES = """
-local lost = {}
-for i, key in ipairs(KEYS) do
-  local held = redis.call('GET', key)
+local n, lost = #KEYS / 2, {}
+for i = 1, n do
+  local held = redis.call('GET', KEYS[i])
   if not held or held == ARGV[i] then
-    redis.call('SET', key, ARGV[i], 'PX', ARGV[#ARGV])
+    redis.call('SET', KEYS[i], ARGV[i], 'PX', ARGV[#ARGV])
+    redis.call('PEXPIRE', KEYS[n + i], ARGV[#ARGV])
   else
-    lost[#lost + 1] = key
+    lost[#lost + 1] = KEYS[i]
   end
 end
 return lost
@@ -2770,6 +3091,26 @@ def stream_entries(reply: Reply) -> list[tuple[bytes, bytes]]:
     raise RespError("an XREAD reply of the wrong shape")
 
 
+class Claim(typing.NamedTuple):
+    """What claiming a name found: what it held before ('' if free) and its member's count of lines."""
+
+    held: str
+    lines: int = 0
+
+
+def parse_claim(reply: Reply) -> Claim | None:
+    """CLAIM_NAME's reply: nil (taken), '' (it was free), or [what it held, the count]."""
+    try:
+        if reply is None:
+            return None
+        if reply == b"":
+            return Claim("")
+        held, lines = reply
+        return Claim(held.decode("utf-8", "replace"), parse_resp_integer(lines))
+    except (TypeError, ValueError, AttributeError):
+        raise RespError("a name claim's reply of the wrong shape") from None
+
+
 def token_digest(token: str) -> str:
     """What Redis keeps of a resume token: enough to check one, not to show one."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -2804,7 +3145,7 @@ class SharedRoom(ChatRoom):
         self.name_ttl = name_ttl
         self.server_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.stream, self.history_key = f"{prefix}:events", f"{prefix}:history"
-        self.name_prefix = f"{prefix}:name:"
+        self.name_prefix, self.lines_prefix = f"{prefix}:name:", f"{prefix}:lines:"
         self.link: RedisConnection | None = None   # for commands; None while the room is split
         self.last_id = b"0-0"                        # the last stream entry read
         self.seen: dict[str, int] = {}               # the last seq read from each other server
@@ -2901,8 +3242,12 @@ class SharedRoom(ChatRoom):
 
     # -- sharing what happens here -------------------------------------------
 
-    def share(self, kind: str, text: str, to: str = "") -> None:
-        """Queue an event for the other servers; the sharer sends it when Redis can take it."""
+    def share(self, kind: str, text: str, to: str = "", counted: Member | None = None) -> None:
+        """Queue an event for the other servers; the sharer sends it when Redis can take it.
+
+        ``counted``: the member whose line it is; its count of lines goes to
+        Redis with it, for the greeting of a resume on another server.
+        """
         event = encode_event(Event(self.server_id, next(self._seq), kind, time.time(), text, to))
         if self.unshared_bytes + len(event) > MAX_UNSHARED_BYTES:
             self.not_shared += 1   # Redis has been away long: this one stays here
@@ -2911,12 +3256,20 @@ class SharedRoom(ChatRoom):
         if kind == "say":
             commands += [("RPUSH", self.history_key, event),
                          ("LTRIM", self.history_key, -self.history.maxlen, -1)]
+        if counted is not None:
+            commands.append(self.count_lines(counted))
         self._queue(event, commands)
+
+    def count_lines(self, member: Member) -> tuple:
+        """The command that stores how many of the member's lines the room has relayed."""
+        return ("SET", self.lines_prefix + name_key(member.name), member.lines,
+                "PX", int(self.name_ttl * 1000))
 
     def release(self, member: Member) -> None:
         """Free the member's name, in order after its last events (queued with them)."""
-        key = self.name_prefix + name_key(member.name)
-        self._queue(b"", [("EVAL", RELEASE_NAME, 1, key, self.name_value(member.name, member.token))])
+        key = name_key(member.name)
+        self._queue(b"", [("EVAL", RELEASE_NAME, 2, self.name_prefix + key, self.lines_prefix + key,
+                           self.name_value(member.name, member.token))])
 
     def _queue(self, event: bytes, commands: list[tuple]) -> None:
         self.unshared.append((event, commands))
@@ -2967,12 +3320,13 @@ class SharedRoom(ChatRoom):
         if event.origin == self.server_id or event.seq <= self.seen.get(event.origin, 0):
             return
         self.seen[event.origin] = event.seq
+        member = self.members.get(event.to)   # for "tell" and "replace"
         if event.kind == "say":
             self.history.append((event.when, event.text))
             self.broadcast(event.text)
         elif event.kind == "notice":
             self.broadcast(event.text)
-        elif (member := self.members.get(event.to)) is None:
+        elif member is None:
             return   # "tell" and "replace" concern one member, who isn't on this server
         elif event.kind == "tell":
             self.tell(member.conn, event.text)
@@ -2985,6 +3339,7 @@ class SharedRoom(ChatRoom):
         while True:
             members = list(self.members.values())
             keys = [self.name_prefix + key for key in self.members]
+            keys += [self.lines_prefix + key for key in self.members]
             lost = await link.command("EVAL", RENEW_NAMES, len(keys), *keys,
                                       *(self.name_value(m.name, m.token) for m in members),
                                       int(self.name_ttl * 1000))
@@ -3003,11 +3358,12 @@ class SharedRoom(ChatRoom):
                            f"against the other servers; try again soon")
         return self.link
 
-    async def claim(self, name: str, fresh: str, offered: str) -> str | None:
+    async def claim(self, name: str, fresh: str, offered: str) -> Claim | None:
         """Claim ``name`` for a member with the token ``fresh``, or ``offered`` if it resumes.
 
-        None if another member holds it; else '' if it was free, or what it held
-        (the name was this token's already: a resume, or a new spelling of one's own name).
+        None if another member holds it; else what it held ('' if it was free;
+        else the name was this token's already: a resume, or a new spelling of
+        one's own name) and how many of its member's lines the room relayed.
         """
         link, key = self.require_link("names"), name_key(name)
         if key in self._claiming:
@@ -3017,14 +3373,14 @@ class SharedRoom(ChatRoom):
         ours = f" {self.server_id} " if key not in self.members else "\n"   # "\n" matches nothing
         self._claiming.add(key)
         try:
-            held = await link.command("EVAL", CLAIM_NAME, 1, self.name_prefix + key,
-                                      self.name_value(name, fresh), self.name_value(name, offered),
-                                      int(self.name_ttl * 1000), offered_digest, ours)
+            return parse_claim(await link.command(
+                "EVAL", CLAIM_NAME, 2, self.name_prefix + key, self.lines_prefix + key,
+                self.name_value(name, fresh), self.name_value(name, offered),
+                int(self.name_ttl * 1000), offered_digest, ours))
         except RedisUnavailable:
             raise TryLater("the room's name store (Redis) did not answer; try again soon") from None
         finally:
             self._claiming.discard(key)
-        return None if held is None else held.decode("utf-8", "replace")
 
     async def enter(self, conn: Connection) -> Member:
         """Claim the name in Redis first; a name held on this server is for admit() to judge."""
@@ -3035,19 +3391,20 @@ class SharedRoom(ChatRoom):
         member = Member(asked or "", conn)
         for _ in range(1 if asked else GUEST_ATTEMPTS):
             member.name = asked or self.guest_name()
-            held = await self.claim(member.name, member.token, offered)
-            if held is not None:
+            claimed = await self.claim(member.name, member.token, offered)
+            if claimed is not None:
                 break
         else:
             if asked:
                 raise ValueError(name_taken(asked))
             raise TryLater("no free guest name; pick a name")
-        if held:   # resumed: its old connection, on another server, is closed there
-            member.token = offered
+        resumed = bool(claimed.held)
+        if resumed:   # its old connection, on another server, is closed there
+            member.token, member.lines = offered, claimed.lines
             self.share("replace", "", name_key(member.name))
-        if count is not None and not held:
+        elif count is not None:
             count += 1   # the newcomer
-        return self.add_member(member, announce=not held, count=count)
+        return self.add_member(member, announce=not resumed, count=count)
 
     async def room_size(self) -> int | None:
         """How many members every server has together; None if Redis can't say just now."""
@@ -3078,9 +3435,9 @@ class SharedRoom(ChatRoom):
 
     # -- what members say ---------------------------------------------------------
 
-    def say(self, line: str) -> None:
-        super().say(line)
-        self.share("say", line)
+    def say(self, member: Member, line: str) -> None:
+        super().say(member, line)
+        self.share("say", line, counted=member)
 
     def notice(self, text: str) -> None:
         super().notice(text)
@@ -3159,6 +3516,7 @@ class SharedRoom(ChatRoom):
         if name_key(name) != name_key(member.name):
             self.release(member)
         self.rename(member, name)
+        self._queue(b"", [self.count_lines(member)])   # under the new name now
 
 
 #: The commands that ask Redis, in a room shared with other servers.
@@ -3456,31 +3814,32 @@ class LineEditor:
 
     def edit(self, key: Key) -> None:
         """Move the cursor, delete, or browse the history, as key says."""
-        match key:
-            case Key.LEFT | Key.CTRL_B:
-                self.cursor = self._left_of(self.cursor)
-            case Key.RIGHT | Key.CTRL_F:
-                self.cursor = self._right_of(self.cursor)
-            case Key.HOME | Key.CTRL_A:
-                self.cursor = 0
-            case Key.END | Key.CTRL_E:
-                self.cursor = len(self.buffer)
-            case Key.BACKSPACE:
-                self._delete(self._left_of(self.cursor), self.cursor)
-            case Key.DELETE | Key.CTRL_D:
-                self._delete(self.cursor, self._right_of(self.cursor))
-            case Key.CTRL_K:
-                self._delete(self.cursor, len(self.buffer))
-            case Key.CTRL_U:
-                self._delete(0, self.cursor)
-            case Key.CTRL_W:
-                self._delete(self._word_start(), self.cursor)
-            case Key.UP | Key.CTRL_P:
-                self._recall(self._recalled + 1)
-            case Key.DOWN | Key.CTRL_N:
-                self._recall(self._recalled - 1)
-            case Key.TAB:
-                self.insert(TAB_SPACES)
+        # (Not a match statement: Python 3.7-3.9 must be able to parse this
+        # file, to be told that it needs 3.10.)
+        if key in (Key.LEFT, Key.CTRL_B):
+            self.cursor = self._left_of(self.cursor)
+        elif key in (Key.RIGHT, Key.CTRL_F):
+            self.cursor = self._right_of(self.cursor)
+        elif key in (Key.HOME, Key.CTRL_A):
+            self.cursor = 0
+        elif key in (Key.END, Key.CTRL_E):
+            self.cursor = len(self.buffer)
+        elif key is Key.BACKSPACE:
+            self._delete(self._left_of(self.cursor), self.cursor)
+        elif key in (Key.DELETE, Key.CTRL_D):
+            self._delete(self.cursor, self._right_of(self.cursor))
+        elif key is Key.CTRL_K:
+            self._delete(self.cursor, len(self.buffer))
+        elif key is Key.CTRL_U:
+            self._delete(0, self.cursor)
+        elif key is Key.CTRL_W:
+            self._delete(self._word_start(), self.cursor)
+        elif key in (Key.UP, Key.CTRL_P):
+            self._recall(self._recalled + 1)
+        elif key in (Key.DOWN, Key.CTRL_N):
+            self._recall(self._recalled - 1)
+        elif key is Key.TAB:
+            self.insert(TAB_SPACES)
 
     def insert(self, text: str) -> None:
         """Type text at the cursor (control characters can't get into the buffer)."""
@@ -3760,23 +4119,30 @@ def mark_resent(line: str) -> str:
     return RESENT_MARK + parsed.text   # "//etc" -> "(resent) /etc": no longer a command
 
 
-def reconcile(unconfirmed: Sequence[str], echoes: Sequence[str], ours_in_history: Sequence[str],
-              *, certain: bool) -> list[str]:
-    """Which unconfirmed lines to send again after a reconnect, marked where in doubt.
+def to_send_again(unconfirmed: Sequence[str], arrived: int | None) -> list[str]:
+    """After a reconnect, which of our unconfirmed lines to send again.
 
-    ``echoes`` are the copies the lines would come back as; ``ours_in_history``
-    our lines in the history the new connection received, oldest first, from
-    just after the last line the room confirmed to us. A line found there (in
-    order) arrived before the connection dropped; one that isn't is sent again,
-    marked as a possible repeat unless ``certain`` that the room never had it.
+    The room counts the lines it relayed from each member and its greeting
+    says how many it has of ours. If we are back in the same room (it gave
+    our resume token back), the first ``arrived`` of the unconfirmed lines
+    got there before the connection dropped (only their copies were lost),
+    and the rest never did: those are sent again as they were. A room that
+    doesn't know us (``arrived`` None: the server restarted) can't say; the
+    old one may have relayed some of them to people who are here again, so
+    each is sent again marked as a possible repeat.
     """
-    resend, position = [], 0
-    for line, echo in zip(unconfirmed, echoes):
-        try:
-            position = ours_in_history.index(echo, position) + 1
-        except ValueError:
-            resend.append(line if certain else mark_resent(line))
-    return resend
+    if arrived is None:
+        return [mark_resent(line) for line in unconfirmed]
+    return list(unconfirmed[arrived:])
+
+
+def line_style(line: str, name: str) -> str:
+    """Which STYLES entry a line from the room is shown in ("" for plain)."""
+    if line.startswith("* "):
+        return "notice"
+    if re.match(r"\[[^\]]* → ", line):
+        return "private"
+    return "mine" if line.startswith(f"[{name}]: ") else ""
 
 
 def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple[str, str]:
@@ -3788,17 +4154,17 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
     stamp, style = now, ""
     history = HISTORY_PREFIX.match(line)
     if history:
-        stamp = calendar.timegm(time.strptime(history[1], "%Y-%m-%dT%H:%M:%SZ"))
+        try:
+            stamp = calendar.timegm(time.strptime(history[1], UTC_STAMP_FORMAT))
+        except ValueError:   # a month 13 from a broken server: keep the line, stamp it now
+            pass
         line, style = line[history.end():], "history"
     action = re.match(r"\[([^\]\s]+)\] (?!→)", line)
     if action:
-        line = f"* {action[1]} {line[action.end():]}"
+        line, style = f"* {action[1]} {line[action.end():]}", style or "action"
     if parse_greeting(line) is not None:   # the limits and the token are for the client
         line = line.split(" Limits: ")[0]
-    style = style or ("notice" if line.startswith("* ") and not action else
-                      "action" if action else
-                      "private" if re.match(r"\[[^\]]* → ", line) else
-                      "mine" if line.startswith(f"[{name}]: ") else "")
+    style = style or line_style(line, name)
     text = printable(line)
     return (time.strftime("%H:%M ", time.localtime(stamp)) + text if timestamps else text), style
 
@@ -3969,8 +4335,7 @@ class Terminal:
         """Ctrl-Z: give the terminal back as it was, stop; draw again after fg."""
         self._write(self.view.clear())
         self._leave_raw_mode()
-        os.kill(os.getpid(), signal.SIGTSTP)   # returns once the shell continues us
-        self._resumed()
+        os.kill(os.getpid(), signal.SIGTSTP)   # fg continues us: SIGCONT calls _resumed
 
     def _resumed(self) -> None:
         self._enter_raw_mode()
@@ -4086,23 +4451,24 @@ class ChatClient:
                  ssl_context: ssl.SSLContext | None = None,
                  max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
                  first_backoff: float = FIRST_BACKOFF, confirm_timeout: float = CONFIRM_TIMEOUT,
-                 keepalive_interval: float = CLIENT_KEEPALIVE_INTERVAL) -> None:
+                 keepalive_interval: float = CLIENT_KEEPALIVE_INTERVAL,
+                 on_connected: Callable[[], None] = lambda: None) -> None:
         self.url, self.screen, self.keyboard = url, screen, keyboard
         self.name = name or ""      # asked for, then the one the room gave us
         self.reconnect, self.interactive = reconnect, interactive
         self.ssl_context, self.max_size = ssl_context, max_size
         self.first_backoff, self.confirm_timeout = first_backoff, confirm_timeout
         self.keepalive_interval = keepalive_interval
+        self.on_connected = on_connected               # once, at the first connection
         self.greeting: Greeting | None = None          # of the current connection
         self.token: str | None = None                  # gets our name back on a reconnect
         self.unconfirmed: collections.deque[tuple[str, str]] = collections.deque()  # (line, copy)
-        self.last_confirmed: str | None = None         # the copy of the last line confirmed
-        self.history_left = 0                          # history lines still to come
-        self.ours_in_history: list[str] = []
+        self.delivered = 0                             # of ours the room confirmed (by copy)
         self.bucket: TokenBucket | None = None         # the room's pace, from the greeting
         self.leave_by: float | None = None             # once the user asked to leave
+        self.quit_reason: str | None = None            # /quit REASON, kept across reconnects
         self.refused = 0                               # lines too long for the room
-        self.same_room = self.certain = False            # see on_greeting, on_history_line
+        self.reconnected = False                       # then the history repeats what we saw
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
 
     def waiting(self) -> list[str]:
@@ -4119,7 +4485,7 @@ class ChatClient:
         while True:
             url = with_query(self.url, name=self.name or None, resume=self.token)
             try:
-                conn = await connect(url, ssl_context=self.ssl_context, max_size=self.max_size)
+                conn = await self.connect_unless_interrupted(url)
             except (OSError, HandshakeError, ValueError) as error:
                 if not (connected_before and self.reconnect):
                     self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}",
@@ -4127,11 +4493,14 @@ class ChatClient:
                     return self.finish(1)
                 why = f" ({explain_connect_error(error)})"
             else:
+                if conn is None:
+                    return self.finish(0)   # Ctrl-C while connecting
                 connected_before, backoff = True, self.first_backoff
                 closed = await self.session(conn)
                 if closed is None:
                     return self.finish(0)
                 self.screen.show(f"* disconnected: {closed}", "error")
+                self.reconnected = True
                 if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
                     continue
                 if not self.reconnect or closed.code not in RECONNECT_CODES:
@@ -4143,6 +4512,23 @@ class ChatClient:
             if await self.wants_out_within(backoff):
                 return self.finish(0)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def connect_unless_interrupted(self, url: str) -> Connection | None:
+        """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
+        self.screen.show(f"* connecting to {self.url} …", "notice")
+        connecting = asyncio.create_task(
+            connect(url, ssl_context=self.ssl_context, max_size=self.max_size))
+        interrupted = asyncio.create_task(self.keyboard.wait_until(lambda: self.keyboard.interrupted))
+        await asyncio.wait({connecting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.wait({connecting})
+            return None
+        conn = connecting.result()   # or the error connect() raised
+        self.on_connected()          # the keyboard, and its prompt, only once there is a room
+        self.on_connected = lambda: None
+        return conn
 
     async def session(self, conn: Connection) -> ConnectionClosed | None:
         """One connection: None once the user has left, else how the connection ended."""
@@ -4166,6 +4552,8 @@ class ChatClient:
         finally:
             for task in (receiving, sending, pinging):
                 task.cancel()
+            # Let them finish: a cancelled send must first put its line back.
+            await asyncio.gather(receiving, sending, pinging, return_exceptions=True)
 
     # -- sending -----------------------------------------------------------
 
@@ -4178,6 +4566,8 @@ class ChatClient:
         # The greeting tells our name and the room's limits; Ctrl-C needn't wait for it.
         await self.keyboard.wait_until(lambda: greeted.is_set() or self.keyboard.interrupted)
         while True:
+            if self.quit_reason is not None and not self.keyboard.lines:
+                return self.quit_reason   # /quit came before a reconnect: what it waited for is sent
             await self.keyboard.wait()
             line = self.keyboard.take()
             if line is None:
@@ -4192,32 +4582,26 @@ class ChatClient:
 
     async def send_line(self, conn: Connection, line: str) -> str | None:
         """Send one typed line; None to go on, or the reason to leave with (/quit REASON)."""
-        try:
-            parsed = parse_line(line)
-        except ValueError as reply:
-            self.screen.show(f"* {reply}", "error")   # an unknown command is never sent
-            return None
-        limit = self.greeting.max_size if self.greeting else None
+        parsed = self.check_typed(line)
         if parsed is None:
             return None
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.keyboard.lines.clear()   # what was typed after /quit is not for the room
             self.start_leaving()
-            return parsed.argument or "bye"
-        if limit is not None and len(line.encode("utf-8")) > limit:
-            self.screen.show(f"* not sent: the line is {len(line.encode('utf-8'))} bytes; "
-                             f"the room takes lines of up to {limit}", "error")
-            self.refused += 1
-            return None
+            self.quit_reason = parsed.argument or "bye"
+            return self.quit_reason
         try:
             await self.pace()
         except asyncio.CancelledError:
             self.keyboard.unget(line)   # the connection ended while it waited its turn
             raise
+        if conn.state is not State.OPEN:
+            self.keyboard.unget(line)   # certainly not sent: it goes first next time
+            raise ConnectionClosed(conn.close_rcvd, conn.close_sent, tcp_closed=False)
         copy = echo_of(line, self.name)
         try:
             await conn.send(line)
-        except ConnectionClosed:
+        except (ConnectionClosed, asyncio.CancelledError):
             # It may have gone out before the connection failed: a line with a
             # copy to come waits for the next connection's history to tell.
             if copy is None:
@@ -4229,6 +4613,26 @@ class ChatClient:
             self.unconfirmed.append((line, copy))
         self.keyboard.changed()
         return None
+
+    def check_typed(self, line: str) -> Command | ChatLine | None:
+        """What a typed line means, or None if it is not to be sent (and the screen says why).
+
+        An unknown command, and a line longer than the room takes, would only
+        be refused: they are refused here, before they are sent.
+        """
+        try:
+            parsed = parse_line(line)
+        except ValueError as reply:
+            self.screen.show(f"* {reply}", "error")
+            return None
+        limit = self.greeting.max_size if self.greeting else None
+        size = len(line.encode("utf-8"))
+        if parsed is not None and limit is not None and size > limit:
+            self.screen.show(f"* not sent: the line is {size} bytes; "
+                             f"the room takes lines of up to {limit}", "error")
+            self.refused += 1
+            return None
+        return parsed
 
     async def pace(self) -> None:
         """Wait for the room's flood control to allow one more line, so it needn't hold any."""
@@ -4243,8 +4647,9 @@ class ChatClient:
         """Wait (bounded) until the room confirmed every line and answered every command.
 
         The server answers frames in order, so its pong to a ping sent now
-        comes after its replies to everything we sent before. False if the
-        connection ended first.
+        comes after its replies to everything we sent before, unless its
+        flood control held some of our lines: pace() keeps to the room's rate
+        so that it need not. False if the connection ended first.
         """
         remaining = max(0.0, (self.leave_by or 0) - time.monotonic())
         waiting = asyncio.create_task(self.until_confirmed(conn))
@@ -4254,12 +4659,15 @@ class ChatClient:
         return not receiving.done()
 
     async def until_confirmed(self, conn: Connection) -> None:
-        await self.keyboard.wait_until(lambda: not self.unconfirmed)
-        await conn.ping(b"done?")
+        """Until every line came back and the pong to a last ping, unless Ctrl-C says leave now."""
+        await self.keyboard.wait_until(lambda: not self.unconfirmed or self.keyboard.interrupted)
+        if not self.keyboard.interrupted:
+            await conn.ping(b"done?")
 
     def finish(self, status: int) -> int:
         """At exit: list every line that never reached the room; 1 if there was any."""
-        lost = [line for line, _ in self.unconfirmed] + list(self.keyboard.lines)
+        lost = [line for line, _ in self.unconfirmed] + [
+            line for line in self.keyboard.lines if not is_quit_command(line)]
         for line in lost:
             self.screen.show(f"* not sent: {line}", "error")
         return 1 if lost or self.refused else status
@@ -4285,55 +4693,38 @@ class ChatClient:
         greeting = parse_greeting(line)
         if greeting is None:
             return   # not our kind of server: no names, no receipts
-        # The room gives our token back only if it is the room we were in (the
-        # server did not restart): only then can its history tell what it has.
-        self.same_room = self.token is not None and greeting.token == self.token
+        # The room gives our token back only if it is the room we were in
+        # (the server did not restart): only then does its count mean ours.
+        same_room = self.token is not None and greeting.token == self.token
+        arrived = (greeting.delivered or 0) - self.delivered if same_room else None
         self.greeting, self.token = greeting, greeting.token
+        self.delivered = greeting.delivered or 0
         self.name = self.screen.name = greeting.name
         self.bucket = TokenBucket(greeting.rate, greeting.burst or 1) if greeting.rate else None
-        self.history_left, self.ours_in_history, self.certain = greeting.history, [], False
-        if not self.history_left:
-            self.resend_unconfirmed()
+        lines = [line for line, _ in self.unconfirmed]
+        self.unconfirmed.clear()
+        for line in reversed(to_send_again(lines, arrived)):
+            self.keyboard.unget(line)   # before anything typed while we were away
 
     def on_line(self, line: str) -> None:
         """One line from the room: show it, and note what it tells about our lines."""
-        history = HISTORY_PREFIX.match(line)
-        if history and self.history_left:
-            self.on_history_line(line[history.end():])
-        elif self.unconfirmed and line == self.unconfirmed[0][1]:
-            self.last_confirmed = self.unconfirmed.popleft()[1]
+        if self.unconfirmed and line == self.unconfirmed[0][1]:
+            self.unconfirmed.popleft()   # the room's copy of our line: it has it
+            self.delivered += 1
             self.keyboard.changed()
         renamed = re.fullmatch(r"\* (\S+) is now known as (\S+)", line)
         if renamed and renamed[1] == self.name:
             self.name = self.screen.name = renamed[2]
             self.unconfirmed = collections.deque(   # copies of what is on its way now carry it
                 (text, echo_of(text, self.name) or copy) for text, copy in self.unconfirmed)
-        # After a reconnect the history repeats what was shown before: skip
-        # it. (A line said twice in the same words is then shown once.)
+        history = HISTORY_PREFIX.match(line)
         text = line[history.end():] if history else line
-        if history and text in self.seen:
+        # After a reconnect the history repeats what was shown before: skip
+        # that. (So a line said twice in the same words may then show once.)
+        if history and self.reconnected and text in self.seen:
             return
         self.seen.append(text)
         self.screen.show(line)
-
-    def on_history_line(self, line: str) -> None:
-        self.history_left -= 1
-        if line == self.last_confirmed:   # what follows is all the room has of ours since
-            self.ours_in_history, self.certain = [], self.same_room
-        elif line.startswith((f"[{self.name}]: ", f"[{self.name}] ")):
-            self.ours_in_history.append(line)
-        if not self.history_left:
-            self.resend_unconfirmed()
-
-    def resend_unconfirmed(self) -> None:
-        """After a reconnect: send again what the history shows the room never got."""
-        if not self.unconfirmed:
-            return
-        lines = [line for line, _ in self.unconfirmed]
-        copies = [copy for _, copy in self.unconfirmed]
-        self.unconfirmed.clear()
-        for line in reversed(reconcile(lines, copies, self.ours_in_history, certain=self.certain)):
-            self.keyboard.unget(line)
 
     # -- between connections ----------------------------------------------
 
@@ -4344,10 +4735,12 @@ class ChatClient:
         to deliver. Lines typed meanwhile wait for the next connection.
         """
         def out() -> bool:
-            idle = not self.unconfirmed and all(map(is_quit_command, self.keyboard.lines))
-            leaving = self.keyboard.ended or self.leave_by is not None
-            asked = any(map(is_quit_command, self.keyboard.lines))
-            return self.keyboard.interrupted or (idle and (leaving or asked))
+            if self.keyboard.interrupted:
+                return True
+            typed = [line for line in self.keyboard.lines if not is_quit_command(line)]
+            asked = self.keyboard.ended or self.leave_by is not None or len(typed) < len(
+                self.keyboard.lines)
+            return asked and not typed and not self.unconfirmed   # nothing left to deliver
         try:
             await asyncio.wait_for(self.keyboard.wait_until(out), delay)
         except asyncio.TimeoutError:
@@ -4357,11 +4750,12 @@ class ChatClient:
     async def ask_for_a_name(self) -> bool:
         """The room refused our name: the next line typed is the new one."""
         self.screen.show("* type another name and Enter (Ctrl-C leaves)", "notice")
-        await self.keyboard.wait()
-        name = self.keyboard.take()
-        if name is None:
+        waiting = len(self.keyboard.lines)   # lines typed before this are chat, kept for later
+        await self.keyboard.wait_until(
+            lambda: len(self.keyboard.lines) > waiting or self.keyboard.done)
+        if len(self.keyboard.lines) <= waiting:
             return False
-        self.name, self.token = name.strip(), None
+        self.name, self.token = self.keyboard.lines.pop().strip(), None
         return True
 
 
@@ -4394,10 +4788,72 @@ async def run_until_signalled(server: WebSocketServer) -> None:
         await server.close()
 
 
+class StartupError(Exception):
+    """What kept the program from starting, as one sentence for the person who ran it."""
+
+
+async def listen(handler: Handler, args: argparse.Namespace, **options: typing.Any) -> WebSocketServer:
+    """serve() on --host and --port, with a failure to listen put in words."""
+    try:
+        return await serve(handler, args.host, args.port, **options)
+    except OSError as error:   # socket.gaierror (no such host) is an OSError too
+        where = host_port(args.host or "*", args.port)
+        raise StartupError(f"cannot listen on {where}: {describe_os_error(error)}") from None
+
+
+#: Listening addresses that mean "every interface", and how the start-up line says so.
+ALL_INTERFACES = {"": "all interfaces", "0.0.0.0": "all IPv4 interfaces", "::": "all IPv6 interfaces"}
+
+
+def reachable_at(host: str, port: int) -> tuple[str, str]:
+    """The host:port for the start-up URLs, and " on all interfaces" when that is so."""
+    if host in ALL_INTERFACES:
+        return host_port(socket.gethostname(), port), f" on {ALL_INTERFACES[host]}"
+    return host_port(host, port), ""
+
+
+def raise_descriptor_limit() -> int | None:
+    """Raise this process's soft limit on open files to its hard limit; return the limit.
+
+    Only the soft limit applies, and it is often 1024 while the hard limit,
+    which a process may raise it to, is far higher. None: no limit we know of.
+    """
+    try:
+        import resource   # Unix only; imported here so that the file runs on Windows too
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):   # macOS refuses an unlimited one: keep the soft limit
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def clients_descriptors_allow(max_clients: int | None, flag: str = "--max-clients") -> int | None:
+    """max_clients, lowered (and said so) if the open-file limit can't hold that many members."""
+    limit = raise_descriptor_limit()
+    if limit is None:
+        return max_clients
+    allowed = limit - FD_RESERVE
+    if allowed < 1:
+        raise StartupError(f"this process may open only {limit} files and the server needs more "
+                           f"than {FD_RESERVE}: raise the limit (ulimit -n)")
+    if max_clients is None or max_clients <= allowed:
+        return allowed if max_clients is None else max_clients
+    logger.warning("%s lowered from %d to %d: this process may open %d files (ulimit -n) "
+                   "and keeps %d for itself", flag, max_clients, allowed, limit, FD_RESERVE)
+    return allowed
+
+
 async def run_echo(args: argparse.Namespace) -> int:
-    server = await serve(echo, args.host, args.port, max_size=args.max_size,
-                         max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
-    logger.info("echo server on ws://%s/", host_port(args.host, server.port))
+    max_clients = clients_descriptors_allow(None)
+    server = await listen(echo, args, max_size=args.max_size, max_clients=max_clients,
+                          max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
+    address, where = reachable_at(args.host, server.port)
+    logger.info("echo server%s: ws://%s/", where, address)
     await run_until_signalled(server)
     return 0
 
@@ -4406,12 +4862,28 @@ def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLCont
     if not certfile:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certfile, keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as error:
+        files = f"--certfile {certfile}" + (f" with --keyfile {keyfile}" if keyfile else "")
+        raise StartupError(f"cannot use {files}: {ssl_error_words(error)} (a PEM certificate "
+                           "and its key are needed; --keyfile names the key if it is apart)") from None
     return context
 
 
+def ssl_error_words(error: ssl.SSLError) -> str:
+    """'no certificate or crl found' for NO_CERTIFICATE_OR_CRL_FOUND; '[SSL] PEM lib' without the C file."""
+    if error.reason:
+        return error.reason.replace("_", " ").lower()
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", error.strerror or str(error))
+
+
 def client_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=cafile)
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as error:
+        raise StartupError(f"cannot use --cafile {cafile}: {ssl_error_words(error)} "
+                           "(it must hold PEM certificates)") from None
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -4422,24 +4894,25 @@ async def run_server(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return await run_workers(args)
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
+    max_clients = clients_descriptors_allow(args.max_clients)
     options = dict(rate=args.rate, burst=args.burst, max_size=args.max_size,
                    announce_limit=args.announce_limit, allowed_origins=args.allow_origin,
-                   secure=ssl_context is not None)
+                   allowed_hosts=args.allow_host, secure=ssl_context is not None)
     room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else ChatRoom(**options)
     if isinstance(room, SharedRoom):
         try:
             await room.connect()
         except RedisUnavailable as error:
-            print(f"chat.py: cannot reach Redis at {args.redis}: {error}", file=sys.stderr)
-            return 1
-    server = await serve(room.handle, args.host, args.port, ssl_context=ssl_context,
-                         process_request=room.process_request, max_size=args.max_size,
-                         max_buffer=args.max_buffer, max_clients=args.max_clients,
-                         reuse_port=args.reuse_port)
-    address = host_port(args.host, server.port)
+            raise StartupError(f"cannot reach Redis at {args.redis}: {error}") from None
+    server = await listen(room.handle, args, ssl_context=ssl_context,
+                          process_request=room.process_request, max_size=args.max_size,
+                          max_buffer=args.max_buffer, max_clients=max_clients,
+                          max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy,
+                          reuse_port=args.reuse_port)
+    address, where = reachable_at(args.host, server.port)
     secure = "s" if ssl_context else ""
-    logger.info("chat server ready: ws%s://%s%s for clients, http%s://%s/ in a browser%s",
-                secure, address, CHAT_PATH, secure, address,
+    logger.info("chat server ready%s: ws%s://%s%s for clients, http%s://%s/ in a browser%s",
+                where, secure, address, CHAT_PATH, secure, address,
                 f"; one room with every server on {args.redis}" if args.redis else "")
     try:
         await run_until_signalled(server)
@@ -4502,16 +4975,16 @@ async def run_client(args: argparse.Namespace) -> int:
         screen.show("* --insecure: the server's certificate is NOT checked", "error")
     client = ChatClient(args.url, screen, keyboard, name=args.name, interactive=interactive,
                         reconnect=not args.no_reconnect, ssl_context=ssl_context,
-                        max_size=args.max_size)
+                        max_size=args.max_size,   # no prompt before there is a room:
+                        on_connected=lambda: start_keyboard(keyboard, screen, client, interactive))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, keyboard.interrupt)
-    terminal = start_keyboard(keyboard, screen, client, interactive)
     try:
         return await client.run()
     finally:
-        if terminal is not None:
-            terminal.stop()
+        if screen.terminal is not None:
+            screen.terminal.stop()
 
 
 def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient,
@@ -4532,17 +5005,96 @@ def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient,
     return terminal
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+# Every value is checked as it is parsed, so a bad one is a usage error (exit
+# status 2, one sentence from argparse) rather than a traceback or a server that
+# starts and then misbehaves (a rate of -1, or NaN, which turns the limit off).
+
+def whole_number(text: str, low: int, high: int | None = None) -> int:
+    """An int from low to high (or up), or an error saying what was wrong with ``text``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low or (high is not None and value > high):
+        allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {allowed}")
     return value
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+def positive_int(text: str) -> int:
+    return whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return whole_number(text, 0)
+
+
+def port_number(text: str) -> int:
+    """0 to 65535; 0 lets the system pick a free port."""
+    return whole_number(text, 0, 65535)
+
+
+def rate(text: str) -> float:
+    """A finite number of messages per second, 0 or more ("nan" and "inf" are not rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate: give a number of "
+                                         "messages per second, 0 or more")
+    return value
+
+
+def readable_file(path: str) -> str:
+    """A file we can open now, so a typo fails at once and not at the first client."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {describe_os_error(error)}") from None
+    return path
+
+
+def ip_address(text: str) -> str:
+    address = canonical_address(text)
+    if address is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address")
+    return address
+
+
+def websocket_url(url: str) -> str:
+    try:
+        parse_uri(url)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return url
+
+
+def describe_os_error(error: OSError) -> str:
+    """The few system errors a person starting chat.py meets, in words to act on."""
+    if isinstance(error, socket.gaierror):
+        if error.errno == socket.EAI_NONAME:
+            return "no such host (give a name this machine can resolve, or an address)"
+        return f"cannot look the name up ({error.strerror}; is DNS reachable?)"
+    reasons = {
+        errno.ENOENT: "no such file",
+        errno.EACCES: "permission denied",
+        errno.EISDIR: "it is a directory",
+        errno.EADDRINUSE: "address already in use (is another server running? --port picks another)",
+        errno.EADDRNOTAVAIL: "this machine has no such address",
+    }
+    return reasons.get(error.errno, (error.strerror or str(error)).lower())
+
+
+def seconds(text: str) -> float:
+    """A finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give a number of seconds, more than 0")
     return value
 
 
@@ -4573,40 +5125,65 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
                     "Ctrl-C closes every connection with 1001 (going away) and exits.")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    server.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; '' means all interfaces (default: %(default)s)")
+    server.add_argument("--port", type=port_number, default=8080, help="port to listen on (default: %(default)s)")
     server.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                         help="largest message accepted, in bytes; larger ones close with 1009 "
                              "(default: %(default)s)")
-    server.add_argument("--max-clients", type=positive_int, default=1000,
-                        help="connections beyond this get HTTP 503 (default: %(default)s)")
     server.add_argument("--max-buffer", type=positive_int, default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
-    server.add_argument("--rate", type=float, default=RATE_PER_SECOND,
+    server.add_argument("--rate", type=rate, default=RATE_PER_SECOND,
                         help="messages per second allowed per client after a burst; 0 turns "
                              "flood control off (default: %(default)s)")
     server.add_argument("--burst", type=positive_int, default=RATE_BURST,
                         help="messages a client may send at once (default: %(default)s)")
-    server.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT,
+    server.add_argument("--announce-limit", type=non_negative_int, default=ANNOUNCE_LIMIT,
                         help="stop announcing joins and leaves past this many members "
                              "(default: %(default)s)")
+    server.add_argument("--certfile", type=readable_file, help="serve https:// and wss:// with this certificate (PEM)")
+    server.add_argument("--keyfile", type=readable_file, help="the certificate's private key (PEM), if not in --certfile")
+    add_server_access_flags(server)
+    add_server_redis_flags(server)
+    server.set_defaults(run=run_server)
+
+
+def add_server_access_flags(server: argparse.ArgumentParser) -> None:
+    """Who may connect, and how many: the flags for an operator's defences."""
+    server.add_argument("--max-clients", type=positive_int, default=1000,
+                        help="connections beyond this get HTTP 503; lowered at start-up if the "
+                             "open-file limit (ulimit -n) can't hold them (default: %(default)s)")
+    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_ADDRESS,
+                        help="connections one IP address may hold at once; more get HTTP 503. "
+                             "A classroom behind one NAT shares one address: raise it there; "
+                             "0 means no limit (default: %(default)s)")
+    server.add_argument("--trusted-proxy", action="append", default=[], type=ip_address,
+                        metavar="ADDR",
+                        help="a reverse proxy in front of the server: for connections from ADDR "
+                             "(and only from it), limits and logs use the client address in its "
+                             "X-Forwarded-For header (repeatable)")
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="also accept browsers from this origin, e.g. https://example.com "
                              "(repeatable; the server's own origin is always accepted)")
+    server.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests for this host name (repeatable; '*' for any). "
+                             "IP addresses, localhost and this machine's name always work; other "
+                             "names get HTTP 421, which stops DNS-rebinding pages")
+
+
+def add_server_redis_flags(server: argparse.ArgumentParser) -> None:
     server.add_argument("--redis", type=redis_url, metavar="URL",
                         help="share one room with every server started with this URL: "
                              "redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// for TLS")
-    server.add_argument("--name-ttl", type=positive_float, default=NAME_TTL, metavar="SECONDS",
+    server.add_argument("--name-ttl", type=seconds, default=NAME_TTL, metavar="SECONDS",
                         help="with --redis: how long a crashed server's names stay taken "
                              "(default: %(default)s)")
     server.add_argument("--workers", type=positive_int, default=1, metavar="N",
                         help="with --redis: run N server processes on one port (SO_REUSEPORT); "
-                             "--max-clients then applies to each of them (default: %(default)s)")
+                             "--max-clients and --max-per-ip then apply to each of them "
+                             "(default: %(default)s)")
     server.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    server.add_argument("--certfile", help="serve https:// and wss:// with this certificate (PEM)")
-    server.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
-    server.set_defaults(run=run_server)
 
 
 def add_client_command(commands: argparse._SubParsersAction) -> None:
@@ -4620,11 +5197,11 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     "server goes away the client reconnects, waiting 1, 2, 4 ... up to 30 "
                     "seconds, and gets its name back.")
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
-    client.add_argument("--url", default=f"ws://127.0.0.1:8080{CHAT_PATH}",
+    client.add_argument("--url", type=websocket_url, default=f"ws://127.0.0.1:8080{CHAT_PATH}",
                         help="the chat's WebSocket URL (default: %(default)s)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
-    client.add_argument("--cafile", help="trust the CA certificate(s) in this PEM file for wss://")
+    client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
@@ -4638,8 +5215,9 @@ def add_echo_command(commands: argparse._SubParsersAction) -> None:
     echo_cmd = commands.add_parser(
         "echo", help="an echo server for conformance suites (Autobahn)",
         description="Send every message back unchanged, on any path.")
-    echo_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    echo_cmd.add_argument("--port", type=int, default=9001, help="port to listen on (default: %(default)s)")
+    echo_cmd.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on; '' means all interfaces (default: %(default)s)")
+    echo_cmd.add_argument("--port", type=port_number, default=9001, help="port to listen on (default: %(default)s)")
     echo_cmd.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                           help="largest message accepted, in bytes (default: %(default)s)")
     echo_cmd.set_defaults(run=run_echo)
@@ -4664,6 +5242,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(args.run(args))
     except KeyboardInterrupt:
         return 0
+    except StartupError as error:
+        print(f"chat.py: {error}", file=sys.stderr)
+        return 1
     except (OSError, ssl.SSLError) as error:   # e.g. the port is taken, a bad certificate file
         print(f"chat.py: {error.strerror or error}", file=sys.stderr)
         return 1
@@ -4672,7 +5253,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def save_terminal() -> list | None:
-    """The terminal's settings, to restore if we exit while readline holds it in raw mode."""
+    """The terminal's settings, to restore should we exit with it still in raw mode."""
     if not sys.stdin.isatty():
         return None
     try:
@@ -4690,7 +5271,7 @@ def restore_terminal(settings: list | None) -> None:
 
 # 14. Web page #############################################################
 #
-# Kept last, as bottle keeps its templates: 70 lines of HTML and JavaScript a
+# Kept last, as bottle keeps its templates: 170 lines of HTML and JavaScript a
 # reader of the protocol can skip.
 
 #: The browser page served at "/": self-contained (no external scripts,
@@ -4726,9 +5307,10 @@ input[type=text] { flex: 1; } [hidden] { display: none !important; }
 const PATTERNS = @GREETING_PATTERNS@, RESENT_MARK = @RESENT_MARK@, RECONNECT = @RECONNECT_CODES@;
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
-let socket = null, myName = "", token = "", greeted = false, historyLeft = 0, ours = [];
-let anchor = null, certain = false, sameRoom = false, backoff = 1, bucket = null, pumping = null;
+let socket = null, myName = "", token = "", greeted = false, delivered = 0, reconnected = false;
+let backoff = 1, bucket = null, pumping = null;
 const pending = [];   // our lines on their way: {line, copy, sent, item}
+const seen = [];      // the latest lines shown, so a reconnect's history doesn't repeat them
 
 function field(line, name) { const m = new RegExp(PATTERNS[name]).exec(line); return m ? m[1] : null; }
 function hhmm(date) { return date.toTimeString().slice(0, 5); }
@@ -4759,55 +5341,50 @@ function connect() {
   const query = new URLSearchParams();
   if (myName) query.set("name", myName);
   if (token) query.set("resume", token);
-  socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
-  greeted = false; status.textContent = "connecting…";
-  socket.onopen = () => { status.textContent = "connected"; backoff = 1; };
-  socket.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
-  socket.onclose = closed;
+  const ws = socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
+  greeted = false; status.textContent = "connecting…"; $("join").hidden = true;
+  ws.onopen = () => { status.textContent = "connected"; backoff = 1; };
+  ws.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
+  ws.onclose = (event) => { if (ws === socket) closed(event); };   // not an older socket's
 }
 
 function greeting(line) {
   greeted = true;
   const name = field(line, "name"), rate = parseFloat(field(line, "rate")), resume = field(line, "token");
-  sameRoom = token !== "" && resume === token;
+  const has = parseInt(field(line, "delivered")) || 0;
+  // Back in the same room (it gave our token back): it says how many of our
+  // lines it has, so the first of the unconfirmed ones arrived; the rest are
+  // sent again. A room that doesn't know us can't say: all go again, marked.
+  const arrived = token !== "" && resume === token ? has - delivered : null;
   if (name) { myName = name; token = resume || ""; }
+  delivered = has;
   const burst = parseInt(field(line, "burst")) || 1;
   bucket = rate ? {rate, burst, tokens: burst, stamp: Date.now()} : null;
-  historyLeft = parseInt(field(line, "history")) || 0; ours = []; certain = false;
   $("join").hidden = true; $("send").hidden = false; $("text").focus();
   show(line.split(" Limits: ")[0]);
-  if (!historyLeft) reconcile();
+  const sent = pending.filter((p) => p.sent);
+  sent.forEach((p, i) => {
+    if (arrived !== null && i < arrived) { drop(p); return; }
+    p.sent = false;
+    if (arrived === null) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
+  });
+  pump();
 }
 
 function received(line) {
-  const history = /^\\(history (\\S+)\\) /.exec(line);
-  if (history && historyLeft) {
-    const text = line.slice(history[0].length);
-    historyLeft -= 1;
-    if (text === anchor) { ours = []; certain = sameRoom; }
-    else if (text.startsWith("[" + myName + "]")) ours.push(text);
-    if (!seen.has(text)) show(text, new Date(history[1]), "history");
-    if (!historyLeft) reconcile();
-    return;
-  }
   const first = pending.find((p) => p.sent);
-  if (first && line === first.copy) { anchor = line; drop(first); }
-  const renamed = /^\\* (\\S+) is now known as (\\S+)$/.exec(line);
-  if (renamed && renamed[1] === myName) myName = renamed[2];
-  seen.add(line); show(line);
-}
-const seen = new Set();
-
-function reconcile() {   // after a reconnect: which of our lines did the room get?
-  let position = 0;
-  for (const p of pending.filter((p) => p.sent)) {
-    const at = ours.indexOf(p.copy, position);
-    if (at >= 0) { position = at + 1; drop(p); continue; }
-    p.sent = false;
-    if (!certain) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
+  if (first && line === first.copy) { delivered += 1; drop(first); }
+  const renamed = /^\* (\S+) is now known as (\S+)$/.exec(line);
+  if (renamed && renamed[1] === myName) {
+    myName = renamed[2];
+    for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
   }
-  pump();
+  const history = /^\(history (\S+)\) /.exec(line), text = history ? line.slice(history[0].length) : line;
+  if (history && reconnected && seen.includes(text)) return;   // shown before the reconnect
+  seen.push(text); if (seen.length > 100) seen.shift();
+  if (history) show(text, new Date(history[1]), "history"); else show(line);
 }
+
 function mark(line) {
   const me = /^\\/me\\s+/i.exec(line);
   return me ? "/me " + RESENT_MARK + line.slice(me[0].length) : RESENT_MARK + (line.startsWith("//") ? line.slice(1) : line);
@@ -4834,6 +5411,7 @@ function drop(p) { pending.splice(pending.indexOf(p), 1); p.item.remove(); }
 function closed(event) {
   if (greeted || !RECONNECT.includes(event.code))   // a failed reconnect says nothing new
     show("disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")", null, "error");
+  if (greeted) reconnected = true;
   status.textContent = "not connected"; socket = null; greeted = false;
   if (RECONNECT.includes(event.code)) {
     status.textContent = "reconnecting in " + backoff + " s";

@@ -8,7 +8,9 @@ sockets on 127.0.0.1 with port 0, and every await runs under a timeout.
 
 import asyncio
 import base64
+import glob
 import http
+import importlib.util
 import io
 import logging
 import os
@@ -19,6 +21,7 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import tempfile
 import tracemalloc
@@ -1031,10 +1034,11 @@ class TestChatRoom(ChatTestCase):
             "* You are connected as alice! There is 1 user here. Type /help for commands. "
             "Limits: lines of up to 4096 bytes; bursts of 20 lines, then 2 per second. "
             "Your resume token is "), greeting)
-        self.assertTrue(greeting.endswith(" (keep it to yourself). 0 lines of history follow."))
+        self.assertTrue(greeting.endswith(
+            " (keep it to yourself). The room has 0 lines of yours. 0 lines of history follow."))
         bob = await self.open(self.server, "/chat?name=bob")
         parsed = chat.parse_greeting(await within(bob.recv()))
-        self.assertEqual(parsed._replace(token=None), chat.Greeting("bob", 4096, 20, 2.0, None, 0))
+        self.assertEqual(parsed._replace(token=None), chat.Greeting("bob", 4096, 20, 2.0, None, 0, 0))
         self.assertEqual(len(parsed.token), 22)   # 16 random bytes
         await self.expect(alice, "* bob joined")
 
@@ -1157,10 +1161,14 @@ class TestChatRoom(ChatTestCase):
         old = await self.open(self.server, "/chat?name=bob")
         token = chat.parse_greeting(await within(old.recv())).token
         await self.expect(alice, "* bob joined")
+        await old.send("before the link died")
+        await self.expect(alice, "[bob]: before the link died")
         thief = await self.open(self.server, "/chat?name=bob&resume=wrong")
         await expect_closed(thief, CloseCode.POLICY_VIOLATION)
         new = await self.open(self.server, f"/chat?name=bob&resume={token}")
-        self.assertEqual(chat.parse_greeting(await within(new.recv())).token, token)
+        greeting = chat.parse_greeting(await within(new.recv()))
+        self.assertEqual((greeting.token, greeting.delivered), (token, 1))   # it has 1 of bob's
+
         closed = await expect_closed(old, CloseCode.NORMAL_CLOSURE)
         self.assertEqual(closed.reason, chat.REPLACED_REASON)
         await new.send("back")
@@ -1637,6 +1645,39 @@ class TestLimitsAndDefences(ChatTestCase):
                 self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
                 await conn.close()
 
+    def rebinding_request(self, path="/chat", host="evil.example:8080"):
+        """What a DNS-rebinding page's browser sends: its own name in Host and Origin."""
+        return upgrade_request(path, f"Origin: http://{host}\r\n").replace(
+            b"Host: 127.0.0.1", f"Host: {host}".encode())
+
+    async def test_unknown_host_gets_421_saying_how_to_allow_it(self):
+        await self.start_room()
+        alice = await self.join("alice")
+        for path in ("/chat", "/"):
+            with self.subTest(path=path):
+                answer = await raw_exchange(self.server.port, self.rebinding_request(path))
+                self.assertTrue(answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), answer)
+                self.assertIn(b"start it with --allow-host evil.example\n", answer)
+        await self.assert_still_served(alice)
+
+    async def test_allow_host_admits_that_name_and_star_admits_any(self):
+        for allowed, host in ((["evil.example"], "evil.example:8080"), (["*"], "other.example")):
+            with self.subTest(allowed=allowed):
+                await self.start_room(room=chat.ChatRoom(rate=0, allowed_hosts=allowed))
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+                self.addCleanup(writer.close)
+                writer.write(self.rebinding_request(host=host))
+                self.assertEqual(await within(reader.readline()), b"HTTP/1.1 101 Switching Protocols\r\n")
+
+    async def test_addresses_localhost_and_this_machines_name_are_always_answered(self):
+        await self.start_room()
+        port = self.server.port
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost",
+                     f"LOCALHOST.:{port}", socket.gethostname()):
+            with self.subTest(host=host):
+                answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+
     async def test_over_max_clients_gets_503_and_the_others_stay(self):
         await self.start_room(max_clients=2)
         alice = await self.join("alice")
@@ -1657,11 +1698,66 @@ class TestLimitsAndDefences(ChatTestCase):
         await self.expect(alice, *[f"[fast]: line {i}" for i in range(30)])
         await self.expect(fast, *[f"[fast]: line {i}" for i in range(30)])
 
+    async def upgrade_status(self, forwarded_for=None):
+        """Send an upgrade request (with X-Forwarded-For if given); the response head and the reader."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self.addCleanup(writer.close)
+        extra = f"X-Forwarded-For: {forwarded_for}\r\n" if forwarded_for else ""
+        writer.write(upgrade_request("/chat", extra))
+        head = await within(reader.readuntil(b"\r\n\r\n"))
+        return head, reader
+
+    async def test_one_address_over_max_per_address_gets_503_and_the_others_stay(self):
+        await self.start_room(max_per_address=2)
+        alice = await self.join("alice")
+        bob = await self.join("bob")
+        with self.assertRaises(chat.InvalidStatus) as caught:
+            await within(chat.connect(self.url + "?name=carol"))
+        self.assertEqual(caught.exception.status, 503)
+        self.assertEqual(caught.exception.reason, "too many connections from 127.0.0.1 "
+                                                  "(at most 2 per address); try again later")
+        head, _ = await self.upgrade_status()
+        self.assertIn(b"\r\nRetry-After: 30\r\n", head)
+        await self.assert_still_served(alice)
+        logged = LogCatcher(logging.INFO)
+        self.addCleanup(logged.remove)
+        await bob.close()
+        await self.expect(alice, "* bob left")
+        await self.join("carol")   # bob's place is free again
+        messages = [(await within(logged.next())).getMessage() for _ in range(2)]
+        self.assertEqual(messages[1], "127.0.0.1: below its limit again; 2 connection(s) refused meanwhile")
+
+    async def test_trusted_proxy_makes_limits_and_logs_use_x_forwarded_for(self):
+        logged = LogCatcher(logging.INFO)
+        self.addCleanup(logged.remove)
+        await self.start_room(max_per_address=1, trusted_proxies=["127.0.0.1"])
+        first, _ = await self.upgrade_status("10.9.9.9, 203.0.113.7")
+        other, _ = await self.upgrade_status("198.51.100.1")
+        again, _ = await self.upgrade_status("203.0.113.7")
+        self.assertTrue(first.startswith(b"HTTP/1.1 101 "), first)
+        self.assertTrue(other.startswith(b"HTTP/1.1 101 "), other)
+        self.assertTrue(again.startswith(b"HTTP/1.1 503 "), again)
+        messages = []
+        while not any("at its limit" in message for message in messages):
+            messages.append((await within(logged.next())).getMessage())
+        self.assertRegex(messages[0], r"^203\.0\.113\.7 via 127\.0\.0\.1:\d+: user1 joined")
+        self.assertEqual(messages[-1], "203.0.113.7: at its limit of 1 connection(s); "
+                                       "refusing more with 503 until one closes")
+
+    async def test_x_forwarded_for_from_anyone_else_is_ignored(self):
+        await self.start_room(max_per_address=1, trusted_proxies=["192.0.2.1"])
+        first, _ = await self.upgrade_status("203.0.113.7")
+        second, body = await self.upgrade_status("198.51.100.1")
+        self.assertTrue(first.startswith(b"HTTP/1.1 101 "), first)
+        self.assertTrue(second.startswith(b"HTTP/1.1 503 "), second)
+        self.assertTrue((await within(body.read())).startswith(b"too many connections from 127.0.0.1 "))
+
     async def test_a_flood_past_the_held_bound_closes_with_1008_and_others_are_not_slowed(self):
         await self.start_room(room=chat.ChatRoom(rate=0.001, burst=3, max_held=5))
         alice = await self.join("alice")
         flooder = await self.join("flooder")
         await self.expect(alice, "* flooder joined")
+
         async def read_all(conn):
             lines = []
             try:
@@ -1796,6 +1892,73 @@ bmJez6sAOiLV1GUuR5eRZjNfKBzhldRT0IhgvDaFG9HAAaoYpW0q/LvB
 """
 
 
+class TestOutOfDescriptors(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """A server at its open-file limit: a child process with a tiny RLIMIT_NOFILE."""
+
+    #: The child: soft limit 70, hard 72; the server raises it to 72 and keeps 64.
+    CHILD = ("import resource, sys\n"
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (70, 72))\n"
+             "import chat\n"
+             "sys.exit(chat.main(sys.argv[1:]))\n")
+
+    async def start_child(self):
+        if importlib.util.find_spec("resource") is None:
+            self.skipTest("no resource module (Windows)")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", self.CHILD, "server", "--port", "0", "--max-clients", "20",
+            "--max-per-ip", "0", cwd=os.path.dirname(os.path.abspath(chat.__file__)),
+            stderr=asyncio.subprocess.PIPE)
+        self.addAsyncCleanup(self.stop, child)
+        return child
+
+    async def stop(self, child):
+        if child.returncode is None:
+            child.terminate()
+            await within(child.wait())
+
+    async def log_lines_until(self, child, text):
+        lines = []
+        while not lines or text not in lines[-1]:
+            line = await within(child.stderr.readline())
+            self.assertTrue(line, f"the server exited before logging {text!r}: {lines}")
+            lines.append(line.decode().rstrip("\n"))
+        return lines
+
+    async def assert_refused_as_full(self, url):
+        with self.assertRaises(chat.InvalidStatus) as caught:
+            await within(chat.connect(url))
+        self.assertEqual((caught.exception.status, caught.exception.reason),
+                         (503, "server full (8 clients); try again later"))
+
+    async def test_at_the_limit_members_chat_on_and_newcomers_get_503_with_one_log_line(self):
+        child = await self.start_child()
+        started = await self.log_lines_until(child, "chat server ready")
+        self.assertIn("WARNING --max-clients lowered from 20 to 8: this process may open 72 files "
+                      "(ulimit -n) and keeps 64 for itself", started[0])
+        url = "ws://" + re.search(r"ws://(127\.0\.0\.1:\d+)/chat", started[-1])[1] + "/chat"
+        members = [await within(chat.connect(f"{url}?name=m{i}")) for i in range(8)]
+        for member in members:
+            self.addAsyncCleanup(member.close)
+        await self.assert_refused_as_full(url)
+        host, port = url[5:-5].split(":")
+        idle = [(await within(asyncio.open_connection(host, int(port))))[1] for _ in range(100)]
+        for writer in idle:
+            self.addCleanup(writer.close)
+        await self.log_lines_until(child, "cannot accept new connections: too many open files")
+        await members[0].send("still here")
+        while await within(members[0].recv()) != "[m0]: still here":
+            pass
+        await self.assert_refused_as_full(url)   # the silent ones made room for the answer
+        for writer in idle:
+            writer.close()
+        for member in members:
+            await within(member.close())
+        await self.stop(child)
+        rest = (await within(child.stderr.read())).decode()
+        self.assertNotIn("cannot accept", rest)   # one line for the whole episode
+        self.assertLess(len(rest.splitlines()), 40, rest)
+
+
 class TestTLS(ChatTestCase):
     """wss:// and https:// with the standard ssl module."""
 
@@ -1812,6 +1975,13 @@ class TestTLS(ChatTestCase):
         context = chat.server_ssl_context(self.files["cert"], self.files["key"])
         await self.start_room(ssl_context=context)
         return f"wss://localhost:{self.server.port}/chat"
+
+    async def test_ws_to_a_tls_server_suggests_wss(self):
+        url = (await self.start_tls_room()).replace("wss://", "ws://")
+        with self.assertRaises(chat.HandshakeError) as caught:
+            await within(chat.connect(url))
+        self.assertEqual(str(caught.exception),
+                         "connection closed during the handshake (if it speaks TLS, is it wss://?)")
 
     async def test_wss_with_a_trusted_ca(self):
         url = await self.start_tls_room()
@@ -2127,8 +2297,11 @@ class TestSharedRoom(SharedRoomTestCase):
         alice = await self.join_at(one, "alice")
         bob = await self.join_at(two, "bob")
         await self.expect(alice, "* bob joined")
+        await alice.send("one"), await alice.send("/me two")
+        await self.expect(bob, "[alice]: one", "[alice] two")
         again = await self.join_at(two, "alice", resume=self.greeting(alice).token)
         self.assertEqual(self.greeting(again).name, "alice")
+        self.assertEqual(self.greeting(again).delivered, 2)   # the receipts' count came along
         closed = await expect_closed(alice)
         self.assertEqual((closed.code, closed.reason), (1000, chat.REPLACED_REASON))
         await again.send("still me")
@@ -2938,34 +3111,39 @@ class TestDelivery(unittest.TestCase):
         for command in ("/who", "/msg alice hi", "/nick x", "/foo"):
             self.assertIsNone(chat.echo_of(command, "bob"))
 
-    def test_lines_the_history_shows_are_not_sent_again(self):
-        lines = ["one", "two", "three"]
-        copies = [f"[bob]: {line}" for line in lines]
-        self.assertEqual(chat.reconcile(lines, copies, ["[bob]: one", "[bob]: two"], certain=True),
-                         ["three"])
+    def test_after_a_reconnect_to_the_same_room_only_what_it_lacks_is_sent_again(self):
+        self.assertEqual(chat.to_send_again(["one", "two", "three"], 2), ["three"])
+        self.assertEqual(chat.to_send_again(["ok", "ok"], 1), ["ok"])   # counted, not matched
 
-    def test_lines_in_doubt_are_marked_as_possible_repeats(self):
-        lines = ["one", "/me waves", "//etc"]
-        copies = ["[bob]: one", "[bob] waves", "[bob]: /etc"]
-        self.assertEqual(chat.reconcile(lines, copies, [], certain=False),
+    def test_a_room_that_does_not_know_us_gets_them_all_marked_as_possible_repeats(self):
+        self.assertEqual(chat.to_send_again(["one", "/me waves", "//etc"], None),
                          ["(resent) one", "/me (resent) waves", "(resent) /etc"])
 
     def test_a_reconnected_client_resends_what_the_room_never_got(self):
         keyboard = chat.Keyboard()
         client = chat.ChatClient("ws://h/chat", chat.Screen(io.StringIO(), color=False), keyboard)
         greeting = ("* You are connected as bob! Limits: lines of up to 99 bytes; no rate limit. "
-                    "Your resume token is T1 (keep it to yourself). 0 lines of history follow.")
-        client.on_greeting(greeting)
-        client.on_line("[bob]: one")   # nothing unconfirmed yet: just shown
-        client.unconfirmed.extend([("one", "[bob]: one"), ("two", "[bob]: two")])
-        client.on_line("[bob]: one")
-        self.assertEqual([line for line, _ in client.unconfirmed], ["two"])
-        # The connection drops; the same room (same token) shows what it has of ours.
-        client.on_greeting(greeting.replace("0 lines", "2 lines"))
-        client.on_line("(history 2026-12-02T09:15:00Z) [bob]: one")
-        client.on_line("(history 2026-12-02T09:15:01Z) [alice]: hi")
-        self.assertEqual(list(keyboard.lines), ["two"])   # certain: sent again as it was
+                    "Your resume token is T1 (keep it to yourself). The room has {} of yours. "
+                    "0 lines of history follow.")
+        client.on_greeting(greeting.format("0 lines"))
+        client.unconfirmed.extend([("ok", "[bob]: ok"), ("ok", "[bob]: ok"), ("three", "[bob]: three")])
+        client.on_line("[bob]: ok")
+        self.assertEqual((client.delivered, len(client.unconfirmed)), (1, 2))
+        # The connection drops; the same room (it gives T1 back) had relayed one more.
+        client.on_greeting(greeting.format("2 lines"))
+        self.assertEqual(list(keyboard.lines), ["three"])   # sent again as it was
         self.assertFalse(client.unconfirmed)
+        # A server that restarted doesn't know T1: it can't say, so the line is marked.
+        client.unconfirmed.append(("four", "[bob]: four"))
+        client.on_greeting(greeting.format("0 lines").replace("T1", "T2"))
+        self.assertEqual(list(keyboard.lines), ["(resent) four", "three"])
+
+    def test_a_broken_greeting_or_history_stamp_is_shown_not_a_traceback(self):
+        self.assertIsNone(chat.parse_greeting("* You are connected as x! Limits: lines of up to "
+                                              "10 bytes; bursts of 3 lines, then 1.2.3 per second."))
+        text, style = chat.display_line("(history 2026-13-45T99:00:00Z) [x]: odd", name="y",
+                                        timestamps=False, now=0)
+        self.assertEqual((text, style), ("[x]: odd", "history"))
 
 
 class TestChatClient(ChatTestCase):
@@ -2992,7 +3170,7 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(self.url, io.StringIO("hi\n\nsecond line\n"), "bot")
         self.assertEqual(await within(client.run()), 0)
         await self.expect(alice, "* bot joined", "[bot]: hi", "[bot]: second line", "* bot left")
-        self.assertEqual(out.getvalue().splitlines()[1:], ["[bot]: hi", "[bot]: second line"])
+        self.assertEqual(out.getvalue().splitlines()[2:], ["[bot]: hi", "[bot]: second line"])
 
     async def test_a_hundred_piped_lines_arrive_in_order_paced_to_the_room(self):
         # A client sending all 100 at once would have 90 held and be dropped;
@@ -3049,6 +3227,7 @@ class TestChatClient(ChatTestCase):
             """Greets, then is closing: send() fails; the peer's close frame comes 50 ms later."""
             sends = 0
             greeted = False
+            state = chat.State.OPEN   # as far as the client can tell before it sends
 
             async def send(self, line):
                 self.sends += 1
@@ -3082,8 +3261,47 @@ class TestChatClient(ChatTestCase):
         sock.close()   # nothing listens there now
         client, out = self.client(f"ws://127.0.0.1:{port}/chat", io.StringIO(""))
         self.assertEqual(await within(client.run()), 1)
-        self.assertEqual(out.getvalue(), f"cannot connect to ws://127.0.0.1:{port}/chat: "
+        self.assertEqual(out.getvalue(), f"* connecting to ws://127.0.0.1:{port}/chat …\n"
+                                         f"cannot connect to ws://127.0.0.1:{port}/chat: "
                                          "connection refused — is the server running?\n")
+
+    async def silent_listener(self):
+        """A TCP server that accepts and never answers; returns its port and an 'accepted' event."""
+        accepted = asyncio.Event()
+        held = []
+
+        def hold(reader, writer):
+            held.append(writer)
+            accepted.set()
+        listener = await asyncio.start_server(hold, "127.0.0.1", 0)
+        self.addAsyncCleanup(listener.wait_closed)
+        self.addCleanup(listener.close)
+        self.addCleanup(lambda: [writer.close() for writer in held])
+        return listener.sockets[0].getsockname()[1], accepted
+
+    async def test_ctrl_c_while_connecting_to_a_silent_server_quits_at_once(self):
+        port, accepted = await self.silent_listener()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, chat.__file__, "client", "--url", f"ws://127.0.0.1:{port}/chat",
+            "--no-timestamps",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        self.addCleanup(lambda: client.returncode is None and client.kill())
+        self.assertEqual(await within(client.stdout.readline()),
+                         f"* connecting to ws://127.0.0.1:{port}/chat …\n".encode())
+        await within(accepted.wait())
+        client.send_signal(signal.SIGINT)
+        # Well within connect()'s own 10 s timeout: Ctrl-C itself ended it.
+        self.assertEqual(await within(client.wait(), chat.HANDSHAKE_TIMEOUT / 4), 0)
+        self.assertEqual(await within(client.stdout.read()), b"")   # no prompt, no error
+
+    async def test_wss_to_a_plain_server_says_so_in_words(self):
+        await self.start_room()
+        client, out = self.client(f"wss://127.0.0.1:{self.server.port}/chat", io.StringIO(""),
+                                  ssl_context=ssl.create_default_context())
+        self.assertEqual(await within(client.run()), 1)
+        self.assertIn(f"cannot connect to wss://127.0.0.1:{self.server.port}/chat: the server at "
+                      f"wss://127.0.0.1:{self.server.port} did not answer TLS — is it ws://?\n",
+                      out.getvalue())
 
     async def test_refused_name_shows_the_servers_reason_and_exits_1(self):
         await self.start_room()
@@ -3243,6 +3461,86 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(status, 1)
         self.assertIn("address already in use", err.getvalue())
         self.assertNotIn("Traceback", err.getvalue())
+
+    def run_main(self, argv):
+        """chat.main(argv) with stderr captured: (exit status, what it printed)."""
+        with unittest.mock.patch("sys.stderr", io.StringIO()) as err:
+            try:
+                status = chat.main(argv)
+            except SystemExit as exit:
+                status = exit.code
+        return status, err.getvalue()
+
+    def test_bad_values_are_usage_errors_in_one_sentence_with_status_2(self):
+        for argv, message in [
+            (["server", "--port", "70000"], "argument --port: 70000 is out of range: "
+                                            "give a number from 0 to 65535"),
+            (["server", "--port", "-1"], "argument --port: -1 is out of range: "
+                                         "give a number from 0 to 65535"),
+            (["echo", "--port", "echo"], "argument --port: 'echo' is not a whole number"),
+            (["server", "--rate", "-1"], "argument --rate: '-1' is not a rate: "
+                                         "give a number of messages per second, 0 or more"),
+            (["server", "--rate", "nan"], "argument --rate: 'nan' is not a rate: "
+                                          "give a number of messages per second, 0 or more"),
+            (["server", "--burst", "0"], "argument --burst: 0 is out of range: give a number 1 or more"),
+            (["server", "--announce-limit", "-1"], "argument --announce-limit: -1 is out of range: "
+                                                   "give a number 0 or more"),
+            (["server", "--certfile", "/nonexistent.pem"],
+             "argument --certfile: cannot read /nonexistent.pem: no such file"),
+            (["client", "--url", "http://example.com/"],
+             "argument --url: 'http://example.com/' is not a ws:// or wss:// URI"),
+        ]:
+            with self.subTest(argv=argv):
+                status, err = self.run_main(argv)
+                self.assertEqual(status, 2)
+                self.assertEqual(err.splitlines()[-1], f"chat.py {argv[0]}: error: {message}")
+                self.assertNotIn("Traceback", err)
+
+    async def test_start_up_failures_are_one_sentence_with_status_1(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as not_pem:
+            not_pem.write("not a certificate\n")
+            not_pem.flush()
+            no_such_host = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            for argv, message in [
+                (["server", "--host", "nosuchhost.invalid"],
+                 "cannot listen on nosuchhost.invalid:8080: no such host"),
+                (["server", "--port", "0", "--certfile", not_pem.name],
+                 f"cannot use --certfile {not_pem.name}: [SSL] PEM lib"),
+            ]:
+                with self.subTest(argv=argv), unittest.mock.patch("socket.getaddrinfo",
+                                                                  side_effect=no_such_host):
+                    loop = asyncio.get_running_loop()
+                    status, err = await within(loop.run_in_executor(None, self.run_main, argv))
+                    self.assertEqual(status, 1)
+                    self.assertTrue(err.startswith(f"chat.py: {message}"), err)
+                    self.assertEqual(len(err.splitlines()), 1, err)
+
+    def test_empty_host_means_all_interfaces_and_says_so(self):
+        self.assertEqual(chat.reachable_at("", 8093),
+                         (f"{socket.gethostname()}:8093", " on all interfaces"))
+        self.assertEqual(chat.reachable_at("::1", 8093), ("[::1]:8093", ""))
+
+    def test_python_before_3_10_gets_one_line(self):
+        for version in ((3, 7, 16, "final", 0), (3, 9, 18, "final", 0)):
+            with self.subTest(version=version), self.assertRaises(SystemExit) as caught:
+                chat.check_python_version(version)
+            self.assertEqual(caught.exception.code, "chat.py needs Python 3.10 or later; "
+                                                    f"this is Python 3.{version[1]}")
+        chat.check_python_version((3, 10, 0, "final", 0))   # no exit
+
+    def test_python_3_7_to_3_9_really_stop_at_the_check(self):
+        # The fake version above can't show that the file gets as far as the
+        # check on an old Python; the old interpreters can, where pyenv has them.
+        pythons = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[789].*/bin/python")))
+        if not pythons:
+            self.skipTest("no Python 3.7-3.9 here")
+        for python in pythons:
+            with self.subTest(python=python):
+                done = subprocess.run([python, chat.__file__, "server"], capture_output=True,
+                                      text=True, timeout=TIMEOUT)
+                self.assertEqual(done.returncode, 1)
+                self.assertRegex(done.stderr, r"\Achat.py needs Python 3.10 or later; "
+                                              r"this is Python 3\.[789]\n\Z")
 
     async def test_verbose_trace_shows_the_handshake_and_frame_headers(self):
         logged = LogCatcher(logging.DEBUG)
