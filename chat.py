@@ -4925,43 +4925,58 @@ async def run_server(args: argparse.Namespace) -> int:
 async def run_workers(args: argparse.Namespace) -> int:
     """--workers N: N server processes on one port (SO_REUSEPORT), one room through Redis.
 
-    Each worker is this program again, with the same options; the first
-    sentence of trouble (Redis unreachable, the port taken) comes from here,
-    once. SIGINT and SIGTERM are passed on, so every worker closes its
-    clients with 1001; a worker that dies takes the others down with it.
+    Each worker is this program again, with the same options; an unreachable
+    Redis or a taken port is said once, from here. SIGINT and SIGTERM are
+    passed on, so every worker closes its clients with 1001; a worker that
+    exits takes the others down with it, and any failure makes the status 1.
     """
     try:
-        probe = await RedisConnection.open(args.redis)
+        (await RedisConnection.open(args.redis)).close()
     except RedisUnavailable as error:
-        print(f"chat.py: cannot reach Redis at {args.redis}: {error}", file=sys.stderr)
-        return 1
-    probe.close()
+        raise StartupError(f"cannot reach Redis at {args.redis}: {error}") from None
     with reserved_port(args.host, args.port) as port:
         worker_argv = [*args.argv, "--port", str(port), "--workers", "1", "--reuse-port"]
-        workers = [await asyncio.create_subprocess_exec(sys.executable, os.path.abspath(__file__),
-                                                        *worker_argv) for _ in range(args.workers)]
-        logger.info("%d workers on ws://%s%s, sharing one room through %s",
-                    len(workers), host_port(args.host, port), CHAT_PATH, args.redis)
+        # In sessions of their own, so that Ctrl-C reaches only us, and each worker one SIGTERM.
+        workers = [await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(__file__), *worker_argv, start_new_session=True)
+            for _ in range(args.workers)]
+        address, where = reachable_at(args.host, port)
+        logger.info("%d workers%s on ws://%s%s, sharing one room through %s",
+                    len(workers), where, address, CHAT_PATH, args.redis)
+
+        stopping: list[asyncio.subprocess.Process] = []
+
+        def stop() -> None:
+            # Once each: a second SIGTERM could reach a worker that has already
+            # closed its event loop (and its handler), and kill it mid-exit.
+            for worker in workers:
+                if worker.returncode is None and worker not in stopping:
+                    stopping.append(worker)
+                    worker.send_signal(signal.SIGTERM)
+
         loop = asyncio.get_running_loop()
-        stop = lambda: [w.send_signal(signal.SIGTERM) for w in workers if w.returncode is None]  # noqa: E731
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop)
         waits = [asyncio.ensure_future(worker.wait()) for worker in workers]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         stop()
         codes = await asyncio.gather(*waits)
-    return max(code if code > 0 else 0 for code in codes)
+    return 1 if any(codes) else 0
 
 
 @contextlib.contextmanager
 def reserved_port(host: str, port: int) -> typing.Iterator[int]:
     """A port for the workers: bound here with SO_REUSEPORT, not listening, so port 0 works too."""
     if not hasattr(socket, "SO_REUSEPORT"):
-        raise OSError("--workers needs SO_REUSEPORT, which this platform lacks")
+        raise StartupError("--workers needs SO_REUSEPORT, which this platform lacks")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            where = host_port(host or "*", port)
+            raise StartupError(f"cannot listen on {where}: {describe_os_error(error)}") from None
         yield sock.getsockname()[1]
 
 
