@@ -5389,12 +5389,12 @@ function greeting(line) {
 function received(line) {
   const first = pending.find((p) => p.sent);
   if (first && line === first.copy) { delivered += 1; drop(first); }
-  const renamed = /^\* (\S+) is now known as (\S+)$/.exec(line);
+  const renamed = /^\\* (\\S+) is now known as (\\S+)$/.exec(line);
   if (renamed && renamed[1] === myName) {
     myName = renamed[2];
     for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
   }
-  const history = /^\(history (\S+)\) /.exec(line), text = history ? line.slice(history[0].length) : line;
+  const history = /^\\(history (\\S+)\\) /.exec(line), text = history ? line.slice(history[0].length) : line;
   if (history && reconnected && seen.includes(text)) return;   // shown before the reconnect
   seen.push(text); if (seen.length > 100) seen.shift();
   if (history) show(text, new Date(history[1]), "history"); else show(line);

@@ -2344,8 +2344,10 @@ class TestSharedRoomFaults(SharedRoomTestCase):
             stderr=asyncio.subprocess.PIPE)
         self.addAsyncCleanup(server.wait)
         self.addCleanup(lambda: server.returncode is None and server.kill())
-        ready = (await within(server.stderr.readline())).decode()
-        port = int(re.search(r"ws://127\.0\.0\.1:(\d+)/chat", ready)[1])
+        ready = None
+        while ready is None:   # the start-up line (any warning before it is not our business)
+            ready = re.search(r"ready: ws://127\.0\.0\.1:(\d+)/chat", (await within(server.stderr.readline())).decode())
+        port = int(ready[1])
         url = f"ws://127.0.0.1:{port}/chat"
         bob = await within(chat.connect(f"{url}?name=bob"))
         alice = await within(chat.connect(f"{url}?name=alice"))
