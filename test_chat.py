@@ -2346,7 +2346,8 @@ class TestSharedRoomFaults(SharedRoomTestCase):
         self.addCleanup(lambda: server.returncode is None and server.kill())
         ready = None
         while ready is None:   # the start-up line (any warning before it is not our business)
-            ready = re.search(r"ready: ws://127\.0\.0\.1:(\d+)/chat", (await within(server.stderr.readline())).decode())
+            line = (await within(server.stderr.readline())).decode()
+            ready = re.search(r"ready: ws://127\.0\.0\.1:(\d+)/chat", line)
         port = int(ready[1])
         url = f"ws://127.0.0.1:{port}/chat"
         bob = await within(chat.connect(f"{url}?name=bob"))
