@@ -2974,8 +2974,9 @@ NAME_TTL = 15.0
 #: connection is noticed within this plus REDIS_TIMEOUT.
 READ_BLOCK = 5.0
 
-#: Entries one XREAD returns at most, and keys per SCAN or MGET: 32 events
-#: of the largest line (MAX_MESSAGE_SIZE) fit in RESP_MAX_REPLY twice over.
+#: Entries one XREAD returns at most (and events the sharer sends in one
+#: pipelined write), and keys per SCAN or MGET: 32 events of the largest
+#: line (MAX_MESSAGE_SIZE) fit in RESP_MAX_REPLY twice over.
 READ_COUNT = 32
 MAX_KEYS_PER_CALL = 1000
 
@@ -3229,6 +3230,10 @@ class SharedRoom(ChatRoom):
             link, blocking = await self._reconnect()
             logger.info("Redis at %s is back; the room is whole", self.url)
             self.broadcast(WHOLE_NOTICE)
+            if self.not_shared:
+                logger.warning("%s said here while the room was split stayed here (over %d bytes)",
+                               plural(self.not_shared, "event"), MAX_UNSHARED_BYTES)
+                self.not_shared = 0
 
     async def _reconnect(self) -> tuple[RedisConnection, RedisConnection]:
         delay = REDIS_FIRST_RETRY
@@ -3298,12 +3303,11 @@ class SharedRoom(ChatRoom):
     # -- hearing what happens elsewhere ----------------------------------------
 
     async def _follower(self, link: RedisConnection) -> None:
-        block_ms = int(READ_BLOCK * 1000)
+        block_ms, own = int(READ_BLOCK * 1000), f"{self.server_id} ".encode()
         while True:
             reply = await link.command("XREAD", "COUNT", READ_COUNT, "BLOCK", block_ms,
                                        "STREAMS", self.stream, self.last_id,
                                        timeout=READ_BLOCK + REDIS_TIMEOUT)
-            own = f"{self.server_id} ".encode()
             for entry_id, data in stream_entries(reply):
                 self.last_id = entry_id
                 if data.startswith(own):

@@ -2155,6 +2155,15 @@ class TestRedisConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
             with self.assertRaisesRegex(chat.RedisUnavailable, "not what chat.py writes"):
                 await within(room.connect())
 
+    async def test_what_waits_for_redis_is_bounded(self):
+        room = chat.SharedRoom(chat.parse_redis_url("redis://127.0.0.1"))   # never connected
+        with unittest.mock.patch("chat.MAX_UNSHARED_BYTES", 10_000):
+            for i in range(1000):
+                room.share("say", f"[bob]: line {i} " + "x" * 50)
+        self.assertLessEqual(room.unshared_bytes, 10_000)
+        self.assertEqual(len(room.unshared) + room.not_shared, 1000)   # the rest stayed here
+        self.assertEqual(room.unshared_bytes, sum(len(event) for event, _ in room.unshared))
+
     async def test_unreachable_redis_at_start_is_one_sentence_and_status_1(self):
         port = free_port()
         loop = asyncio.get_running_loop()
