@@ -1847,7 +1847,9 @@ REPLACED_REASON = "replaced by your new connection"
 
 
 class TryLater(ValueError):
-    """A refusal that will pass (the room can't check names just now): closes with 1013."""
+    """A refusal that will pass (the room can't check names just now)."""
+
+    close_code = CloseCode.TRY_AGAIN_LATER
 
 
 def plural(count: int, word: str) -> str:
@@ -2358,7 +2360,8 @@ class ChatRoom:
             # an HTTP error: browsers never show a page the body of a failed
             # handshake, but they do show a close frame's reason.
             logger.info("%s: refused: %s", conn.remote, refusal)
-            code = CloseCode.TRY_AGAIN_LATER if isinstance(refusal, TryLater) else CloseCode.POLICY_VIOLATION
+            # A plain ValueError (a name refused) is a policy violation.
+            code = getattr(refusal, "close_code", CloseCode.POLICY_VIOLATION)
             await conn.close(code, str(refusal))
             return
         try:
