@@ -2818,6 +2818,8 @@ def connect_error_words(error: BaseException) -> str:
     """'connection refused': why a connection failed, in a few lower-case words."""
     if isinstance(error, asyncio.TimeoutError):
         return "no answer in time"
+    if isinstance(error, ssl.SSLError):   # first: a certificate refused has errno 1 (EPERM)
+        return f"TLS failed: {getattr(error, 'verify_message', None) or error.reason or error}"
     code = getattr(error, "errno", None)
     if isinstance(code, int) and code > 0:
         return os.strerror(code).lower()
