@@ -2113,6 +2113,11 @@ class FakeRedis:
         writer.close()
 
 
+async def close_redis(conn: chat.RedisConnection) -> None:
+    """A cleanup: RedisConnection.close() wants the event loop running."""
+    conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -2126,7 +2131,7 @@ class TestRedisConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         async with FakeRedis(b"+OK\r\n", b"+OK\r\n", b":1\r\n", b"$1\r\nx\r\n") as fake:
             url = fake.url._replace(password="pw", username="me", db=3)
             conn = await within(chat.RedisConnection.open(url))
-            self.addCleanup(conn.close)
+            self.addAsyncCleanup(close_redis, conn)
             self.assertEqual(await within(conn.pipeline([("INCR", "n"), ("GET", "k")])), [1, b"x"])
         self.assertEqual(fake.commands, [[b"AUTH", b"me", b"pw"], [b"SELECT", b"3"],
                                          [b"INCR", b"n"], [b"GET", b"k"]])
@@ -2143,7 +2148,7 @@ class TestRedisConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
     async def test_an_error_reply_is_raised_by_the_command_only(self):
         async with FakeRedis(b"+PONG\r\n", b"-ERR nope\r\n", b"+PONG\r\n") as fake:
             conn = await within(chat.RedisConnection.open(fake.url))
-            self.addCleanup(conn.close)
+            self.addAsyncCleanup(close_redis, conn)
             with self.assertRaisesRegex(chat.RedisError, "ERR nope"):
                 await within(conn.command("NOPE"))
             self.assertEqual(await within(conn.command("PING")), "PONG")
@@ -2191,16 +2196,17 @@ def redis_server_or_skip() -> str:
 class RedisProcess:
     """A redis-server of our own on a free port, in a temporary directory, saving nothing."""
 
-    def __init__(self, program: str, folder: str):
-        self.program, self.folder = program, folder
+    def __init__(self, program: str, folder: str, url: str = "redis://127.0.0.1:{port}"):
+        self.program, self.folder, self.options = program, folder, ()
         self.port = free_port()
-        self.url = chat.parse_redis_url(f"redis://127.0.0.1:{self.port}")
+        self.url = chat.parse_redis_url(url.format(port=self.port))
         self.process = None
 
     async def start(self):
         self.process = await asyncio.create_subprocess_exec(
             self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self.folder, stdout=asyncio.subprocess.PIPE)
+            "--appendonly", "no", "--dir", self.folder, *self.options,
+            stdout=asyncio.subprocess.PIPE)
         while b"Ready to accept connections" not in await within(self.process.stdout.readline()):
             pass
 
@@ -2315,6 +2321,32 @@ class TestSharedRoom(SharedRoomTestCase):
         self.assertEqual((closed.code, closed.reason), (1000, chat.REPLACED_REASON))
         await again.send("still me")
         await self.expect(bob, "[alice]: still me")   # no "left", no "joined" in between
+
+
+class TestRedisOverTLS(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """rediss:// with a password and a database, against redis-server's own TLS port."""
+
+    async def test_rediss_with_a_password_and_a_database(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        files = {}
+        for name, text in (("ca", TEST_CA), ("cert", TEST_CERT), ("key", TEST_KEY)):
+            files[name] = os.path.join(folder.name, f"{name}.pem")
+            with open(files[name], "w") as file:
+                file.write(text)
+        redis = RedisProcess(redis_server_or_skip(), folder.name,
+                             url="rediss://:s3cret@localhost:{port}/1")
+        redis.options = ("--port", "0", "--tls-port", str(redis.port), "--tls-auth-clients", "no",
+                         "--tls-cert-file", files["cert"], "--tls-key-file", files["key"],
+                         "--requirepass", "s3cret")   # the later --port wins: TLS only
+        self.addAsyncCleanup(redis.kill)
+        await redis.start()
+        with self.assertRaisesRegex(chat.RedisUnavailable, "TLS failed: .*certificate"):
+            await within(chat.RedisConnection.open(redis.url))   # our CA is no system CA
+        with unittest.mock.patch.dict(os.environ, SSL_CERT_FILE=files["ca"]):
+            conn = await within(chat.RedisConnection.open(redis.url))
+        self.addAsyncCleanup(close_redis, conn)
+        self.assertIn(b" db=1 ", await within(conn.command("CLIENT", "INFO")))   # SELECT 1 was sent
 
 
 class TestSharedRoomFaults(SharedRoomTestCase):
