@@ -4917,7 +4917,9 @@ async def run_server(args: argparse.Namespace) -> int:
                           process_request=room.process_request, max_size=args.max_size,
                           max_buffer=args.max_buffer, max_clients=max_clients,
                           max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy,
-                          reuse_port=args.reuse_port)
+                          reuse_port=args.worker)
+    if args.worker:
+        stop_with_parent()
     address, where = reachable_at(args.host, server.port)
     secure = "s" if ssl_context else ""
     logger.info("chat server ready%s: ws%s://%s%s for clients, http%s://%s/ in a browser%s",
@@ -4944,10 +4946,10 @@ async def run_workers(args: argparse.Namespace) -> int:
     except RedisUnavailable as error:
         raise StartupError(f"cannot reach Redis at {args.redis}: {error}") from None
     with reserved_port(args.host, args.port) as port:
-        worker_argv = [*args.argv, "--port", str(port), "--workers", "1", "--reuse-port"]
-        # In sessions of their own, so that Ctrl-C reaches only us, and each worker one SIGTERM.
+        worker_argv = [*args.argv, "--port", str(port), "--workers", "1", "--worker"]
+        # Their stdin is a pipe from us that we never write to: see stop_with_parent().
         workers = [await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), *worker_argv, start_new_session=True)
+            sys.executable, os.path.abspath(__file__), *worker_argv, stdin=asyncio.subprocess.PIPE)
             for _ in range(args.workers)]
         address, where = reachable_at(args.host, port)
         logger.info("%d workers%s on ws://%s%s, sharing one room through %s",
@@ -4971,6 +4973,22 @@ async def run_workers(args: argparse.Namespace) -> int:
         stop()
         codes = await asyncio.gather(*waits)
     return 1 if any(codes) else 0
+
+
+def stop_with_parent() -> None:
+    """In a worker: once the parent is gone, however it died, stop as if sent SIGTERM.
+
+    The parent holds the other end of our stdin and never writes to it, so
+    stdin becomes readable only at its end: when the parent has exited.
+    """
+    loop = asyncio.get_running_loop()
+
+    def parent_gone() -> None:
+        if not os.read(sys.stdin.fileno(), 1):
+            loop.remove_reader(sys.stdin.fileno())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    loop.add_reader(sys.stdin.fileno(), parent_gone)
 
 
 @contextlib.contextmanager
@@ -5207,7 +5225,7 @@ def add_server_redis_flags(server: argparse.ArgumentParser) -> None:
                         help="with --redis: run N server processes on one port (SO_REUSEPORT); "
                              "--max-clients and --max-per-ip then apply to each of them "
                              "(default: %(default)s)")
-    server.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    server.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)   # see run_workers
 
 
 def add_client_command(commands: argparse._SubParsersAction) -> None:
