@@ -2306,6 +2306,10 @@ class TestSharedRoom(SharedRoomTestCase):
         await self.join_at(one, "bob")   # the old name is free again
         await self.expect(alice, "* bob joined")
         await self.expect(bob, "* bob joined")
+        _, three = await self.start_shared()   # a server started now reads the past from Redis
+        carol = await self.join_at(three, "carol")
+        self.assertEqual(self.greeting(carol).history, 1)
+        self.assertRegex(await within(carol.recv()), r"^\(history \S+Z\) \[alice\]: before you came$")
 
     async def test_a_resume_token_takes_the_name_back_at_once_on_another_server(self):
         (_, one), (_, two) = await self.start_shared(), await self.start_shared()
