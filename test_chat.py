@@ -298,6 +298,23 @@ class TestFrames(unittest.TestCase):
             offset += len(piece)
         self.assertEqual(out, data)
 
+    def test_apply_mask_reads_between_start_and_end_without_slicing_first(self):
+        data = bytes(range(50))
+        masked = b"head" + bytes(chat.apply_mask(data, MASK)) + b"tail"
+        self.assertEqual(chat.apply_mask(masked, MASK, 4, 54), data)
+        self.assertEqual(chat.apply_mask(masked, chat.rotate_mask(MASK, 7), 11, 54), data[7:])
+
+    def test_reader_hands_over_payload_fed_in_pieces_unmasked(self):
+        wire = client_frame(Opcode.BINARY, bytes(range(200)))
+        reader = chat.FrameReader(expect_masked=True)
+        pieces = []
+        for i in range(0, len(wire), 7):
+            reader.feed(wire[i:i + 7])
+            if reader.remaining or reader.read_header() is not None:
+                pieces.append(reader.read_payload())
+        self.assertEqual(b"".join(pieces), bytes(range(200)))
+        self.assertEqual((reader.remaining, reader.buffered), (0, 0))
+
     def assert_header_rejected(self, wire: bytes, *, expect_masked: bool):
         with self.assertRaises(chat.ProtocolError) as caught:
             parse_frame(wire, expect_masked=expect_masked)
