@@ -357,7 +357,7 @@ class TestMessages(unittest.TestCase):
         assembler.add(b"Hel")
         assembler.start_frame(Opcode.CONTINUATION, 2)
         assembler.add(b"lo")
-        self.assertEqual(assembler.finish(), "Hello")
+        self.assertEqual(assembler.finish(), chat.Message(Opcode.TEXT, b"Hello"))
 
     def test_continuation_with_nothing_to_continue_is_1002(self):
         with self.assertRaises(chat.ProtocolError) as caught:
@@ -391,7 +391,7 @@ class TestMessages(unittest.TestCase):
         assembler.start_frame(Opcode.TEXT, 2)
         assembler.add("é".encode()[:1])
         assembler.add("é".encode()[1:])
-        self.assertEqual(assembler.finish(), "é")
+        self.assertEqual(assembler.finish().decoded(), "é")
         assembler.start_frame(Opcode.TEXT, 1)
         assembler.add(b"\xc3")
         with self.assertRaises(chat.InvalidPayload):
@@ -412,7 +412,7 @@ class TestMessages(unittest.TestCase):
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
                 self.assertLess(peak, 4 * 100_000)
-                self.assertEqual(len(assembler.finish()), 100_000)
+                self.assertEqual(len(assembler.finish().payload), 100_000)
 
     def test_close_payloads(self):
         self.assertEqual(chat.parse_close_payload(b""), (CloseCode.NO_STATUS_RCVD, ""))
@@ -562,6 +562,15 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await within(conn.recv()), bytes(300))
         await feeding
         self.assertEqual(self.sent_frames(), [Frame(Opcode.PONG, b"p")])
+
+    async def test_recv_message_hands_text_over_as_the_utf8_that_came(self):
+        conn = self.connect()
+        self.reader.feed_data(client_frame(Opcode.TEXT, "κό".encode(), fin=False)
+                              + client_frame(Opcode.CONTINUATION, b"s" * 5000)
+                              + client_frame(Opcode.BINARY, b"\x00"))
+        self.assertEqual(await within(conn.recv_message()),
+                         chat.Message(Opcode.TEXT, "κό".encode() + b"s" * 5000))
+        self.assertEqual(await within(conn.recv_message()), chat.Message(Opcode.BINARY, b"\x00"))
 
     async def test_ping_is_answered_with_same_payload_and_unsolicited_pong_ignored(self):
         conn = self.connect()
