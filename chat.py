@@ -23,6 +23,7 @@ Read it top to bottom; the sections come in the order a learner needs them
     9. Client         connect, read the keyboard, show the room safely
    10. Command line   argparse subcommands; main(argv) -> exit status
    11. Web page       the HTML and JavaScript served at /
+   12. Compression    permessage-deflate (RFC 7692): an extension; skip it on a first read
 
 The life of a chat line, with the names to read at each step:
 
@@ -33,8 +34,8 @@ The life of a chat line, with the names to read at each step:
     every member's socket        Connection.queue_frame (6): one write per member per loop turn
     alice's client shows it      ChatClient.show_incoming -> Screen.show (9), escaped by printable
 
-Left out on purpose: extensions (permessage-deflate), subprotocols, HTTP
-redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
+Left out on purpose: extensions other than permessage-deflate, subprotocols,
+HTTP redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import threading
 import time
 import typing
 import urllib.parse
+import zlib
 from collections.abc import Awaitable, Callable, Collection
 
 __all__ = [
@@ -405,13 +407,17 @@ def http_response(status: http.HTTPStatus, headers: tuple[tuple[str, str], ...] 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def switching_protocols(key: str) -> Response:
-    """The 101 response that completes the server's side of the handshake (§4.2.2)."""
-    return Response(http.HTTPStatus.SWITCHING_PROTOCOLS, headers=(
+def switching_protocols(key: str, extensions: str | None = None) -> Response:
+    """The 101 response that completes the server's side of the handshake (§4.2.2),
+    naming the extensions we accepted, if any (§9.1)."""
+    headers = (
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
         ("Sec-WebSocket-Accept", accept_key(key)),
-    ))
+    )
+    if extensions:
+        headers += (("Sec-WebSocket-Extensions", extensions),)
+    return Response(http.HTTPStatus.SWITCHING_PROTOCOLS, headers=headers)
 
 
 def serialize_response(response: Response) -> bytes:
@@ -464,8 +470,9 @@ def parse_uri(uri: str) -> WebSocketURI:
     return WebSocketURI(secure, parts.hostname, port, resource)
 
 
-def build_request(uri: WebSocketURI, key: str, origin: str | None = None) -> bytes:
-    """The client's opening handshake (RFC 6455 §4.1)."""
+def build_request(uri: WebSocketURI, key: str, origin: str | None = None,
+                  extensions: str | None = None) -> bytes:
+    """The client's opening handshake (RFC 6455 §4.1), offering ``extensions`` if given (§9.1)."""
     lines = [
         f"GET {uri.resource} HTTP/1.1",
         f"Host: {uri.host_header}",
@@ -476,6 +483,8 @@ def build_request(uri: WebSocketURI, key: str, origin: str | None = None) -> byt
     ]
     if origin:
         lines.append(f"Origin: {origin}")
+    if extensions:
+        lines.append(f"Sec-WebSocket-Extensions: {extensions}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
@@ -491,7 +500,7 @@ def parse_status_line(line: bytes) -> http.HTTPStatus:
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"unknown HTTP status {code}") from None
 
 
-def check_response(headers: dict[str, str], key: str) -> None:
+def check_response(headers: dict[str, str], key: str, *, offered_extensions: bool = False) -> None:
     """Check the server's 101 response (RFC 6455 §4.1, the client's steps 1-6)."""
     def fail(reason: str) -> HandshakeError:
         return HandshakeError(http.HTTPStatus.BAD_GATEWAY, reason)
@@ -502,9 +511,10 @@ def check_response(headers: dict[str, str], key: str) -> None:
         raise fail("response lacks Connection: Upgrade")
     if headers.get("sec-websocket-accept") != accept_key(key):
         raise fail("wrong Sec-WebSocket-Accept")
-    # §4.1 steps 5 and 6: we offered no extension and no subprotocol, so the
-    # server may not select one: we wouldn't know how to speak it.
-    if "sec-websocket-extensions" in headers:
+    # §4.1 steps 5 and 6: the server may select only an extension or a
+    # subprotocol we offered: we wouldn't know how to speak another. We offer
+    # no subprotocol, and at most one extension (section 12 checks its answer).
+    if "sec-websocket-extensions" in headers and not offered_extensions:
         raise fail("server selected an extension we did not offer")
     if "sec-websocket-protocol" in headers:
         raise fail("server selected a subprotocol we did not offer")
@@ -601,12 +611,18 @@ def encode_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = 
     return header + mask_key + apply_mask(payload, mask_key)
 
 
-def check_first_two_bytes(first: int, second: int, *, expect_masked: bool) -> None:
-    """Everything §5.2-§5.5 lets us reject before reading further."""
+def check_first_two_bytes(first: int, second: int, *, expect_masked: bool,
+                          extension_rsv: int = 0) -> None:
+    """Everything §5.2-§5.5 lets us reject before reading further.
+
+    ``extension_rsv`` holds the reserved bits a negotiated extension gives a
+    meaning on data frames (RSV1 for compression, section 12); none on control frames.
+    """
     opcode = first & OPCODE_BITS
-    if first & RSV_BITS:
-        # §5.2: "MUST be 0 unless an extension is negotiated" - we negotiate none.
-        raise ProtocolError("reserved bits set without an extension")
+    allowed = 0 if opcode in CONTROL_OPCODES else extension_rsv << 4
+    if first & RSV_BITS & ~allowed:
+        # §5.2: "MUST be 0 unless an extension is negotiated that defines meanings".
+        raise ProtocolError("reserved bits set without an extension that defines them")
     if opcode not in KNOWN_OPCODES:
         raise ProtocolError(f"unknown opcode {opcode:#x}")
     if bool(second & MASK_BIT) != expect_masked:
@@ -660,10 +676,12 @@ class FrameReader:
     copied, and the Connection reads all it can before it feeds more.
     """
 
-    __slots__ = ("expect_masked", "remaining", "_data", "_pos", "_mask_key", "_offset")
+    __slots__ = ("expect_masked", "extension_rsv", "remaining", "_data", "_pos", "_mask_key",
+                 "_offset")
 
-    def __init__(self, *, expect_masked: bool) -> None:
+    def __init__(self, *, expect_masked: bool, extension_rsv: int = 0) -> None:
         self.expect_masked = expect_masked   # True on the server: client frames are masked
+        self.extension_rsv = extension_rsv   # RSV bits an extension defines (check_first_two_bytes)
         self.remaining = 0                   # payload bytes of the current frame not yet read
         self._data = b""                     # bytes fed; those before _pos are read
         self._pos = 0
@@ -684,7 +702,8 @@ class FrameReader:
         data, pos = self._data, self._pos
         if len(data) - pos < 2:
             return b""
-        check_first_two_bytes(data[pos], data[pos + 1], expect_masked=self.expect_masked)
+        check_first_two_bytes(data[pos], data[pos + 1], expect_masked=self.expect_masked,
+                              extension_rsv=self.extension_rsv)
         size = header_size(data[pos + 1])
         return data[pos:pos + size] if len(data) - pos >= size else b""
 
@@ -766,12 +785,13 @@ class MessageAssembler:
 
     SMALL_PIECE = 4096
 
-    __slots__ = ("max_size", "opcode", "size", "pieces", "small", "decoder")
+    __slots__ = ("max_size", "opcode", "size", "added", "pieces", "small", "decoder")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self.opcode: int | None = None   # TEXT or BINARY while a message is in progress
-        self.size = 0
+        self.size = 0                    # bytes announced by the frame headers so far
+        self.added = 0                   # bytes of payload taken so far (after inflating, if any)
         self.pieces: list[bytes] = []
         self.small = bytearray()         # small pieces, copied together
         self.decoder: codecs.BufferedIncrementalDecoder | None = None
@@ -785,7 +805,7 @@ class MessageAssembler:
             raise ProtocolError("new message before the previous one's final fragment")
         else:
             self.opcode = opcode
-            self.size = 0
+            self.size = self.added = 0
             if opcode == Opcode.TEXT:
                 self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.size += length
@@ -803,6 +823,7 @@ class MessageAssembler:
                 self.decoder.decode(chunk)   # only to check: text is passed on as UTF-8 bytes
             except UnicodeDecodeError as error:
                 raise InvalidPayload(f"invalid UTF-8 in text message: {error.reason}") from None
+        self.added += len(chunk)
         if len(chunk) < self.SMALL_PIECE:
             self.small += chunk
             if len(self.small) < self.SMALL_PIECE:
@@ -812,6 +833,11 @@ class MessageAssembler:
             self.pieces.append(self.small)
         self.small = bytearray()
         self.pieces.append(chunk)
+
+    @property
+    def room(self) -> int:
+        """How many more bytes the message may grow by: an inflater's bound (section 12)."""
+        return self.max_size - self.added
 
     def finish(self) -> Message:
         """The complete message, after the frame with FIN set; text stays UTF-8 bytes."""
@@ -914,8 +940,9 @@ def log_frame(who: str, direction: str, header_bytes: bytes, length: int) -> Non
     first, second = header_bytes[0], header_bytes[1]
     opcode = first & OPCODE_BITS
     name = Opcode(opcode).name if opcode in KNOWN_OPCODES else hex(opcode)
-    logger.debug("%s %s %s fin=%d len=%d%s | %s", who, direction, name, bool(first & FIN_BIT),
-                 length, " masked" if second & MASK_BIT else "", header_bytes.hex(" "))
+    logger.debug("%s %s %s fin=%d len=%d%s%s | %s", who, direction, name, bool(first & FIN_BIT),
+                 length, " compressed" if first & RSV1 << 4 else "",
+                 " masked" if second & MASK_BIT else "", header_bytes.hex(" "))
 
 
 def log_head(who: str, direction: str, head: bytes) -> None:
@@ -924,9 +951,10 @@ def log_head(who: str, direction: str, head: bytes) -> None:
     logger.debug("%s %s %s", who, direction, "\n    ".join(lines))
 
 
-def encode_and_trace(who: str, opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
+def encode_and_trace(who: str, opcode: int, payload: bytes, *, mask: bool = False,
+                     rsv: int = 0) -> bytes:
     """encode_frame, plus the -v trace line for the frame it returns."""
-    frame = encode_frame(opcode, payload, mask=mask)
+    frame = encode_frame(opcode, payload, mask=mask, rsv=rsv)
     if logger.isEnabledFor(logging.DEBUG):
         log_frame(who, ">>>", frame[:len(frame) - len(payload)], len(payload))
     return frame
@@ -967,27 +995,28 @@ class SharedFrames:
 class Connection:
     """One WebSocket connection after the opening handshake, in either role."""
 
-    __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote",
+    __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote", "deflate",
                  "max_buffer", "close_timeout", "state", "close_rcvd", "close_sent",
                  "_frames", "_message", "_read_lock", "_outbox", "_loop", "_pong_waiters",
                  "_awaited_bytes", "_close_timer", "_keepalive_pending")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  is_client: bool, path: str = "/", max_size: int = MAX_MESSAGE_SIZE,
-                 max_buffer: int = MAX_OUTGOING_BUFFER,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 max_buffer: int = MAX_OUTGOING_BUFFER, close_timeout: float = CLOSE_TIMEOUT,
+                 deflate: PerMessageDeflate | None = None) -> None:
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
         self.is_client = is_client
         self.path = path                      # the request target, e.g. "/chat?name=bob"
         self.remote = format_peer(writer)
+        self.deflate = deflate                # permessage-deflate, if negotiated (section 12)
         self.max_buffer = max_buffer
         self.close_timeout = close_timeout
         self.state = State.OPEN
         self.close_rcvd: Close | None = None  # the peer's close frame, once it arrives
         self.close_sent: Close | None = None  # ours, once sent
-        self._frames = FrameReader(expect_masked=not is_client)
+        self._frames = FrameReader(expect_masked=not is_client, extension_rsv=RSV1 if deflate else 0)
         self._message = MessageAssembler(max_size)
         self._read_lock = asyncio.Lock()      # frames must be read by one task at a time
         self._outbox: list[bytes | SharedFrames] = []   # queued in this turn of the loop
@@ -1046,10 +1075,15 @@ class Connection:
             if header.opcode in CONTROL_OPCODES:   # §5.4: may come between fragments
                 await self._on_control(header.opcode, await self._read_control_payload())
                 continue
-            self._message.start_frame(header.opcode, header.length)
+            inflate = self.deflate is not None and self.deflate.start_frame(header)
+            # A compressed frame's length says little about the message's: the inflater bounds that.
+            self._message.start_frame(header.opcode, 0 if inflate else header.length)
             while self._frames.remaining:
-                self._message.add(await self._read_payload_chunk())
+                chunk = await self._read_payload_chunk()
+                self._message.add(self.deflate.inflate(chunk, self._message.room) if inflate else chunk)
             if header.fin:
+                if inflate:
+                    self._message.add(self.deflate.end_message(self._message.room))
                 message = self._message.finish()
                 if self.state is State.OPEN:   # once we sent a close frame, data is dropped
                     return message
@@ -1135,7 +1169,11 @@ class Connection:
             raise self._closed_error()
         opcode, payload = ((Opcode.TEXT, message.encode("utf-8")) if isinstance(message, str)
                            else (Opcode.BINARY, bytes(message)))
-        frame = encode_and_trace(self.remote, opcode, payload, mask=self.is_client)
+        compressed = self.deflate.deflate(payload) if self.deflate is not None else None
+        if compressed is None:
+            frame = encode_and_trace(self.remote, opcode, payload, mask=self.is_client)
+        else:
+            frame = encode_and_trace(self.remote, opcode, compressed, mask=self.is_client, rsv=RSV1)
         self._queue(frame)
         self._flush()                   # now, so that drain() waits for this message too
         self._awaited_bytes += len(frame)
@@ -1370,7 +1408,8 @@ class WebSocketServer:
                  max_size: int = MAX_MESSAGE_SIZE, max_buffer: int = MAX_OUTGOING_BUFFER,
                  max_clients: int | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  close_timeout: float = CLOSE_TIMEOUT,
-                 keepalive_interval: float | None = KEEPALIVE_INTERVAL) -> None:
+                 keepalive_interval: float | None = KEEPALIVE_INTERVAL,
+                 compression: bool = True) -> None:
         self.handler = handler
         self.process_request = process_request
         self.max_size = max_size
@@ -1379,6 +1418,7 @@ class WebSocketServer:
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.keepalive_interval = keepalive_interval
+        self.compression = compression        # accept permessage-deflate (section 12)
         self.connections: set[Connection] = set()
         self._tasks: dict[asyncio.Task, Connection | None] = {}
         self._server: asyncio.Server | None = None
@@ -1448,9 +1488,11 @@ class WebSocketServer:
         if logger.isEnabledFor(logging.DEBUG):
             log_head(peer, ">>>", head)
         assert request is not None   # a 101 answers only a request that parsed
+        agreed = dict(response.headers).get("Sec-WebSocket-Extensions")
         return Connection(reader, writer, is_client=False, path=request.target,
                           max_size=self.max_size, max_buffer=self.max_buffer,
-                          close_timeout=self.close_timeout)
+                          close_timeout=self.close_timeout,
+                          deflate=agreed_deflate(agreed, is_client=False))
 
     async def _read_request(self, reader: asyncio.StreamReader,
                             peer: str) -> tuple[Request | None, Response]:
@@ -1477,7 +1519,8 @@ class WebSocketServer:
             return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
                             f"server full ({self.max_clients} clients); try again later\n",
                             (("Retry-After", "30"),))
-        return switching_protocols(key)
+        offers = request.headers.get("sec-websocket-extensions")
+        return switching_protocols(key, accept_deflate(offers) if self.compression else None)
 
     async def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
         """Stop listening, close every connection with ``code``, wait for them (bounded)."""
@@ -1511,8 +1554,9 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
 async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
                   origin: str | None = None, max_size: int = MAX_MESSAGE_SIZE,
                   open_timeout: float = HANDSHAKE_TIMEOUT,
-                  close_timeout: float = CLOSE_TIMEOUT) -> Connection:
-    """Open a client connection to a ws:// or wss:// URI (RFC 6455 §4.1)."""
+                  close_timeout: float = CLOSE_TIMEOUT, compression: bool = True) -> Connection:
+    """Open a client connection to a ws:// or wss:// URI (RFC 6455 §4.1),
+    offering permessage-deflate unless ``compression`` is False (section 12)."""
     target = parse_uri(uri)
     if target.secure and ssl_context is None:
         ssl_context = ssl.create_default_context()   # verifies the certificate and host name
@@ -1522,12 +1566,12 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
             target.host, target.port, ssl=ssl_context if target.secure else None,
             limit=READ_BUFFER_LIMIT)
         try:
-            await client_handshake(reader, writer, target, origin)
+            deflate = await client_handshake(reader, writer, target, origin, compression)
         except BaseException:
             writer.close()
             raise
         return Connection(reader, writer, is_client=True, path=target.resource,
-                          max_size=max_size, close_timeout=close_timeout)
+                          max_size=max_size, close_timeout=close_timeout, deflate=deflate)
 
     try:
         return await asyncio.wait_for(open_and_handshake(), open_timeout)
@@ -1537,10 +1581,15 @@ async def connect(uri: str, *, ssl_context: ssl.SSLContext | None = None,
 
 
 async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           target: WebSocketURI, origin: str | None) -> None:
-    """Send the request and check the response (§4.1); raise HandshakeError if refused."""
+                           target: WebSocketURI, origin: str | None,
+                           compression: bool = False) -> PerMessageDeflate | None:
+    """Send the request and check the response (§4.1); raise HandshakeError if refused.
+
+    Returns the compression the server agreed to, if we offered it.
+    """
     key = new_key()
-    writer.write(build_request(target, key, origin))
+    offer = CLIENT_DEFLATE_OFFER if compression else None
+    writer.write(build_request(target, key, origin, offer))
     try:
         lines = await read_http_head(reader)
     except asyncio.IncompleteReadError:
@@ -1552,7 +1601,8 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     headers = parse_headers(lines[1:])
     if status != http.HTTPStatus.SWITCHING_PROTOCOLS:
         raise InvalidStatus(status, await read_short_body(reader, headers))
-    check_response(headers, key)
+    check_response(headers, key, offered_extensions=compression)
+    return agreed_deflate(headers.get("sec-websocket-extensions"), is_client=True)
 
 
 async def read_short_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> str:
@@ -1657,7 +1707,9 @@ class ChatRoom:
         self.allowed_origins = {origin.lower().rstrip("/") for origin in allowed_origins}
         self.secure = secure
         self._guest_number = 0
-        self._shared: SharedFrames | None = None   # this turn's broadcasts, while open
+        # This turn's broadcasts while open, one SharedFrames per deflate
+        # window among the members (0: uncompressed; see section 12).
+        self._shared: dict[int, SharedFrames] = {}
 
     # -- before the upgrade ------------------------------------------------
 
@@ -1716,7 +1768,7 @@ class ChatRoom:
         if len(self.members) < self.announce_limit:
             self.broadcast(f"* {name} joined")
         self.members[name] = conn
-        self._shared = None   # what was broadcast before is not for the newcomer
+        self._shared = {}   # what was broadcast before is not for the newcomer
         count = len(self.members)
         self.tell(conn, GREETING.format(name=name) + f" There {'is' if count == 1 else 'are'} "
                         f"{count} user{'' if count == 1 else 's'} here. Type /help for commands.")
@@ -1801,19 +1853,23 @@ class ChatRoom:
         The parts (a name, then the member's text just as it arrived) are
         joined only there, with the header, so a 1 MiB line is copied once on
         its way to every member, rather than once into a line and again into
-        a frame.
+        a frame. Members who negotiated compression share a second
+        SharedFrames, compressed once per line (section 12, broadcast_frame).
         """
         payload = [utf8(part) for part in parts]
-        length = sum(map(len, payload))
-        header = frame_header(Opcode.TEXT, length)
-        if logger.isEnabledFor(logging.DEBUG):
-            log_frame(f"all {len(self.members)}", ">>>", header, length)
         shared = self._shared
-        if shared is None or shared.sealed:
-            shared = self._shared = SharedFrames()
+        if not shared or any(frames.sealed for frames in shared.values()):
+            shared = self._shared = {}
             for conn in self.members.values():
-                conn.queue_frame(shared)
-        shared.append(header, *payload)
+                window_bits = conn.deflate.window_bits if conn.deflate is not None else 0
+                if window_bits not in shared:
+                    shared[window_bits] = SharedFrames()
+                conn.queue_frame(shared[window_bits])
+        for window_bits, frames in shared.items():
+            pieces = broadcast_frame(Opcode.TEXT, payload, window_bits)
+            if logger.isEnabledFor(logging.DEBUG):
+                log_frame(f"all {len(self.members)}", ">>>", pieces[0], sum(map(len, pieces[1:])))
+            frames.append(*pieces)
 
 
 # 9. Client #################################################################
@@ -2000,19 +2056,21 @@ class ChatClient:
     def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *,
                  reconnect: bool = True, ssl_context: ssl.SSLContext | None = None,
                  max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
-                 first_backoff: float = FIRST_BACKOFF) -> None:
+                 first_backoff: float = FIRST_BACKOFF, compression: bool = True) -> None:
         self.url, self.screen, self.keyboard = url, screen, keyboard
         self.reconnect = reconnect
         self.first_backoff = first_backoff
         self.ssl_context = ssl_context
         self.max_size = max_size
+        self.compression = compression
 
     async def run(self) -> int:
         """The whole session; returns the exit status."""
         backoff, connected_before = self.first_backoff, False
         while True:
             try:
-                conn = await connect(self.url, ssl_context=self.ssl_context, max_size=self.max_size)
+                conn = await connect(self.url, ssl_context=self.ssl_context, max_size=self.max_size,
+                                     compression=self.compression)
             except (OSError, HandshakeError, ValueError) as error:
                 if not (connected_before and self.reconnect):
                     self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}", "error")
@@ -2104,7 +2162,8 @@ async def run_until_signalled(server: WebSocketServer) -> None:
 
 async def run_echo(args: argparse.Namespace) -> int:
     server = await serve(echo, args.host, args.port, max_size=args.max_size,
-                         max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
+                         max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size),
+                         compression=not args.no_compression)
     logger.info("echo server on ws://%s/", host_port(args.host, server.port))
     await run_until_signalled(server)
     return 0
@@ -2132,7 +2191,8 @@ async def run_server(args: argparse.Namespace) -> int:
                     allowed_origins=args.allow_origin, secure=ssl_context is not None)
     server = await serve(room.handle, args.host, args.port, ssl_context=ssl_context,
                          process_request=room.process_request, max_size=args.max_size,
-                         max_buffer=args.max_buffer, max_clients=args.max_clients)
+                         max_buffer=args.max_buffer, max_clients=args.max_clients,
+                         compression=not args.no_compression)
     address = host_port(args.host, server.port)
     secure = "s" if ssl_context else ""
     logger.info("chat server ready: ws%s://%s%s for clients, http%s://%s/ in a browser",
@@ -2160,7 +2220,8 @@ async def run_client(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, keyboard.interrupt)
     keyboard.start()
     client = ChatClient(url, screen, keyboard, reconnect=not args.no_reconnect,
-                        ssl_context=ssl_context, max_size=args.max_size)
+                        ssl_context=ssl_context, max_size=args.max_size,
+                        compression=not args.no_compression)
     status = await client.run()
     if interactive:
         print()   # end the prompt's line, so the shell's prompt starts on its own
@@ -2217,6 +2278,9 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
                              "(repeatable; the server's own origin is always accepted)")
     server.add_argument("--certfile", help="serve https:// and wss:// with this certificate (PEM)")
     server.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
+    server.add_argument("--no-compression", action="store_true",
+                        help="don't accept permessage-deflate (RFC 7692): turn it off when "
+                             "messages mix secrets with text others choose (CRIME/BREACH)")
     server.set_defaults(run=run_server)
 
 
@@ -2236,6 +2300,8 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
                         help="largest message accepted, in bytes (default: %(default)s)")
+    client.add_argument("--no-compression", action="store_true",
+                        help="don't offer permessage-deflate (RFC 7692)")
     client.set_defaults(run=run_client)
 
 
@@ -2247,6 +2313,8 @@ def add_echo_command(commands: argparse._SubParsersAction) -> None:
     echo_cmd.add_argument("--port", type=int, default=9001, help="port to listen on (default: %(default)s)")
     echo_cmd.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
                           help="largest message accepted, in bytes (default: %(default)s)")
+    echo_cmd.add_argument("--no-compression", action="store_true",
+                          help="don't accept permessage-deflate (RFC 7692)")
     echo_cmd.set_defaults(run=run_echo)
 
 
@@ -2288,8 +2356,8 @@ def restore_terminal(settings: list | None) -> None:
 
 # 11. Web page #############################################################
 #
-# Kept last, as bottle keeps its templates: 70 lines of HTML and JavaScript a
-# reader of the protocol can skip.
+# Kept near the end, as bottle keeps its templates: 70 lines of HTML and
+# JavaScript a reader of the protocol can skip (only the extension follows).
 
 #: The browser page served at "/": self-contained (no external scripts,
 #: styles or fonts), text shown with textContent so it is never parsed as
@@ -2367,6 +2435,291 @@ sendForm.addEventListener("submit", (event) => {
 </script>
 </body></html>
 """.replace("@GREETING_PATTERN@", json.dumps(GREETING_PATTERN))
+
+
+# 12. Compression ###########################################################
+#
+# permessage-deflate (RFC 7692, https://www.rfc-editor.org/rfc/rfc7692), the
+# one extension (RFC 6455 §9) chat.py speaks. Nothing above needs it: a reader
+# of the core protocol can stop here. How it works:
+#
+#   - The client offers it in Sec-WebSocket-Extensions, perhaps several times
+#     with different parameters; the server accepts the first offer it can
+#     serve by naming it, with the agreed parameters, in its 101 (§5, §7.1).
+#   - A compressed message is its DEFLATE data (RFC 1951), ended by a "sync
+#     flush" whose last 4 bytes, 00 00 ff ff, are removed on the wire and put
+#     back before inflating; RSV1 on its first frame says it is compressed
+#     (§6, §7.2). Control frames are never compressed, and any message may go
+#     uncompressed: we send short ones as they are.
+#   - "Context takeover" means a compressor keeps its window of past bytes
+#     from one message to the next. Our server asks that neither side does
+#     (server_no_context_takeover, client_no_context_takeover, which a server
+#     may add unasked, §7.1.1): then one compressed broadcast frame suits
+#     every member who negotiated the extension, and a connection holds zlib
+#     state only while a compressed message is passing through.
+#
+# Security: compressing a secret together with text an attacker chooses lets
+# the attacker learn the secret from the compressed sizes (the CRIME and
+# BREACH attacks on TLS and HTTPS). A chat message holds one member's line,
+# so nobody's secret shares a message with someone else's text; but an
+# application that sends secrets (tokens, session ids, private data) in
+# messages that also carry attacker-influenced text over wss:// should run
+# with --no-compression (connect(compression=False), serve(compression=False)).
+
+PERMESSAGE_DEFLATE = "permessage-deflate"
+
+#: RSV1, as FrameHeader.rsv sees it: "Per-Message Compressed" (RFC 7692 §6).
+RSV1 = 0b100
+
+#: §7.2.1: what a sync flush ends with; removed before sending, added before inflating.
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+#: The LZ77 window as a power of 2: 15 (32 KiB) is DEFLATE's largest and the
+#: default; RFC 7692 lets a peer ask for as little as 8 (§7.1.2). zlib can't
+#: deflate with a 256-byte window, so a peer that asks for 8 gets plain frames.
+MAX_WINDOW_BITS = 15
+MIN_DEFLATE_WINDOW_BITS = 9
+
+#: Messages shorter than this are sent uncompressed (RFC 7692 lets any
+#: message be): under it, starting a compressor costs more than it saves.
+COMPRESS_MIN_SIZE = 128
+
+#: What our client offers, as browsers do: "I can limit my window if you ask."
+CLIENT_DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+
+#: What our server answers: the two "no context takeover" parameters always.
+SERVER_DEFLATE_ANSWER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+_EXTENSION_ITEM = re.compile(r"""
+    [\s,]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)      # a token: an extension's or a parameter's name
+    (?:\s*=\s*(?:([!#$%&'*+\-.^_`|~0-9A-Za-z]+)|"((?:[^"\\]|\\.)*)"))?   # = token or "quoted"
+    \s*([;,]|$)""", re.VERBOSE)
+_WINDOW_BITS = re.compile(r"[89]|1[0-5]")   # §7.1.2: 8 to 15, "without leading zeros"
+
+Params = list[tuple[str, typing.Optional[str]]]
+
+
+def parse_extensions(header: str) -> list[tuple[str, Params]]:
+    """Sec-WebSocket-Extensions (RFC 6455 §9.1) as [(name, [(parameter, value or None)])].
+
+    'permessage-deflate; server_max_window_bits="10", x' ->
+    [("permessage-deflate", [("server_max_window_bits", "10")]), ("x", [])]
+    """
+    extensions: list[tuple[str, Params]] = []
+    params: Params | None = None   # those of the extension being read
+    pos = 0
+    while header[pos:].strip(" \t,"):
+        match = _EXTENSION_ITEM.match(header, pos)
+        if not match:
+            raise ValueError(f"malformed Sec-WebSocket-Extensions: {header!r}")
+        name, token, quoted, separator = match.groups()
+        value = token if quoted is None else re.sub(r"\\(.)", r"\1", quoted)
+        if quoted is not None and not _TOKEN.fullmatch(value.encode("latin-1")):
+            raise ValueError(f"{name}: a quoted value must be a token (RFC 6455 §9.1)")
+        if params is None:
+            if value is not None:
+                raise ValueError(f"an extension name can't have a value: {name}")
+            params = []
+            extensions.append((name.lower(), params))
+        else:
+            params.append((name.lower(), value))
+        if separator != ";":
+            params = None
+        pos = match.end()
+    return extensions
+
+
+class DeflateParams(typing.NamedTuple):
+    """permessage-deflate's parameters (RFC 7692 §7.1), as offered or as agreed."""
+
+    server_no_context_takeover: bool = False
+    client_no_context_takeover: bool = False
+    server_max_window_bits: int | None = None   # None: not limited, so 15
+    client_max_window_bits: int | None = None   # in an offer, 15 if given with no value
+
+
+def parse_deflate_params(params: Params, *, offer: bool) -> DeflateParams:
+    """Read an offer's or an answer's parameters (§7.1): ValueError for an
+    unknown, repeated or invalid one, which makes a server decline the offer
+    and a client fail the connection (§7)."""
+    found: dict[str, typing.Any] = {}
+    for name, value in params:
+        if name in found:
+            raise ValueError(f"{name} given twice")
+        if name in ("server_no_context_takeover", "client_no_context_takeover"):
+            if value is not None:
+                raise ValueError(f"{name} takes no value")
+            found[name] = True
+        elif name in ("server_max_window_bits", "client_max_window_bits"):
+            if value is None and offer and name == "client_max_window_bits":
+                found[name] = MAX_WINDOW_BITS   # §7.1.2.2: "you may limit my window"
+            elif value is not None and _WINDOW_BITS.fullmatch(value):
+                found[name] = int(value)
+            else:
+                raise ValueError(f"invalid {name}={value}")
+        else:
+            raise ValueError(f"unknown parameter {name}")
+    return DeflateParams(**found)
+
+
+def accept_deflate(header: str | None) -> str | None:
+    """The server's answer to a client's offers: our Sec-WebSocket-Extensions, or None.
+
+    We take the first permessage-deflate offer with valid parameters (§7:
+    others are declined, not refused) and always add both "no context
+    takeover" parameters. A limit the client puts on our window we accept
+    and repeat (§7.1.2.1); a limit on its own window we need not ask for: its
+    context is dropped after each message anyway.
+    """
+    try:
+        offers = parse_extensions(header or "")
+    except ValueError:
+        return None   # a malformed header: decline every extension in it
+    for name, params in offers:
+        if name != PERMESSAGE_DEFLATE:
+            continue
+        try:
+            offer = parse_deflate_params(params, offer=True)
+        except ValueError:
+            continue
+        if offer.server_max_window_bits:
+            return f"{SERVER_DEFLATE_ANSWER}; server_max_window_bits={offer.server_max_window_bits}"
+        return SERVER_DEFLATE_ANSWER
+    return None
+
+
+def check_deflate_answer(header: str) -> DeflateParams:
+    """The client's check of the server's answer to CLIENT_DEFLATE_OFFER (§7.1).
+
+    The server may add either "no context takeover" parameter and
+    server_max_window_bits unasked (§7.1.1, §7.1.2.1), and limit our window
+    since we offered client_max_window_bits (§7.1.2.2). Anything else, or a
+    second extension, fails the connection: we could not speak it.
+    """
+    def fail(reason: str) -> HandshakeError:
+        return HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"server's Sec-WebSocket-Extensions: {reason}")
+
+    try:
+        extensions = parse_extensions(header)
+        if [name for name, _ in extensions] != [PERMESSAGE_DEFLATE]:
+            raise fail("selected an extension we did not offer")
+        return parse_deflate_params(extensions[0][1], offer=False)
+    except ValueError as error:
+        raise fail(str(error)) from None
+
+
+def agreed_deflate(header: str | None, *, is_client: bool) -> PerMessageDeflate | None:
+    """The extension as a 101 agreed it, for a Connection; None if it wasn't."""
+    if not header:
+        return None
+    return PerMessageDeflate(check_deflate_answer(header), is_client=is_client)
+
+
+def new_deflater(window_bits: int) -> typing.Any:
+    """A raw DEFLATE compressor (negative wbits: no zlib header, §7.2.1)."""
+    return zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -window_bits)
+
+
+def deflate_message(deflater: typing.Any, *parts: bytes) -> bytes:
+    """Compress one message, given in parts (§7.2.1): its data, a sync flush, the flush's tail removed."""
+    data = b"".join([deflater.compress(part) for part in parts] + [deflater.flush(zlib.Z_SYNC_FLUSH)])
+    return data[:-len(DEFLATE_TAIL)]
+
+
+class PerMessageDeflate:
+    """One connection's end of the agreement: inflates what arrives, deflates what we send.
+
+    A compressor or decompressor exists only while a message passes through,
+    unless the side that made it keeps its context between messages: then it
+    lives as long as the connection (a client talking to a server other than
+    ours may have to keep one; about 40 KB to inflate, 270 KB to deflate with
+    a 32 KiB window, zlib's figures).
+    """
+
+    __slots__ = ("params", "is_client", "window_bits", "_inflater", "_deflater", "_inflating")
+
+    def __init__(self, params: DeflateParams, *, is_client: bool) -> None:
+        self.params = params
+        self.is_client = is_client
+        # Ours, to deflate with; 0 when the peer asked for a window zlib can't do.
+        ours = (params.client_max_window_bits if is_client else params.server_max_window_bits)
+        ours = ours or MAX_WINDOW_BITS
+        self.window_bits = ours if ours >= MIN_DEFLATE_WINDOW_BITS else 0
+        self._inflater: typing.Any = None
+        self._deflater: typing.Any = None
+        self._inflating = False   # the message being read is compressed
+
+    @property
+    def peer_keeps_context(self) -> bool:
+        return not (self.params.server_no_context_takeover if self.is_client
+                    else self.params.client_no_context_takeover)
+
+    @property
+    def we_keep_context(self) -> bool:
+        return not (self.params.client_no_context_takeover if self.is_client
+                    else self.params.server_no_context_takeover)
+
+    def start_frame(self, header: FrameHeader) -> bool:
+        """Is this data frame's payload compressed? RSV1 says so on a message's first frame only (§6.1)."""
+        if header.opcode == Opcode.CONTINUATION:
+            if header.rsv & RSV1:
+                raise ProtocolError("RSV1 set on a continuation frame")
+        else:
+            self._inflating = bool(header.rsv & RSV1)
+            if self._inflating and self._inflater is None:
+                # A 32 KiB window inflates whatever window the peer deflated with.
+                self._inflater = zlib.decompressobj(-MAX_WINDOW_BITS)
+        return self._inflating
+
+    def inflate(self, chunk: bytes, room: int) -> bytes:
+        """Inflate a piece of the message, never more than ``room`` bytes of output.
+
+        The bound is what stops a "zip bomb", a few bytes that inflate to
+        gigabytes: zlib is asked for one byte more than the message may still
+        grow by, so it stops there and we fail with 1009 (RFC 6455 §7.4.1).
+        """
+        try:
+            data = self._inflater.decompress(chunk, room + 1)
+        except zlib.error as error:
+            raise ProtocolError(f"invalid compressed data: {error}") from None
+        if len(data) > room:
+            raise MessageTooBig(f"message inflates to over {room} more bytes")
+        return data
+
+    def end_message(self, room: int) -> bytes:
+        """The last output of a compressed message, once its tail is put back (§7.2.2)."""
+        data = self.inflate(DEFLATE_TAIL, room)
+        if not self.peer_keeps_context or self._inflater.eof:
+            self._inflater = None
+        self._inflating = False
+        return data
+
+    def deflate(self, payload: bytes) -> bytes | None:
+        """Our message compressed, or None to send it as it is (short, or a window we can't do)."""
+        if len(payload) < COMPRESS_MIN_SIZE or not self.window_bits:
+            return None
+        if self._deflater is None:
+            self._deflater = new_deflater(self.window_bits)
+        data = deflate_message(self._deflater, payload)
+        if not self.we_keep_context:
+            self._deflater = None
+        # Once our kept context has seen it, the message must go compressed.
+        return data if len(data) < len(payload) or self.we_keep_context else None
+
+
+def broadcast_frame(opcode: int, payload: list[bytes], window_bits: int) -> list[bytes]:
+    """One broadcast's frame, in pieces (header first), for every member whose
+    deflate window is ``window_bits`` (0: members who get it uncompressed).
+
+    Compressed without context takeover, so the same bytes suit each of
+    them: a room compresses a line once, not once per member.
+    """
+    length = sum(map(len, payload))
+    if window_bits and length >= COMPRESS_MIN_SIZE:
+        data = deflate_message(new_deflater(window_bits), *payload)
+        if len(data) < length:   # else incompressible: the plain frame is shorter
+            return [frame_header(opcode, len(data), rsv=RSV1), data]
+    return [frame_header(opcode, length), *payload]
 
 
 if __name__ == "__main__":
