@@ -311,6 +311,23 @@ class TestFrames(unittest.TestCase):
             offset += len(piece)
         self.assertEqual(out, data)
 
+    def test_apply_mask_reads_between_start_and_end_without_slicing_first(self):
+        data = bytes(range(50))
+        masked = b"head" + bytes(chat.apply_mask(data, MASK)) + b"tail"
+        self.assertEqual(chat.apply_mask(masked, MASK, 4, 54), data)
+        self.assertEqual(chat.apply_mask(masked, chat.rotate_mask(MASK, 7), 11, 54), data[7:])
+
+    def test_reader_hands_over_payload_fed_in_pieces_unmasked(self):
+        wire = client_frame(Opcode.BINARY, bytes(range(200)))
+        reader = chat.FrameReader(expect_masked=True)
+        pieces = []
+        for i in range(0, len(wire), 7):
+            reader.feed(wire[i:i + 7])
+            if reader.remaining or reader.read_header() is not None:
+                pieces.append(reader.read_payload())
+        self.assertEqual(b"".join(pieces), bytes(range(200)))
+        self.assertEqual((reader.remaining, reader.buffered), (0, 0))
+
     def assert_header_rejected(self, wire: bytes, *, expect_masked: bool):
         with self.assertRaises(chat.ProtocolError) as caught:
             parse_frame(wire, expect_masked=expect_masked)
@@ -353,7 +370,7 @@ class TestMessages(unittest.TestCase):
         assembler.add(b"Hel")
         assembler.start_frame(Opcode.CONTINUATION, 2)
         assembler.add(b"lo")
-        self.assertEqual(assembler.finish(), "Hello")
+        self.assertEqual(assembler.finish(), chat.Message(Opcode.TEXT, b"Hello"))
 
     def test_continuation_with_nothing_to_continue_is_1002(self):
         with self.assertRaises(chat.ProtocolError) as caught:
@@ -387,7 +404,7 @@ class TestMessages(unittest.TestCase):
         assembler.start_frame(Opcode.TEXT, 2)
         assembler.add("é".encode()[:1])
         assembler.add("é".encode()[1:])
-        self.assertEqual(assembler.finish(), "é")
+        self.assertEqual(assembler.finish().decoded(), "é")
         assembler.start_frame(Opcode.TEXT, 1)
         assembler.add(b"\xc3")
         with self.assertRaises(chat.InvalidPayload):
@@ -408,7 +425,7 @@ class TestMessages(unittest.TestCase):
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
                 self.assertLess(peak, 4 * 100_000)
-                self.assertEqual(len(assembler.finish()), 100_000)
+                self.assertEqual(len(assembler.finish().payload), 100_000)
 
     def test_close_payloads(self):
         self.assertEqual(chat.parse_close_payload(b""), (CloseCode.NO_STATUS_RCVD, ""))
@@ -558,6 +575,15 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await within(conn.recv()), bytes(300))
         await feeding
         self.assertEqual(self.sent_frames(), [Frame(Opcode.PONG, b"p")])
+
+    async def test_recv_message_hands_text_over_as_the_utf8_that_came(self):
+        conn = self.connect()
+        self.reader.feed_data(client_frame(Opcode.TEXT, "κό".encode(), fin=False)
+                              + client_frame(Opcode.CONTINUATION, b"s" * 5000)
+                              + client_frame(Opcode.BINARY, b"\x00"))
+        self.assertEqual(await within(conn.recv_message()),
+                         chat.Message(Opcode.TEXT, "κό".encode() + b"s" * 5000))
+        self.assertEqual(await within(conn.recv_message()), chat.Message(Opcode.BINARY, b"\x00"))
 
     async def test_ping_is_answered_with_same_payload_and_unsolicited_pong_ignored(self):
         conn = self.connect()
@@ -958,7 +984,7 @@ class TestClientRole(QuietLogs, unittest.IsolatedAsyncioTestCase):
     async def test_client_refuses_bad_responses(self):
         responses = {
             "wrong accept": lambda key: accept("AAAAAAAAAAAAAAAAAAAAAA=="),
-            "extension": lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate\r\n"),
+            "extension": lambda key: accept(key, "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n"),
             "subprotocol": lambda key: accept(key, "Sec-WebSocket-Protocol: chat\r\n"),
             "no upgrade": lambda key: accept(key).replace(b"Upgrade: websocket\r\n", b""),
             "not http": lambda key: b"SSH-2.0-OpenSSH\r\n\r\n",
@@ -3689,3 +3715,163 @@ class TestFuzz(ChatTestCase):
         while len(self.server._tasks) > 1:
             await within(alice.recv())
         self.assertEqual(list(self.room.members), ["alice"])
+
+
+# 12. Compression ###########################################################
+
+def deflated(payload: bytes) -> bytes:
+    """A message compressed as RFC 7692 §7.2.1 says: raw DEFLATE, sync flush, tail removed."""
+    return chat.deflate_message(chat.new_deflater(15), payload)
+
+
+class TestCompression(ChatTestCase):
+    """RFC 7692: negotiation (§5, §7.1), compressed frames (§6, §7.2), the bomb bound."""
+
+    def test_extension_header_parses_lists_parameters_and_quoted_values(self):
+        self.assertEqual(chat.parse_extensions('permessage-deflate; server_max_window_bits="10", x, '
+                                               'Permessage-Deflate;client_max_window_bits'),
+                         [("permessage-deflate", [("server_max_window_bits", "10")]), ("x", []),
+                          ("permessage-deflate", [("client_max_window_bits", None)])])
+        self.assertEqual(chat.parse_extensions(""), [])
+        for bad in ('a; b="x y"', "a=1", "a; ;", 'a; b="unterminated'):
+            with self.subTest(bad), self.assertRaises(ValueError):
+                chat.parse_extensions(bad)
+
+    def test_server_accepts_the_first_valid_offer_and_declines_the_rest(self):
+        answer = chat.SERVER_DEFLATE_ANSWER
+        cases = {
+            "permessage-deflate": answer,
+            "permessage-deflate; client_max_window_bits": answer,
+            "permessage-deflate; client_max_window_bits=10": answer,
+            "permessage-deflate; server_max_window_bits=10": answer + "; server_max_window_bits=10",
+            "x-other, permessage-deflate; server_no_context_takeover": answer,
+            # §7: an unknown, repeated or invalid parameter declines that offer only.
+            "permessage-deflate; foo, permessage-deflate; server_max_window_bits=9":
+                answer + "; server_max_window_bits=9",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover": None,
+            "permessage-deflate; server_max_window_bits=16": None,
+            "permessage-deflate; server_max_window_bits=08": None,
+            "permessage-deflate; server_max_window_bits": None,
+            "permessage-deflate; client_no_context_takeover=1": None,
+            "x-webkit-deflate-frame": None,
+            "permessage-deflate; a=\"b c\"": None,   # malformed: every extension declined
+        }
+        for offer, expected in cases.items():
+            with self.subTest(offer):
+                self.assertEqual(chat.accept_deflate(offer), expected)
+        self.assertIsNone(chat.accept_deflate(None))
+
+    def test_client_accepts_what_a_server_may_add_and_refuses_the_rest(self):
+        agreed = chat.check_deflate_answer(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
+            "server_max_window_bits=10; client_max_window_bits=9")
+        self.assertEqual(agreed, chat.DeflateParams(True, True, 10, 9))
+        self.assertEqual(chat.check_deflate_answer("permessage-deflate"), chat.DeflateParams())
+        for bad in ("permessage-deflate; client_max_window_bits",   # a value is required here
+                    "permessage-deflate; server_max_window_bits=7", "permessage-deflate; foo",
+                    "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+                    "x-other", "permessage-deflate, permessage-deflate", "permessage-deflate; a=\""):
+            with self.subTest(bad), self.assertRaises(chat.HandshakeError):
+                chat.check_deflate_answer(bad)
+
+    async def test_client_fails_on_an_answer_it_cannot_accept(self):
+        respond = lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate; foo=1\r\n")
+        async with FakeServer(respond) as fake:
+            with self.assertRaises(chat.HandshakeError):
+                await within(chat.connect(f"ws://127.0.0.1:{fake.port}/"))
+        # Not offered, so not to be selected (RFC 6455 §4.1).
+        respond = lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate\r\n")
+        async with FakeServer(respond) as fake:
+            with self.assertRaises(chat.HandshakeError):
+                await within(chat.connect(f"ws://127.0.0.1:{fake.port}/", compression=False))
+
+    async def test_client_and_server_interoperate_in_every_parameter_combination(self):
+        text = "compress me, " * 500
+        answers = ["permessage-deflate", "permessage-deflate; server_no_context_takeover",
+                   "permessage-deflate; client_no_context_takeover",
+                   "permessage-deflate; server_max_window_bits=9; client_max_window_bits=9",
+                   "permessage-deflate; client_max_window_bits=8", chat.SERVER_DEFLATE_ANSWER]
+        for answer in answers:
+            with self.subTest(answer), unittest.mock.patch("chat.accept_deflate", return_value=answer):
+                conn = await self.open(await self.start())
+                self.assertEqual(conn.deflate.params, chat.check_deflate_answer(answer))
+                for message in (text, text.encode(), "short", text + "!"):   # context carried over
+                    await within(conn.send(message))
+                    self.assertEqual(await within(conn.recv()), message)
+
+    async def test_no_compression_on_either_side_means_plain_frames(self):
+        for server_side, client_side in ((True, False), (False, True)):
+            with self.subTest(server=server_side, client=client_side):
+                conn = await self.open(await self.start(compression=server_side), compression=client_side)
+                self.assertIsNone(conn.deflate)
+                await within(conn.send("x" * 1000))
+                self.assertEqual(await within(conn.recv()), "x" * 1000)
+
+    def deflate_connection(self) -> chat.Connection:
+        self.reader = asyncio.StreamReader()
+        self.transport = FakeTransport(self.reader)
+        deflate = chat.PerMessageDeflate(chat.check_deflate_answer(chat.SERVER_DEFLATE_ANSWER),
+                                         is_client=False)
+        return chat.Connection(self.reader, FakeWriter(self.transport), is_client=False,
+                               max_size=10_000, close_timeout=1.0, deflate=deflate)
+
+    async def test_compressed_message_split_over_fragments_with_a_ping_between(self):
+        conn = self.deflate_connection()
+        data = deflated("héllo, wörld ".encode() * 40)
+        self.reader.feed_data(client_frame(Opcode.TEXT, data[:10], fin=False, rsv=chat.RSV1)
+                              + client_frame(Opcode.PING, b"p")
+                              + client_frame(Opcode.CONTINUATION, data[10:20], fin=False)
+                              + client_frame(Opcode.CONTINUATION, data[20:]))
+        self.assertEqual(await within(conn.recv()), "héllo, wörld " * 40)
+
+    async def assert_fails_with(self, conn, code: int, data: bytes):
+        self.reader.feed_data(data)
+        self.reader.feed_eof()
+        closed = await expect_closed(conn.recv())
+        self.assertEqual(closed.sent.code, code)
+
+    async def test_rsv1_misuse_fails_the_connection(self):
+        start = client_frame(Opcode.TEXT, deflated(b"a" * 200)[:5], fin=False, rsv=chat.RSV1)
+        cases = {
+            "on a control frame": client_frame(Opcode.PING, b"", rsv=chat.RSV1),
+            "on a continuation": start + client_frame(Opcode.CONTINUATION, b"x", rsv=chat.RSV1),
+            "RSV2": client_frame(Opcode.TEXT, b"x", rsv=2),
+        }
+        for name, wire in cases.items():
+            with self.subTest(name):
+                await self.assert_fails_with(self.deflate_connection(), CloseCode.PROTOCOL_ERROR, wire)
+        with self.subTest("without the extension"), self.assertRaises(chat.ProtocolError):
+            parse_frame(client_frame(Opcode.TEXT, b"x", rsv=chat.RSV1), expect_masked=True)
+
+    async def test_invalid_compressed_data_is_1002(self):
+        await self.assert_fails_with(self.deflate_connection(), CloseCode.PROTOCOL_ERROR,
+                                     client_frame(Opcode.TEXT, b"\xff\xff\xff garbage", rsv=chat.RSV1))
+
+    async def test_a_bomb_is_stopped_at_max_size_with_1009(self):
+        conn = self.deflate_connection()   # max_size 10,000
+        bomb = deflated(bytes(5_000_000))   # 5 MB of zeros in about 5 KB
+        self.assertLess(len(bomb), 6_000)
+        inflated = []
+        real_inflate = chat.PerMessageDeflate.inflate
+
+        def counting_inflate(deflate, chunk, room):
+            data = real_inflate(deflate, chunk, room)
+            inflated.append(len(data))
+            return data
+        with unittest.mock.patch.object(chat.PerMessageDeflate, "inflate", counting_inflate):
+            await self.assert_fails_with(conn, CloseCode.MESSAGE_TOO_BIG,
+                                         client_frame(Opcode.BINARY, bomb, rsv=chat.RSV1))
+        self.assertLessEqual(sum(inflated), 10_000)
+
+    async def test_broadcast_is_compressed_once_for_every_member(self):
+        await self.start_room()
+        members = [await self.join(f"m{i}") for i in range(3)]
+        plain = await self.join("plain", compression=False)
+        line = "[m0]: " + "a long line " * 100
+        with unittest.mock.patch("chat.new_deflater", wraps=chat.new_deflater) as deflaters:
+            self.room.broadcast("[m0]: ", b"a long line " * 100)
+        self.assertEqual(deflaters.call_count, 1)   # one for the three who compress
+        for conn in members + [plain]:
+            while (message := await within(conn.recv())) != line:
+                self.assertTrue(message.startswith("* "), message)   # join notices
+        self.assertIsNone(plain.deflate)
