@@ -3206,7 +3206,7 @@ class Event(typing.NamedTuple):
     kind: str       # "say" (kept in history), "notice", "tell" (one member), "replace"
     when: float     # time.time() on the origin server
     text: str       # the line to show
-    to: str = ""    # "tell", "replace": the name key of the member it is for
+    to: str = ""    # "tell", "replace": the member it is for, by its token's digest
 
 
 EVENT_KINDS = frozenset({"say", "notice", "tell", "replace"})
@@ -3473,7 +3473,8 @@ class SharedRoom(ChatRoom):
         if event.origin == self.server_id or event.seq <= self.seen.get(event.origin, 0):
             return
         self.seen[event.origin] = event.seq
-        member = self.members.get(event.to)   # for "tell" and "replace"
+        # "tell" and "replace" find their member by token: a /nick meanwhile changes only the name.
+        member = self.member_with_digest(event.to) if event.to else None
         if event.kind == "say":
             self.history.append((event.when, event.text))
             self.broadcast(event.text)
@@ -3484,8 +3485,12 @@ class SharedRoom(ChatRoom):
         elif event.kind == "tell":
             self.tell(member.conn, event.text)
         else:   # "replace": the member came back on another server with its token
-            del self.members[event.to]   # without a "left": it is still in the room
+            del self.members[name_key(member.name)]   # without a "left": it is still in the room
             member.conn.close_nowait(CloseCode.NORMAL_CLOSURE, REPLACED_REASON)
+
+    def member_with_digest(self, digest: str) -> Member | None:
+        """This server's member whose resume token has this digest (a scan: /msg is rare)."""
+        return next((m for m in self.members.values() if token_digest(m.token) == digest), None)
 
     async def _heartbeat(self, link: RedisConnection) -> None:
         """Every TTL/3, renew this server's names (and set again those that expired)."""
@@ -3554,7 +3559,7 @@ class SharedRoom(ChatRoom):
         resumed = bool(claimed.held)
         if resumed:   # its old connection, on another server, is closed there
             member.token, member.lines = offered, claimed.lines
-            self.share("replace", "", name_key(member.name))
+            self.share("replace", "", token_digest(offered))
         elif count is not None:
             count += 1   # the newcomer
         return self.add_member(member, announce=not resumed, count=count)
@@ -3649,12 +3654,12 @@ class SharedRoom(ChatRoom):
             return
         value = await self.require_link("names").command("GET", self.name_prefix + name_key(recipient_name))
         try:
-            recipient = name_holder(value)[2]
+            digest, _, recipient = name_holder(value)
         except (ValueError, AttributeError):
             self.tell(member.conn, f"* there is no {recipient_name} here; /who lists who is")
             return
         line = private_line(member.name, recipient, text)
-        self.share("tell", line, name_key(recipient))
+        self.share("tell", line, digest)   # by token: it reaches the member even after a /nick
         self.tell(member.conn, line)   # the sender's receipt: the room has it
 
     async def command_nick_shared(self, member: Member, new: str) -> None:
