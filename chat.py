@@ -1734,8 +1734,9 @@ class WebSocketServer:
                           close_timeout=self.close_timeout, deflate=deflate)
         if client != peer_address(writer):
             conn.remote = f"{client} via {peer}"   # the address a trusted proxy forwarded
-        self._address_of[conn] = client
-        self._per_address[client] += 1
+        if self.max_per_address is not None:   # counted only where there is a limit
+            self._address_of[conn] = client
+            self._per_address[client] += 1
         return conn
 
     def _client_address(self, writer: asyncio.StreamWriter, request: Request) -> str:
@@ -1767,7 +1768,9 @@ class WebSocketServer:
 
     def _release(self, conn: Connection) -> None:
         """The connection is over: it no longer counts against its address."""
-        client = self._address_of.pop(conn)
+        client = self._address_of.pop(conn, None)
+        if client is None:
+            return
         self._per_address[client] -= 1
         if not self._per_address[client]:
             del self._per_address[client]   # don't keep every address ever seen
@@ -2369,7 +2372,7 @@ def private_line(sender: str, recipient: str, text: str) -> str:
     return f"[{sender} → {recipient}]: {text}"
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)   # slots: one per member, kept small
 class Member:
     """Someone in the room: the name others see, the connection, the resume token."""
 
