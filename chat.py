@@ -1090,18 +1090,44 @@ class SharedFrames:
         return self._data
 
 
+class TurnWriter:
+    """The connections that queued frames in this turn of the event loop, written at its end.
+
+    One callback per loop turn for all of them, rather than one per
+    connection: a broadcast to 10,000 members would otherwise allocate
+    10,000 callbacks each turn, enough to set off CPython's full garbage
+    collections. A server shares one among its connections.
+    """
+
+    __slots__ = ("_dirty",)
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+
+    def add(self, conn: Connection) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._write)
+        self._dirty.append(conn)
+
+    def _write(self) -> None:
+        dirty, self._dirty = self._dirty, []   # what is queued meanwhile waits for the next turn
+        for conn in dirty:
+            conn._write_queued()
+
+
 class Connection:
     """One WebSocket connection after the opening handshake, in either role."""
 
     __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote", "deflate",
                  "max_buffer", "close_timeout", "state", "close_rcvd", "close_sent",
-                 "_frames", "_message", "_read_lock", "_outbox", "_loop", "_pong_waiters",
+                 "_frames", "_message", "_read_lock", "_outbox", "_writes", "_loop", "_pong_waiters",
                  "_awaited_bytes", "_close_timer", "_keepalive_pending")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  is_client: bool, path: str = "/", max_size: int = MAX_MESSAGE_SIZE,
                  max_buffer: int = MAX_OUTGOING_BUFFER, close_timeout: float = CLOSE_TIMEOUT,
-                 deflate: PerMessageDeflate | None = None) -> None:
+                 deflate: PerMessageDeflate | None = None,
+                 writes: TurnWriter | None = None) -> None:
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
@@ -1119,6 +1145,7 @@ class Connection:
         self._read_lock = asyncio.Lock()      # frames must be read by one task at a time
         self._outbox: list[bytes | SharedFrames] = []   # queued in this turn of the loop
         self._awaited_bytes = 0               # of frames that send() waits to drain
+        self._writes = writes or TurnWriter()  # shared with the server's other connections
         self._loop = asyncio.get_running_loop()
         self._pong_waiters: dict[bytes, asyncio.Future] = {}
         self._close_timer: asyncio.TimerHandle | None = None
@@ -1300,7 +1327,7 @@ class Connection:
     def _queue(self, frame: bytes | SharedFrames) -> None:
         outbox = self._outbox
         if not outbox:
-            self._loop.call_soon(self._write_queued)
+            self._writes.add(self)   # written at the end of this turn of the loop
         elif isinstance(outbox[-1], SharedFrames):
             outbox[-1].seal()   # what is queued now must come after all of it
         outbox.append(frame)
@@ -1618,6 +1645,7 @@ class WebSocketServer:
         self._address_of: dict[Connection, str] = {}
         self._refused_at_limit: collections.Counter[str] = collections.Counter()
         self._tasks: dict[asyncio.Task, Connection | None] = {}
+        self._writes = TurnWriter()   # one end-of-turn write callback for all connections
         self._server: asyncio.Server | None = None
         self._loop_errors: LoopErrorLog | None = None
         self._handshaking: dict[asyncio.StreamWriter, float] = {}   # when each began
@@ -1731,7 +1759,8 @@ class WebSocketServer:
         """The 101 is sent: a Connection, counted against its address."""
         conn = Connection(reader, writer, is_client=False, path=request.target,
                           max_size=self.max_size, max_buffer=self.max_buffer,
-                          close_timeout=self.close_timeout, deflate=deflate)
+                          close_timeout=self.close_timeout, deflate=deflate,
+                          writes=self._writes)
         if client != peer_address(writer):
             conn.remote = f"{client} via {peer}"   # the address a trusted proxy forwarded
         if self.max_per_address is not None:   # counted only where there is a limit
