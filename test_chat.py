@@ -1276,13 +1276,25 @@ class TestChatRoom(ChatTestCase):
 class TestRoomOrder(QuietLogs, unittest.IsolatedAsyncioTestCase):
     """What one turn of the event loop queues reaches each member in order, in one write."""
 
-    def member(self, room, name):
+    def member(self, room, name, writes=None):
         reader = asyncio.StreamReader()
         transport = FakeTransport(reader)
         conn = chat.Connection(reader, FakeWriter(transport), is_client=False,
-                               path=f"/chat?name={name}")
+                               path=f"/chat?name={name}", writes=writes)
         room.admit(conn)
         return conn, transport
+
+    async def test_a_broadcast_to_many_members_schedules_one_write_callback(self):
+        room, writes = chat.ChatRoom(rate=0), chat.TurnWriter()
+        members = [self.member(room, f"m{i}", writes) for i in range(50)]
+        await within(members[-1][1].next_write())   # the greetings and joins are out
+        loop = asyncio.get_running_loop()
+        with unittest.mock.patch.object(loop, "call_soon", wraps=loop.call_soon) as call_soon:
+            room.broadcast("[m0]: to everyone")
+        self.assertEqual(call_soon.call_count, 1)   # not one per member
+        await within(members[-1][1].next_write())
+        for _, transport in members:
+            self.assertEqual(self.texts(transport)[-1], "[m0]: to everyone")
 
     @staticmethod
     def texts(transport, since=0):
