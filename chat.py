@@ -2308,6 +2308,17 @@ def parse_line(text: str) -> Command | ChatLine | None:
     return Command(name, argument)
 
 
+def relayed_as_is(line: bytes) -> bool:
+    """Whether parse_line() would take this UTF-8 line for chat, unchanged.
+
+    It does whenever the first character is neither "/" nor a space, so the
+    room can tell from that character alone, and relay most lines as the
+    bytes they came in without decoding them (ChatRoom.on_text).
+    """
+    first = line[:4].decode("utf-8", "ignore")[:1]   # 4 bytes hold one character whole
+    return first not in ("", "/") and not first.isspace()
+
+
 def help_lines() -> list[str]:
     """The reply to /help, one notice per line (a message is one line on screen)."""
     rows = [*COMMANDS.values(), (f"{LITERAL_SLASH}text", "send a line that starts with /")]
@@ -2352,13 +2363,13 @@ class Pacer:
     Nobody else waits: the held lines are this member's alone.
     """
 
-    def __init__(self, bucket: TokenBucket, deliver: Callable[[str], None]) -> None:
+    def __init__(self, bucket: TokenBucket, deliver: Callable[[bytes], None]) -> None:
         self.bucket = bucket
         self.deliver = deliver
-        self.held: collections.deque[str] = collections.deque()
+        self.held: collections.deque[bytes] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
 
-    def submit(self, text: str) -> None:
+    def submit(self, text: bytes) -> None:
         """Relay now if the rate allows and nothing is waiting; else hold."""
         if not self.held and self.bucket.take():
             self.deliver(text)
@@ -2446,7 +2457,9 @@ class ChatRoom:
                  allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
                  secure: bool = False) -> None:
         self.members: dict[str, Member] = {}   # by name_key(name): names as people read them
-        self.history: collections.deque[tuple[float, str]] = collections.deque(maxlen=history_size)
+        # (time, parts): a line is kept in the parts it was broadcast in (see say)
+        self.history: collections.deque[tuple[float, tuple[str | bytes, ...]]] = \
+            collections.deque(maxlen=history_size)
         self.rate, self.burst, self.max_held = rate, burst, max_held
         self.max_size = max_size
         self.announce_limit = announce_limit
@@ -2572,8 +2585,8 @@ class ChatRoom:
             name=member.name, count=there, max_size=self.max_size, token=member.token,
             rate=describe_rate(self.rate, self.burst), delivered=plural(member.lines, "line"),
             history=plural(len(self.history), "line")))
-        for when, line in self.history:
-            self.tell(member.conn, f"(history {utc_stamp(when)}) {line}")
+        for when, parts in self.history:
+            self.tell(member.conn, f"(history {utc_stamp(when)}) ", *parts)
 
     def leave(self, member: Member) -> None:
         """The member's connection is over; unless it was replaced, the member is gone."""
@@ -2597,46 +2610,61 @@ class ChatRoom:
                 return name
 
     async def relay_messages(self, member: Member) -> None:
-        """Read the member's messages until the connection ends, pacing its lines."""
+        """Read the member's messages until the connection ends, pacing its lines.
+
+        Text is taken as the UTF-8 bytes it came in (recv_message, checked
+        already), so that a line can be relayed without being decoded.
+        """
         conn = member.conn
         if self.rate:
             member.pacer = Pacer(TokenBucket(self.rate, self.burst),
                                  lambda text: self.on_text(member, text))
-        async for message in conn:
-            if isinstance(message, bytes):
+        while True:
+            try:
+                message = await conn.recv_message()
+            except ConnectionClosed:
+                return
+            if message.opcode != Opcode.TEXT:
                 conn.fail_nowait(CloseCode.UNSUPPORTED_DATA, "binary messages are not chat; send text")
             elif member.pacer is None:
-                self.on_text(member, message)
+                self.on_text(member, message.payload)
             else:
-                member.pacer.submit(message)
+                member.pacer.submit(message.payload)
                 if len(member.pacer.held) > self.max_held:
                     conn.fail_nowait(CloseCode.POLICY_VIOLATION, f"flooding: "
                                      f"{plural(len(member.pacer.held), 'line')} not relayed")
 
     # -- what members say --------------------------------------------------
 
-    def on_text(self, member: Member, text: str) -> None:
-        """One line from a member: chat for the room, or a command."""
+    def on_text(self, member: Member, text: bytes) -> None:
+        """One line from a member, in UTF-8: chat for the room, or a command."""
         if member.conn.state is not State.OPEN:
             return   # it was held by the flood control, and the member has gone since
+        if relayed_as_is(text):   # most lines: never decoded, relayed as the bytes that came
+            self.say(member, f"[{member.name}]: ", text)
+            return
         try:
-            line = parse_line(text)
+            line = parse_line(text.decode("utf-8"))
         except ValueError as reply:
             self.tell(member.conn, f"* {reply}")
             return
         if isinstance(line, ChatLine):
-            self.say(member, f"[{member.name}]: {line.text}")
+            self.say(member, f"[{member.name}]: ", line.text)
         elif line is not None:
             self.run_command(member, line)
 
     def run_command(self, member: Member, command: Command) -> None:
         COMMAND_HANDLERS[command.name](self, member, command.argument)
 
-    def say(self, member: Member, line: str) -> None:
-        """A member's line for everyone, kept in the history, counted for its receipts."""
+    def say(self, member: Member, *parts: str | bytes) -> None:
+        """A member's line for everyone, kept in the history, counted for its receipts.
+
+        The line comes in parts, its name and its text, joined only into each
+        frame that carries it: a 1 MiB line is not copied into a line first.
+        """
         member.lines += 1   # its copy comes back to the member like everyone's
-        self.history.append((time.time(), line))
-        self.broadcast(line)
+        self.history.append((time.time(), parts))
+        self.broadcast(*parts)
 
     def notice(self, text: str) -> None:
         """A notice for everyone (joined, left, a new name), not kept in the history."""
@@ -2697,9 +2725,9 @@ class ChatRoom:
 
     # -- sending -----------------------------------------------------------
 
-    def tell(self, conn: Connection, line: str | bytes) -> None:
-        """Send one line to one member, without waiting, after what was queued for it before."""
-        conn.queue_frame(encode_and_trace(conn.remote, Opcode.TEXT, utf8(line)))
+    def tell(self, conn: Connection, *parts: str | bytes) -> None:
+        """Send one line, made of ``parts``, to one member, after what was queued for it before."""
+        conn.queue_frame(encode_and_trace(conn.remote, Opcode.TEXT, b"".join(map(utf8, parts))))
 
     def broadcast(self, *parts: str | bytes) -> None:
         """Send one line, made of ``parts``, to every member, never waiting for any of them.
@@ -3337,7 +3365,7 @@ class SharedRoom(ChatRoom):
         self._seq = itertools.count(1)
         self._wake_sharer = asyncio.Event()
         self._drained = asyncio.Event()              # set whenever nothing waits to be shared
-        self._busy: dict[Member, collections.deque[str]] = {}   # lines held behind a Redis command
+        self._busy: dict[Member, collections.deque[bytes]] = {}   # lines held behind a Redis command
         self._claiming: set[str] = set()                # name keys being claimed from here just now
         self._running: asyncio.Task | None = None
 
@@ -3382,7 +3410,7 @@ class SharedRoom(ChatRoom):
             raise RespError("the stream or the history is not what chat.py writes") from None
         # A line sent again after a dropped connection is in the list twice: keep one.
         once = {(event.origin, event.seq): event for event in events}.values()
-        self.history.extend((event.when, event.text) for event in once)
+        self.history.extend((event.when, (event.text,)) for event in once)
 
     async def close(self) -> None:
         """Share what is still waiting (the members' leaving, mostly), briefly; then let go."""
@@ -3508,7 +3536,7 @@ class SharedRoom(ChatRoom):
         # "tell" and "replace" find their member by token: a /nick meanwhile changes only the name.
         member = self.member_with_digest(event.to) if event.to else None
         if event.kind == "say":
-            self.history.append((event.when, event.text))
+            self.history.append((event.when, (event.text,)))
             self.broadcast(event.text)
         elif event.kind == "notice":
             self.broadcast(event.text)
@@ -3625,15 +3653,16 @@ class SharedRoom(ChatRoom):
 
     # -- what members say ---------------------------------------------------------
 
-    def say(self, member: Member, line: str) -> None:
-        super().say(member, line)
+    def say(self, member: Member, *parts: str | bytes) -> None:
+        super().say(member, *parts)
+        line = "".join(part if isinstance(part, str) else part.decode("utf-8") for part in parts)
         self.share("say", line, counted=member)
 
     def notice(self, text: str) -> None:
         super().notice(text)
         self.share("notice", text)
 
-    def on_text(self, member: Member, text: str) -> None:
+    def on_text(self, member: Member, text: bytes) -> None:
         """As in ChatRoom, but lines behind a command that waits for Redis wait too, in order."""
         waiting = self._busy.get(member)
         if waiting is None:

@@ -1639,6 +1639,20 @@ class TestParseLine(unittest.TestCase):
                 line = usage.replace("[reason]", "").replace("TEXT", "a b")
                 self.assertEqual(parse_line(line).name, name)
 
+    def test_relayed_as_is_only_where_parse_line_keeps_the_line_as_it_is(self):
+        # The room's shortcut for lines it relays without decoding (ChatRoom.on_text).
+        lines = ["hello", "x", "日本語", "😀 hi", "é", "a /who", "\x1c", "\x1cx", "\u3000hi",
+                 "\u00a0x", " /who", "/who", "//x", "/", "", " ", "\t", "\u2028x", "\x85x"]
+        for line in lines:
+            with self.subTest(line=line):
+                fast = chat.relayed_as_is(line.encode())
+                try:
+                    kept = parse_line(line) == ChatLine(line)
+                except ValueError:
+                    kept = False
+                self.assertTrue(kept or not fast)   # never a shortcut parse_line would not take
+        self.assertTrue(all(chat.relayed_as_is(line.encode()) for line in ("hello", "日本語", "😀 hi")))
+
 
 class TestHelpLines(unittest.TestCase):
     """help_lines(): the /help reply, built from the COMMANDS table."""
