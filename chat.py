@@ -36,7 +36,8 @@ The life of a chat line, with the names to read at each step:
     bob types "hi" and Enter     LineEditor (11) -> Keyboard (12) queues the line
     bob's client sends it        ChatClient.send_line, paced by pace() (12) -> Connection.send (6)
                                  -> encode_frame (4): a masked TEXT frame
-    the server reads it          Connection.recv (6): FrameReader (4), MessageAssembler (5)
+    the server reads it          Connection.recv_message (6): Incoming (6), FrameReader (4),
+                                 MessageAssembler (5): the text stays the UTF-8 that came
     the room relays it           ChatRoom.relay_messages -> Pacer.submit -> on_text -> say
                                  -> broadcast (8): one SharedFrames for this loop turn
     every member's socket        Connection.queue_frame (6): one write per member per loop turn
@@ -192,9 +193,15 @@ MAX_MESSAGE_SIZE = 2**20
 MAX_HEAD_SIZE = 8 * 1024
 MAX_HEADER_LINES = 100
 
-#: The stream reader's buffer: reading pauses once this much is waiting, so a
-#: peer can never make us buffer more than about twice this per connection.
+#: The stream reader's buffer (the handshake's, Redis's): reading pauses once
+#: this much is waiting, so a peer can never make us buffer more than about
+#: twice this per connection.
 READ_BUFFER_LIMIT = 64 * 1024
+
+#: The same bound for frames, once the handshake is done (Incoming). asyncio
+#: hands over up to 256 KiB per read of the socket; a lower bound would pause
+#: and resume reading around every piece of a large message.
+FRAME_BUFFER_LIMIT = 256 * 1024
 
 #: Seconds a peer gets to finish the opening handshake, and the closing one.
 #: Both are bounded so that a silent peer can't hold a connection forever.
@@ -1115,10 +1122,99 @@ class TurnWriter:
             conn._write_queued()
 
 
+class Incoming(asyncio.Protocol):
+    """What the peer sends after the handshake, handed on as the transport delivers it.
+
+    The handshake is read with asyncio's StreamReader, for its lines. For
+    frames a StreamReader would cost two more copies of every byte (into its
+    buffer, and out again): about a tenth of the time a 1 MiB message takes
+    (README, "Performance"). So the Connection puts this in the reader's
+    place as the transport's protocol: data_received() keeps each piece as
+    it came, and read() hands it to the frame reader. Writing stays with the
+    StreamWriter's protocol: what the transport tells about it (flow
+    control, the end) is passed on, so drain() works as before. Reading
+    pauses while more than ``limit`` bytes wait unread, as a StreamReader's does.
+    """
+
+    __slots__ = ("transport", "limit", "buffered", "_pieces", "_paused", "_ended", "_waiter",
+                 "_writing", "_handshake_reader")
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.Transport, limit: int) -> None:
+        self.transport = transport
+        self.limit = limit
+        self.buffered = 0                    # bytes received, not read yet
+        self._pieces: list[bytes] = []       # as they came (rarely more than one: a list is smaller)
+        self._paused = False                 # reading, until more than limit waits unread
+        self._ended = transport.is_closing()
+        self._waiter: asyncio.Future | None = None
+        self._writing = transport.get_protocol()
+        transport.set_protocol(self)
+        # What the peer sent right behind its handshake is in the reader:
+        # read first. It gets nothing more: its end comes after that.
+        self._handshake_reader: asyncio.StreamReader | None = reader
+        reader.feed_eof()
+        # If the peer's FIN came while the reader was the protocol, it is
+        # told again, to us: a socket at its end reports it to every read.
+        transport.pause_reading()
+        transport.resume_reading()
+
+    async def read(self) -> bytes:
+        """The next piece the peer sent, as it came; b"" once it has sent all there is."""
+        if self._handshake_reader is not None:
+            data = await self._handshake_reader.read(self.limit)
+            if data:
+                return data
+            self._handshake_reader = None
+        while not self._pieces:
+            if self._ended:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._pieces.pop(0)
+        self.buffered -= len(data)
+        if self._paused and self.buffered <= self.limit:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- what the transport calls --------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._pieces.append(data)
+        self.buffered += len(data)
+        if self.buffered > self.limit and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()   # until read() has taken some
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._ended = True
+        self._wake()
+        return self._writing.eof_received()   # it knows whether to keep TLS open (it doesn't)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = True
+        self._wake()
+        self._writing.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._writing.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._writing.resume_writing()
+
+
 class Connection:
     """One WebSocket connection after the opening handshake, in either role."""
 
-    __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote", "deflate",
+    __slots__ = ("incoming", "writer", "transport", "is_client", "path", "remote", "deflate",
                  "max_buffer", "close_timeout", "state", "close_rcvd", "close_sent",
                  "_frames", "_message", "_read_lock", "_outbox", "_writes", "_loop", "_pong_waiters",
                  "_awaited_bytes", "_close_timer", "_keepalive_pending")
@@ -1128,7 +1224,7 @@ class Connection:
                  max_buffer: int = MAX_OUTGOING_BUFFER, close_timeout: float = CLOSE_TIMEOUT,
                  deflate: PerMessageDeflate | None = None,
                  writes: TurnWriter | None = None) -> None:
-        self.reader = reader
+        self.incoming = Incoming(reader, writer.transport, FRAME_BUFFER_LIMIT)
         self.writer = writer
         self.transport = writer.transport
         self.is_client = is_client
@@ -1246,7 +1342,7 @@ class Connection:
 
     async def _receive_more(self) -> None:
         """Feed the frame reader whatever the socket has next."""
-        data = await self.reader.read(READ_BUFFER_LIMIT)
+        data = await self.incoming.read()
         if not data:
             raise asyncio.IncompleteReadError(b"", None)   # TCP closed mid-frame
         self._frames.feed(data)
@@ -1447,7 +1543,7 @@ class Connection:
     async def _discard_until_eof(self) -> None:
         """Read and drop bytes until the peer closes TCP (or the close timer aborts it)."""
         try:
-            while await self.reader.read(READ_BUFFER_LIMIT):
+            while await self.incoming.read():
                 pass
         except OSError:
             pass

@@ -460,11 +460,16 @@ class TestMessages(unittest.TestCase):
 # 6. Connection #############################################################
 
 class FakeTransport(asyncio.Transport):
-    """Records what the connection writes; closing it ends the reader, as TCP would."""
+    """Records what the connection writes, and hands its protocol what the test says the peer sent.
+
+    Its first protocol is a StreamReaderProtocol, as after a real handshake;
+    the Connection puts its Incoming in that one's place.
+    """
 
     def __init__(self, reader: asyncio.StreamReader):
         super().__init__()
-        self.reader = reader
+        self.protocol: asyncio.BaseProtocol = asyncio.StreamReaderProtocol(reader)
+        self.reading_paused = False
         self.written = bytearray()
         self.closing = False
         self.eof_written = False
@@ -490,6 +495,26 @@ class FakeTransport(asyncio.Transport):
     def is_closing(self):
         return self.closing
 
+    def get_protocol(self):
+        return self.protocol
+
+    def set_protocol(self, protocol):
+        self.protocol = protocol
+
+    def pause_reading(self):
+        self.reading_paused = True
+
+    def resume_reading(self):
+        self.reading_paused = False
+
+    def deliver(self, data: bytes):
+        """The peer sent ``data``: hand it to the protocol, as a socket's transport does."""
+        self.protocol.data_received(data)
+
+    def deliver_eof(self):
+        """The peer closed its side of TCP."""
+        self.protocol.eof_received()
+
     def get_write_buffer_size(self):
         return len(self.written) if self.peer_never_reads else 0
 
@@ -505,7 +530,7 @@ class FakeTransport(asyncio.Transport):
 
     def abort(self):
         self.close()
-        self.reader.feed_eof()
+        self.protocol.connection_lost(None)
 
     def get_extra_info(self, name, default=None):
         return ("127.0.0.1", 12345) if name == "peername" else default
@@ -534,9 +559,9 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
     """RFC 6455 §5-§7 on one connection, fed through a bare asyncio.StreamReader."""
 
     def connect(self, *, is_client=False, max_size=2**20):
-        self.reader = asyncio.StreamReader()
-        self.transport = FakeTransport(self.reader)
-        return chat.Connection(self.reader, FakeWriter(self.transport), is_client=is_client,
+        reader = asyncio.StreamReader()   # the handshake's; the Connection reads on from the transport
+        self.transport = FakeTransport(reader)
+        return chat.Connection(reader, FakeWriter(self.transport), is_client=is_client,
                                max_size=max_size, close_timeout=1.0)
 
     def sent_frames(self, *, by_client=False):
@@ -550,14 +575,14 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
     async def feed_slowly(self, data: bytes, then_eof: bool = False):
         """One byte at a time, the next once the connection took the last: the slowest network."""
         for i in range(len(data)):
-            self.reader.feed_data(data[i:i + 1])
-            await until(lambda: not self.reader._buffer)
+            self.transport.deliver(data[i:i + 1])
+            await until(lambda: not self.transport.protocol.buffered)
         if then_eof:
-            self.reader.feed_eof()
+            self.transport.deliver_eof()
 
     async def assert_fails_with(self, conn, code: int, data: bytes):
-        self.reader.feed_data(data)
-        self.reader.feed_eof()
+        self.transport.deliver(data)
+        self.transport.deliver_eof()
         # The fake peer hangs up without answering our close frame: §7.1.5 makes that 1006.
         closed = await expect_closed(conn.recv(), CloseCode.ABNORMAL_CLOSURE)
         self.assertEqual((closed.sent.code, closed.rcvd), (code, None))
@@ -565,6 +590,17 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(close.opcode, Opcode.CLOSE)
         self.assertEqual(chat.parse_close_payload(close.payload)[0], code)
         self.assertEqual(conn.state, chat.State.CLOSED)
+
+    async def test_reading_pauses_while_more_than_the_limit_waits_unread(self):
+        conn = self.connect()
+        incoming = conn.incoming
+        self.transport.deliver(b"x" * incoming.limit)
+        self.assertFalse(self.transport.reading_paused)
+        self.transport.deliver(b"y")
+        self.assertTrue(self.transport.reading_paused)   # a peer can't make us buffer without bound
+        self.assertEqual(await within(incoming.read()), b"x" * incoming.limit)   # each piece as it came
+        self.assertFalse(self.transport.reading_paused)
+        self.assertEqual(await within(incoming.read()), b"y")
 
     async def test_frame_reader_fed_one_byte_at_a_time(self):
         conn = self.connect()
@@ -578,7 +614,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
 
     async def test_recv_message_hands_text_over_as_the_utf8_that_came(self):
         conn = self.connect()
-        self.reader.feed_data(client_frame(Opcode.TEXT, "κό".encode(), fin=False)
+        self.transport.deliver(client_frame(Opcode.TEXT, "κό".encode(), fin=False)
                               + client_frame(Opcode.CONTINUATION, b"s" * 5000)
                               + client_frame(Opcode.BINARY, b"\x00"))
         self.assertEqual(await within(conn.recv_message()),
@@ -588,7 +624,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
     async def test_ping_is_answered_with_same_payload_and_unsolicited_pong_ignored(self):
         conn = self.connect()
         written = self.transport.next_write()
-        self.reader.feed_data(client_frame(Opcode.PONG, b"nobody asked")
+        self.transport.deliver(client_frame(Opcode.PONG, b"nobody asked")
                               + client_frame(Opcode.PING, b"data") + client_frame(Opcode.TEXT, b"after"))
         self.assertEqual(await within(conn.recv()), "after")
         await within(written)   # the pong leaves at the end of this turn of the loop
@@ -600,7 +636,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         receiving = asyncio.create_task(conn.recv())
         await within(self.transport.next_write())   # the ping
         self.assertFalse(pinging.done())
-        self.reader.feed_data(chat.encode_frame(Opcode.PONG, b"42") + chat.encode_frame(Opcode.TEXT, b"x"))
+        self.transport.deliver(chat.encode_frame(Opcode.PONG, b"42") + chat.encode_frame(Opcode.TEXT, b"x"))
         await within(pinging)
         self.assertEqual(await within(receiving), "x")
         self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.PING, b"42")])
@@ -611,10 +647,10 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.transport.peer_never_reads = True
         receiving = asyncio.create_task(conn.recv())
         pings = client_frame(Opcode.PING, bytes(125)) * 20
-        self.reader.feed_data(pings)   # one batch, answered at the end of this loop turn
+        self.transport.deliver(pings)   # one batch, answered at the end of this loop turn
         await within(self.transport.next_write())
         self.assertEqual(conn.state, chat.State.CLOSING)   # over max_buffer: dropped
-        self.reader.feed_data(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
+        self.transport.deliver(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
         await expect_closed(receiving, CloseCode.POLICY_VIOLATION)
         # Pongs stop once max_buffer is passed: at most one batch beyond it, of 20 × 127 bytes.
         self.assertLess(len(self.transport.written), 1000 + 20 * 127 + 130)
@@ -663,15 +699,15 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
 
     async def test_message_before_a_broken_frame_is_delivered_first(self):
         conn = self.connect()
-        self.reader.feed_data(client_frame(Opcode.TEXT, b"first") + client_frame(Opcode.TEXT, b"x", rsv=1))
-        self.reader.feed_eof()
+        self.transport.deliver(client_frame(Opcode.TEXT, b"first") + client_frame(Opcode.TEXT, b"x", rsv=1))
+        self.transport.deliver_eof()
         self.assertEqual(await within(conn.recv()), "first")
         closed = await expect_closed(conn.recv())
         self.assertEqual(closed.sent.code, CloseCode.PROTOCOL_ERROR)
 
     async def test_peer_close_is_echoed_and_reported(self):
         conn = self.connect()
-        self.reader.feed_data(client_frame(Opcode.CLOSE, close_frame_payload(1001, "bye")))
+        self.transport.deliver(client_frame(Opcode.CLOSE, close_frame_payload(1001, "bye")))
         closed = await expect_closed(conn.recv())
         self.assertEqual((closed.code, closed.reason), (1001, "bye"))
         self.assertEqual(self.sent_frames(), [Frame(Opcode.CLOSE, struct.pack("!H", 1001))])
@@ -679,14 +715,14 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
 
     async def test_empty_close_is_reported_as_1005_and_answered_empty(self):
         conn = self.connect()
-        self.reader.feed_data(client_frame(Opcode.CLOSE))
+        self.transport.deliver(client_frame(Opcode.CLOSE))
         await expect_closed(conn.recv(), CloseCode.NO_STATUS_RCVD)
         self.assertEqual(self.sent_frames(), [Frame(Opcode.CLOSE, b"")])
 
     async def test_tcp_dying_is_reported_as_1006(self):
         conn = self.connect()
-        self.reader.feed_data(client_frame(Opcode.TEXT, b"half")[:5])
-        self.reader.feed_eof()
+        self.transport.deliver(client_frame(Opcode.TEXT, b"half")[:5])
+        self.transport.deliver_eof()
         await expect_closed(conn.recv(), CloseCode.ABNORMAL_CLOSURE)
         self.assertEqual(self.sent_frames(), [])
 
@@ -695,7 +731,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         closing = asyncio.create_task(conn.close(CloseCode.GOING_AWAY, "later"))
         await within(self.transport.next_write())
         self.assertEqual(self.sent_frames()[-1].payload, close_frame_payload(1001, "later"))
-        self.reader.feed_data(client_frame(Opcode.TEXT, b"late")
+        self.transport.deliver(client_frame(Opcode.TEXT, b"late")
                               + client_frame(Opcode.CLOSE, close_frame_payload(1001)))
         await within(closing)
         self.assertEqual(conn.state, chat.State.CLOSED)
@@ -715,7 +751,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         closed = await expect_closed(conn.send("after the close"), CloseCode.NORMAL_CLOSURE)
         self.assertEqual((closed.reason, closed.rcvd), ("done", None))
         # The peer's answer settles it: its close frame is what §7.1.5 reports.
-        self.reader.feed_data(client_frame(Opcode.CLOSE, close_frame_payload(1000)))
+        self.transport.deliver(client_frame(Opcode.CLOSE, close_frame_payload(1000)))
         await within(conn.close())
         closed = await expect_closed(conn.send("later still"), CloseCode.NORMAL_CLOSURE)
         self.assertEqual(closed.rcvd, (1000, ""))
@@ -753,11 +789,11 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
 
     async def test_client_waits_for_the_server_to_close_tcp(self):
         conn = self.connect(is_client=True)
-        self.reader.feed_data(chat.encode_frame(Opcode.CLOSE, close_frame_payload(1000)))
+        self.transport.deliver(chat.encode_frame(Opcode.CLOSE, close_frame_payload(1000)))
         receiving = asyncio.create_task(conn.recv())
         await within(self.transport.next_write())   # our answering close frame
         self.assertFalse(receiving.done())              # still waiting for the server's FIN
-        self.reader.feed_eof()
+        self.transport.deliver_eof()
         await expect_closed(receiving, 1000)
 
 
@@ -876,6 +912,18 @@ class TestEchoRoundTrips(ServerTestCase):
         echoed = await within(reader.readexactly(2 + len(b"early bird")))
         self.assertEqual(echoed, chat.encode_frame(Opcode.TEXT, b"early bird"))
         writer.close()
+
+    async def test_a_hang_up_right_behind_the_handshake_is_noticed(self):
+        # The FIN may reach the server before the connection takes over reading
+        # from the handshake's StreamReader (chat.Incoming): it must not be missed.
+        server = await self.start(close_timeout=60.0)
+        for _ in range(20):   # the race goes either way from one run to the next
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(upgrade_request() + client_frame(Opcode.TEXT, b"last words"))
+            writer.write_eof()
+            answer = await within(reader.read())   # to EOF: the server closed, well before 60 s
+            self.assertTrue(answer.endswith(chat.encode_frame(Opcode.TEXT, b"last words")), answer)
+            writer.close()
 
     async def test_server_shutdown_closes_clients_with_1001(self):
         server = await self.start()
@@ -2041,6 +2089,9 @@ class TestTLS(ChatTestCase):
         self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
         await conn.send("secret")
         self.assertEqual(await within(conn.recv()), "[user1]: secret")
+        big = "x" * 600_000   # more than the server lets wait unread: its reading pauses, and goes on
+        await conn.send(big)
+        self.assertEqual(await within(conn.recv()), f"[user1]: {big}")
         await within(conn.close())
 
     async def test_unknown_certificate_is_refused_unless_insecure(self):
@@ -3834,25 +3885,25 @@ class TestCompression(ChatTestCase):
                 self.assertEqual(await within(conn.recv()), "x" * 1000)
 
     def deflate_connection(self) -> chat.Connection:
-        self.reader = asyncio.StreamReader()
-        self.transport = FakeTransport(self.reader)
+        reader = asyncio.StreamReader()
+        self.transport = FakeTransport(reader)
         deflate = chat.PerMessageDeflate(chat.check_deflate_answer(chat.SERVER_DEFLATE_ANSWER),
                                          is_client=False)
-        return chat.Connection(self.reader, FakeWriter(self.transport), is_client=False,
+        return chat.Connection(reader, FakeWriter(self.transport), is_client=False,
                                max_size=10_000, close_timeout=1.0, deflate=deflate)
 
     async def test_compressed_message_split_over_fragments_with_a_ping_between(self):
         conn = self.deflate_connection()
         data = deflated("héllo, wörld ".encode() * 40)
-        self.reader.feed_data(client_frame(Opcode.TEXT, data[:10], fin=False, rsv=chat.RSV1)
+        self.transport.deliver(client_frame(Opcode.TEXT, data[:10], fin=False, rsv=chat.RSV1)
                               + client_frame(Opcode.PING, b"p")
                               + client_frame(Opcode.CONTINUATION, data[10:20], fin=False)
                               + client_frame(Opcode.CONTINUATION, data[20:]))
         self.assertEqual(await within(conn.recv()), "héllo, wörld " * 40)
 
     async def assert_fails_with(self, conn, code: int, data: bytes):
-        self.reader.feed_data(data)
-        self.reader.feed_eof()
+        self.transport.deliver(data)
+        self.transport.deliver_eof()
         closed = await expect_closed(conn.recv())
         self.assertEqual(closed.sent.code, code)
 
