@@ -1414,7 +1414,7 @@ class Connection:
         They are written at the end of this turn of the event loop, together
         with everything else queued for this peer meanwhile.
         """
-        if self.state is State.OPEN:
+        if self.close_sent is None:   # §5.5.1: no data frame may follow our close frame
             self._queue(frame)
 
     def _send_frame(self, opcode: int, payload: bytes) -> None:
@@ -1439,18 +1439,24 @@ class Connection:
         """
         self._flush()
         backlog = self._unsent_bytes() - self._awaited_bytes
-        if self.state is State.OPEN and backlog > self.max_buffer:
+        # The cheap test first: this runs for every member each turn, and
+        # comparing with an Enum member is a Python-level call before 3.12.
+        if backlog > self.max_buffer and self.state is State.OPEN:
             self.fail_nowait(CloseCode.POLICY_VIOLATION,
                              f"too slow: over {self.max_buffer} bytes waiting to be read")
 
     def _flush(self) -> None:
         """Write every queued frame, in order, with one system call."""
         outbox = self._outbox
-        if not outbox:
+        if len(outbox) == 1:   # the usual case, taken first: it is run for every member
+            data = outbox.pop()
+            if isinstance(data, SharedFrames):
+                data = data.seal()
+        elif outbox:
+            data = b"".join([item.seal() if isinstance(item, SharedFrames) else item for item in outbox])
+            outbox.clear()
+        else:
             return
-        parts = [item.seal() if isinstance(item, SharedFrames) else item for item in outbox]
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        outbox.clear()
         if not self.transport.is_closing():
             self.transport.write(data)
 
@@ -2846,13 +2852,17 @@ class ChatRoom:
         payload = [utf8(part) for part in parts]
         shared = self._shared
         if not shared or any(frames.sealed for frames in shared.values()):
-            shared = self._shared = {}
+            plain = SharedFrames()
+            shared = self._shared = {0: plain}   # by window_bits; 0: not compressed
             for member in self.members.values():
-                deflate = member.conn.deflate
-                window_bits = deflate.window_bits if deflate is not None else 0
+                conn = member.conn
+                if conn.deflate is None:   # most members: the short way, for latency
+                    conn.queue_frame(plain)
+                    continue
+                window_bits = conn.deflate.window_bits
                 if window_bits not in shared:
                     shared[window_bits] = SharedFrames()
-                member.conn.queue_frame(shared[window_bits])
+                conn.queue_frame(shared[window_bits])
         for window_bits, frames in shared.items():
             pieces = broadcast_frame(Opcode.TEXT, payload, window_bits)
             if logger.isEnabledFor(logging.DEBUG):

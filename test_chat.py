@@ -771,6 +771,20 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
                                               Frame(Opcode.TEXT, b"reply"), Frame(Opcode.TEXT, b"three")])
         self.assertEqual(self.transport.writes, 2)   # the turn's three frames at once, then send()
 
+    async def test_nothing_queued_for_a_broadcast_follows_our_close_frame(self):
+        conn = self.connect()
+        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"before"))
+        conn.close_nowait(CloseCode.GOING_AWAY, "bye")
+        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"after"))   # §5.5.1: dropped
+        shared = chat.SharedFrames()
+        conn.queue_frame(shared)
+        shared.append(chat.encode_frame(Opcode.TEXT, b"shared after"))
+        turn_over = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's write
+        await within(turn_over)
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"before"),
+                                              Frame(Opcode.CLOSE, close_frame_payload(1001, "bye"))])
+
     async def test_a_message_send_waits_for_is_not_counted_as_a_slow_readers_backlog(self):
         conn = self.connect(is_client=True)
         conn.max_buffer = 1000
