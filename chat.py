@@ -198,10 +198,16 @@ MAX_HEADER_LINES = 100
 #: twice this per connection.
 READ_BUFFER_LIMIT = 64 * 1024
 
-#: The same bound for frames, once the handshake is done (Incoming). asyncio
-#: hands over up to 256 KiB per read of the socket; a lower bound would pause
-#: and resume reading around every piece of a large message.
+#: The same bound for frames, once the handshake is done (Incoming): again
+#: about twice this at most, the bound plus one read. asyncio hands over up
+#: to 256 KiB per read of the socket; a lower bound would pause and resume
+#: reading around every piece of a large message.
 FRAME_BUFFER_LIMIT = 256 * 1024
+
+#: What each piece the transport hands over costs beyond its bytes: a bytes
+#: object's header and its slot in a list. Incoming counts it, so a peer that
+#: sends a few bytes at a time is held to FRAME_BUFFER_LIMIT too.
+PIECE_OVERHEAD = sys.getsizeof(b"") + struct.calcsize("P")
 
 #: Seconds a peer gets to finish the opening handshake, and the closing one.
 #: Both are bounded so that a silent peer can't hold a connection forever.
@@ -1130,19 +1136,20 @@ class Incoming(asyncio.Protocol):
     buffer, and out again): about a tenth of the time a 1 MiB message takes
     (README, "Performance"). So the Connection puts this in the reader's
     place as the transport's protocol: data_received() keeps each piece as
-    it came, and read() hands it to the frame reader. Writing stays with the
-    StreamWriter's protocol: what the transport tells about it (flow
-    control, the end) is passed on, so drain() works as before. Reading
-    pauses while more than ``limit`` bytes wait unread, as a StreamReader's does.
+    it came, and read() hands over what came since the last read. Writing
+    stays with the StreamWriter's protocol: what the transport tells about
+    it (flow control, the end) is passed on, so drain() works as before.
+    Reading pauses while what waits unread costs more than ``limit`` bytes,
+    as a StreamReader's does.
     """
 
-    __slots__ = ("transport", "limit", "buffered", "_pieces", "_paused", "_ended", "_waiter",
+    __slots__ = ("transport", "limit", "held", "_pieces", "_paused", "_ended", "_waiter",
                  "_writing", "_handshake_reader")
 
     def __init__(self, reader: asyncio.StreamReader, transport: asyncio.Transport, limit: int) -> None:
         self.transport = transport
         self.limit = limit
-        self.buffered = 0                    # bytes received, not read yet
+        self.held = 0                        # the unread pieces' bytes, plus PIECE_OVERHEAD each
         self._pieces: list[bytes] = []       # as they came (rarely more than one: a list is smaller)
         self._paused = False                 # reading, until more than limit waits unread
         self._ended = transport.is_closing()
@@ -1153,15 +1160,29 @@ class Incoming(asyncio.Protocol):
         # read first. It gets nothing more: its end comes after that.
         self._handshake_reader: asyncio.StreamReader | None = reader
         reader.feed_eof()
-        # If the peer's FIN came while the reader was the protocol, it is
-        # told again, to us: a socket at its end reports it to every read.
-        transport.pause_reading()
-        transport.resume_reading()
+        self._hear_the_end_again()
+
+    def _hear_the_end_again(self) -> None:
+        """Make sure an end the old protocol was told about before the swap reaches us too."""
+        # Over TCP, a FIN the reader was told about is told again, to us,
+        # once reading is re-armed: a socket at its end says so to every
+        # read. Over TLS the transport closed itself at the end (is_closing()
+        # above), except on Python 3.10, where a TLS transport whose
+        # connection is gone says so only by failing with AttributeError.
+        try:
+            self.transport.pause_reading()
+            self.transport.resume_reading()
+        except AttributeError:
+            self._ended = True
 
     async def read(self) -> bytes:
-        """The next piece the peer sent, as it came; b"" once it has sent all there is."""
+        """All the peer sent since the last read, joined; b"" once it has sent all there is."""
         if self._handshake_reader is not None:
             data = await self._handshake_reader.read(self.limit)
+            if self._paused and not self._ended:
+                # That reader resumes the transport if it had paused it
+                # during the handshake; pausing is ours to decide now.
+                self.transport.pause_reading()
             if data:
                 return data
             self._handshake_reader = None
@@ -1173,9 +1194,11 @@ class Incoming(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        data = self._pieces.pop(0)
-        self.buffered -= len(data)
-        if self._paused and self.buffered <= self.limit:
+        pieces = self._pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)   # usually one: no copy
+        pieces.clear()
+        self.held = 0
+        if self._paused and not self._ended:
             self._paused = False
             self.transport.resume_reading()
         return data
@@ -1188,16 +1211,18 @@ class Incoming(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._pieces.append(data)
-        self.buffered += len(data)
-        if self.buffered > self.limit and not self._paused:
+        self.held += len(data) + PIECE_OVERHEAD
+        if self.held > self.limit and not self._paused:
             self._paused = True
-            self.transport.pause_reading()   # until read() has taken some
+            self.transport.pause_reading()   # until read() takes what waits
         self._wake()
 
     def eof_received(self) -> bool | None:
         self._ended = True
         self._wake()
-        return self._writing.eof_received()   # it knows whether to keep TLS open (it doesn't)
+        # The StreamReaderProtocol answers for us: True over TCP (keep the
+        # socket open to write our close frame), False over TLS (close it).
+        return self._writing.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended = True

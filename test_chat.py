@@ -8,6 +8,7 @@ sockets on 127.0.0.1 with port 0, and every await runs under a timeout.
 
 import asyncio
 import base64
+import contextlib
 import glob
 import http
 import importlib.util
@@ -16,6 +17,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -470,6 +472,7 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.protocol: asyncio.BaseProtocol = asyncio.StreamReaderProtocol(reader)
         self.reading_paused = False
+        self.peer_ended = False   # deliver_eof() was called
         self.written = bytearray()
         self.closing = False
         self.eof_written = False
@@ -505,7 +508,10 @@ class FakeTransport(asyncio.Transport):
         self.reading_paused = True
 
     def resume_reading(self):
+        """As a socket's transport: reading again, it hears again that the peer ended."""
         self.reading_paused = False
+        if self.peer_ended:
+            asyncio.get_running_loop().call_soon(lambda: self.protocol.eof_received())
 
     def deliver(self, data: bytes):
         """The peer sent ``data``: hand it to the protocol, as a socket's transport does."""
@@ -513,6 +519,7 @@ class FakeTransport(asyncio.Transport):
 
     def deliver_eof(self):
         """The peer closed its side of TCP."""
+        self.peer_ended = True
         self.protocol.eof_received()
 
     def get_write_buffer_size(self):
@@ -576,7 +583,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         """One byte at a time, the next once the connection took the last: the slowest network."""
         for i in range(len(data)):
             self.transport.deliver(data[i:i + 1])
-            await until(lambda: not self.transport.protocol.buffered)
+            await until(lambda: not self.transport.protocol.held)
         if then_eof:
             self.transport.deliver_eof()
 
@@ -594,13 +601,47 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
     async def test_reading_pauses_while_more_than_the_limit_waits_unread(self):
         conn = self.connect()
         incoming = conn.incoming
-        self.transport.deliver(b"x" * incoming.limit)
-        self.assertFalse(self.transport.reading_paused)
+        half = b"x" * (incoming.limit // 2 - chat.PIECE_OVERHEAD)
+        self.transport.deliver(half)
+        self.transport.deliver(half)
+        self.assertFalse(self.transport.reading_paused)   # exactly the limit
         self.transport.deliver(b"y")
         self.assertTrue(self.transport.reading_paused)   # a peer can't make us buffer without bound
-        self.assertEqual(await within(incoming.read()), b"x" * incoming.limit)   # each piece as it came
+        self.assertEqual(await within(incoming.read()), half + half + b"y")   # all that came, joined
         self.assertFalse(self.transport.reading_paused)
-        self.assertEqual(await within(incoming.read()), b"y")
+
+    async def test_a_peer_sending_a_few_bytes_at_a_time_is_held_to_the_limit_too(self):
+        conn = self.connect()
+        incoming = conn.incoming
+        for pieces in range(1, incoming.limit):
+            self.transport.deliver(bytes(2))
+            if self.transport.reading_paused:   # a real transport stops reading here
+                break
+        # Each piece counts what its object costs, not only its 2 bytes.
+        self.assertEqual(pieces, incoming.limit // (2 + chat.PIECE_OVERHEAD) + 1)
+        self.assertEqual(await within(incoming.read()), bytes(2 * pieces))
+
+    async def test_reading_stays_paused_when_the_handshake_reader_is_read(self):
+        reader = asyncio.StreamReader(limit=chat.READ_BUFFER_LIMIT)
+        self.transport = FakeTransport(reader)
+        reader.set_transport(self.transport)
+        reader.feed_data(bytes(3 * chat.READ_BUFFER_LIMIT))   # pipelined behind the handshake
+        self.assertTrue(self.transport.reading_paused)         # by the handshake's reader
+        conn = chat.Connection(reader, FakeWriter(self.transport), is_client=False)
+        self.transport.deliver(bytes(conn.incoming.limit + 1))
+        self.assertEqual(await within(conn.incoming.read()), bytes(3 * chat.READ_BUFFER_LIMIT))
+        self.assertTrue(self.transport.reading_paused)   # that reader resumed it; we paused again
+        self.assertEqual(await within(conn.incoming.read()), bytes(conn.incoming.limit + 1))
+        self.assertFalse(self.transport.reading_paused)
+
+    async def test_a_fin_the_handshake_reader_heard_reaches_the_connection(self):
+        reader = asyncio.StreamReader()
+        self.transport = FakeTransport(reader)
+        self.transport.deliver(client_frame(Opcode.TEXT, b"last words"))
+        self.transport.deliver_eof()   # both before the Connection takes over reading
+        conn = chat.Connection(reader, FakeWriter(self.transport), is_client=False, close_timeout=1.0)
+        self.assertEqual(await within(conn.recv()), "last words")
+        await expect_closed(conn.recv(), CloseCode.ABNORMAL_CLOSURE)
 
     async def test_frame_reader_fed_one_byte_at_a_time(self):
         conn = self.connect()
@@ -2103,10 +2144,43 @@ class TestTLS(ChatTestCase):
         self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
         await conn.send("secret")
         self.assertEqual(await within(conn.recv()), "[user1]: secret")
-        big = "x" * 600_000   # more than the server lets wait unread: its reading pauses, and goes on
-        await conn.send(big)
-        self.assertEqual(await within(conn.recv()), f"[user1]: {big}")
         await within(conn.close())
+
+    async def test_a_hang_up_right_behind_the_handshake_is_noticed_over_tls(self):
+        # On Python 3.10 the TLS connection may be gone before chat.Incoming
+        # takes over, and then its transport fails pause_reading(): the
+        # connection must end quietly, not with a traceback or a task left waiting.
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        server = await self.start(ssl_context=chat.server_ssl_context(self.files["cert"], self.files["key"]),
+                                  close_timeout=60.0)
+        client_context = chat.client_ssl_context(self.files["ca"], False)
+        for _ in range(20):   # the race goes either way from one run to the next
+            reader, writer = await asyncio.open_connection("localhost", server.port, ssl=client_context)
+            writer.write(upgrade_request() + client_frame(Opcode.TEXT, b"last words"))
+            writer.close()   # close_notify and FIN right behind
+            with contextlib.suppress(OSError):
+                await within(writer.wait_closed())
+        await until(lambda: not server.connections)   # well before the 60 s close timeout
+        self.assertEqual(errors, [])
+
+    async def test_over_tls_reading_pauses_and_goes_on(self):
+        paused = []
+        data_received = chat.Incoming.data_received
+        def record(incoming, data):
+            data_received(incoming, data)
+            paused.append(not incoming.transport.is_reading())
+        # A small bound, so that the server's reading pauses within one message.
+        with unittest.mock.patch.object(chat, "FRAME_BUFFER_LIMIT", 4096), \
+                unittest.mock.patch.object(chat.Incoming, "data_received", record):
+            url = await self.start_tls_room()
+            conn = await within(chat.connect(url, ssl_context=chat.client_ssl_context(self.files["ca"], False)))
+            self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
+            big = secrets.token_hex(100_000)   # 200 KB that compression can't shrink much
+            await conn.send(big)
+            self.assertEqual(await within(conn.recv()), f"[user1]: {big}")
+            await within(conn.close())
+        self.assertIn(True, paused)
 
     async def test_unknown_certificate_is_refused_unless_insecure(self):
         url = await self.start_tls_room()
