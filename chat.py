@@ -1173,6 +1173,8 @@ class Incoming(asyncio.Protocol):
             self.transport.pause_reading()
             self.transport.resume_reading()
         except AttributeError:
+            if sys.version_info >= (3, 11):
+                raise   # not that: a bug to see
             self._ended = True
 
     async def read(self) -> bytes:
@@ -1439,7 +1441,9 @@ class Connection:
         They are written at the end of this turn of the event loop, together
         with everything else queued for this peer meanwhile.
         """
-        if self.close_sent is None:   # §5.5.1: no data frame may follow our close frame
+        # §5.5.1: no data frame may follow our close frame. (Once TCP is
+        # closed without one, _flush drops what is queued.)
+        if self.close_sent is None:
             self._queue(frame)
 
     def _send_frame(self, opcode: int, payload: bytes) -> None:
@@ -2877,11 +2881,13 @@ class ChatRoom:
         payload = [utf8(part) for part in parts]
         shared = self._shared
         if not shared or any(frames.sealed for frames in shared.values()):
-            plain = SharedFrames()
-            shared = self._shared = {0: plain}   # by window_bits; 0: not compressed
+            shared = self._shared = {}   # by window_bits; 0: not compressed
+            plain = None                 # made once a member takes it: else nothing would seal it
             for member in self.members.values():
                 conn = member.conn
                 if conn.deflate is None:   # most members: the short way, for latency
+                    if plain is None:
+                        plain = shared[0] = SharedFrames()
                     conn.queue_frame(plain)
                     continue
                 window_bits = conn.deflate.window_bits
