@@ -1174,7 +1174,7 @@ class Incoming(asyncio.Protocol):
             self.transport.resume_reading()
         except AttributeError:
             if sys.version_info >= (3, 11):
-                raise   # not that: a bug to see
+                raise   # no known cause there: let it show
             self._ended = True
 
     async def read(self) -> bytes:
@@ -2882,18 +2882,13 @@ class ChatRoom:
         shared = self._shared
         if not shared or any(frames.sealed for frames in shared.values()):
             shared = self._shared = {}   # by window_bits; 0: not compressed
-            plain = None                 # made once a member takes it: else nothing would seal it
             for member in self.members.values():
                 conn = member.conn
-                if conn.deflate is None:   # most members: the short way, for latency
-                    if plain is None:
-                        plain = shared[0] = SharedFrames()
-                    conn.queue_frame(plain)
-                    continue
-                window_bits = conn.deflate.window_bits
-                if window_bits not in shared:
-                    shared[window_bits] = SharedFrames()
-                conn.queue_frame(shared[window_bits])
+                window_bits = 0 if conn.deflate is None else conn.deflate.window_bits
+                frames = shared.get(window_bits)
+                if frames is None:   # made once a member takes it: else nothing would seal it
+                    frames = shared[window_bits] = SharedFrames()
+                conn.queue_frame(frames)
         for window_bits, frames in shared.items():
             pieces = broadcast_frame(Opcode.TEXT, payload, window_bits)
             if logger.isEnabledFor(logging.DEBUG):
