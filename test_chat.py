@@ -412,23 +412,6 @@ class TestMessages(unittest.TestCase):
         with self.assertRaises(chat.InvalidPayload):
             assembler.finish()
 
-    def test_many_tiny_fragments_cost_no_more_memory_than_the_message(self):
-        # A hostile peer may send a message one byte per frame; keeping each
-        # piece as its own object would cost ~40 bytes of memory per byte.
-        for opcode in (Opcode.TEXT, Opcode.BINARY):
-            with self.subTest(opcode=opcode):
-                assembler = chat.MessageAssembler(2**20)
-                tracemalloc.start()
-                assembler.start_frame(opcode, 1)
-                assembler.add(b"x")
-                for _ in range(100_000 - 1):
-                    assembler.start_frame(Opcode.CONTINUATION, 1)
-                    assembler.add(b"x")
-                peak = tracemalloc.get_traced_memory()[1]
-                tracemalloc.stop()
-                self.assertLess(peak, 4 * 100_000)
-                self.assertEqual(len(assembler.finish().payload), 100_000)
-
     def test_close_payloads(self):
         self.assertEqual(chat.parse_close_payload(b""), (CloseCode.NO_STATUS_RCVD, ""))
         self.assertEqual(chat.parse_close_payload(close_frame_payload(1000, "bye")), (1000, "bye"))
@@ -563,13 +546,23 @@ class FakeWriter:
 
 
 class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
-    """RFC 6455 §5-§7 on one connection, fed through a bare asyncio.StreamReader."""
+    """RFC 6455 §5-§7 on one connection, fed through a bare asyncio.StreamReader.
+
+    TestFastConnection (section 9) runs every test here again on the
+    FastConnection that serve() and connect() make.
+    """
+
+    connection_class = chat.Connection
 
     def connect(self, *, is_client=False, max_size=2**20):
-        reader = asyncio.StreamReader()   # the handshake's; the Connection reads on from the transport
-        self.transport = FakeTransport(reader)
-        return chat.Connection(reader, FakeWriter(self.transport), is_client=is_client,
-                               max_size=max_size, close_timeout=1.0)
+        self.reader = asyncio.StreamReader()   # the handshake's
+        self.transport = FakeTransport(self.reader)
+        return self.connection_class(self.reader, FakeWriter(self.transport), is_client=is_client,
+                                     max_size=max_size, close_timeout=1.0)
+
+    def unread(self) -> int:
+        """Bytes delivered that the connection hasn't taken yet (StreamReader has no public count)."""
+        return len(self.reader._buffer)
 
     def sent_frames(self, *, by_client=False):
         data, frames = bytes(self.transport.written), []
@@ -583,7 +576,7 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         """One byte at a time, the next once the connection took the last: the slowest network."""
         for i in range(len(data)):
             self.transport.deliver(data[i:i + 1])
-            await until(lambda: not self.transport.protocol.held)
+            await until(lambda: not self.unread())
         if then_eof:
             self.transport.deliver_eof()
 
@@ -598,48 +591,13 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(chat.parse_close_payload(close.payload)[0], code)
         self.assertEqual(conn.state, chat.State.CLOSED)
 
-    async def test_reading_pauses_while_more_than_the_limit_waits_unread(self):
-        conn = self.connect()
-        incoming = conn.incoming
-        half = b"x" * (incoming.limit // 2 - chat.PIECE_OVERHEAD)
-        self.transport.deliver(half)
-        self.transport.deliver(half)
-        self.assertFalse(self.transport.reading_paused)   # exactly the limit
-        self.transport.deliver(b"y")
-        self.assertTrue(self.transport.reading_paused)   # a peer can't make us buffer without bound
-        self.assertEqual(await within(incoming.read()), half + half + b"y")   # all that came, joined
-        self.assertFalse(self.transport.reading_paused)
-
-    async def test_a_peer_sending_a_few_bytes_at_a_time_is_held_to_the_limit_too(self):
-        conn = self.connect()
-        incoming = conn.incoming
-        for pieces in range(1, incoming.limit):
-            self.transport.deliver(bytes(2))
-            if self.transport.reading_paused:   # a real transport stops reading here
-                break
-        # Each piece counts what its object costs, not only its 2 bytes.
-        self.assertEqual(pieces, incoming.limit // (2 + chat.PIECE_OVERHEAD) + 1)
-        self.assertEqual(await within(incoming.read()), bytes(2 * pieces))
-
-    async def test_reading_stays_paused_when_the_handshake_reader_is_read(self):
-        reader = asyncio.StreamReader(limit=chat.READ_BUFFER_LIMIT)
-        self.transport = FakeTransport(reader)
-        reader.set_transport(self.transport)
-        reader.feed_data(bytes(3 * chat.READ_BUFFER_LIMIT))   # pipelined behind the handshake
-        self.assertTrue(self.transport.reading_paused)         # by the handshake's reader
-        conn = chat.Connection(reader, FakeWriter(self.transport), is_client=False)
-        self.transport.deliver(bytes(conn.incoming.limit + 1))
-        self.assertEqual(await within(conn.incoming.read()), bytes(3 * chat.READ_BUFFER_LIMIT))
-        self.assertTrue(self.transport.reading_paused)   # that reader resumed it; we paused again
-        self.assertEqual(await within(conn.incoming.read()), bytes(conn.incoming.limit + 1))
-        self.assertFalse(self.transport.reading_paused)
-
     async def test_a_fin_the_handshake_reader_heard_reaches_the_connection(self):
         reader = asyncio.StreamReader()
         self.transport = FakeTransport(reader)
         self.transport.deliver(client_frame(Opcode.TEXT, b"last words"))
         self.transport.deliver_eof()   # both before the Connection takes over reading
-        conn = chat.Connection(reader, FakeWriter(self.transport), is_client=False, close_timeout=1.0)
+        conn = self.connection_class(reader, FakeWriter(self.transport), is_client=False,
+                                     close_timeout=1.0)
         self.assertEqual(await within(conn.recv()), "last words")
         await expect_closed(conn.recv(), CloseCode.ABNORMAL_CLOSURE)
 
@@ -681,20 +639,6 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         await within(pinging)
         self.assertEqual(await within(receiving), "x")
         self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.PING, b"42")])
-
-    async def test_pings_from_a_peer_that_never_reads_our_pongs_are_bounded(self):
-        conn = self.connect()
-        conn.max_buffer = 1000
-        self.transport.peer_never_reads = True
-        receiving = asyncio.create_task(conn.recv())
-        pings = client_frame(Opcode.PING, bytes(125)) * 20
-        self.transport.deliver(pings)   # one batch, answered at the end of this loop turn
-        await within(self.transport.next_write())
-        self.assertEqual(conn.state, chat.State.CLOSING)   # over max_buffer: dropped
-        self.transport.deliver(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
-        await expect_closed(receiving, CloseCode.POLICY_VIOLATION)
-        # Pongs stop once max_buffer is passed: at most one batch beyond it, of 20 × 127 bytes.
-        self.assertLess(len(self.transport.written), 1000 + 20 * 127 + 130)
 
     async def test_server_rejects_unmasked_client_frame_with_1002(self):
         await self.assert_fails_with(self.connect(), CloseCode.PROTOCOL_ERROR,
@@ -796,51 +740,6 @@ class TestConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         await within(conn.close())
         closed = await expect_closed(conn.send("later still"), CloseCode.NORMAL_CLOSURE)
         self.assertEqual(closed.rcvd, (1000, ""))
-
-    async def test_outbox_keeps_the_order_frames_were_queued_in_one_write_per_turn(self):
-        conn = self.connect()
-        shared = chat.SharedFrames()
-        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"one"))
-        conn.queue_frame(shared)
-        shared.append(chat.encode_frame(Opcode.TEXT, b"two"))
-        self.assertFalse(shared.sealed)
-        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"reply"))
-        self.assertTrue(shared.sealed)   # a frame queued behind it: nothing more may join it
-        await within(self.transport.next_write())
-        await within(conn.send("three"))
-        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"one"), Frame(Opcode.TEXT, b"two"),
-                                              Frame(Opcode.TEXT, b"reply"), Frame(Opcode.TEXT, b"three")])
-        self.assertEqual(self.transport.writes, 2)   # the turn's three frames at once, then send()
-
-    async def test_nothing_queued_for_a_broadcast_follows_our_close_frame(self):
-        conn = self.connect()
-        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"before"))
-        conn.close_nowait(CloseCode.GOING_AWAY, "bye")
-        conn.queue_frame(chat.encode_frame(Opcode.TEXT, b"after"))   # §5.5.1: dropped
-        shared = chat.SharedFrames()
-        conn.queue_frame(shared)
-        shared.append(chat.encode_frame(Opcode.TEXT, b"shared after"))
-        turn_over = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's write
-        await within(turn_over)
-        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"before"),
-                                              Frame(Opcode.CLOSE, close_frame_payload(1001, "bye"))])
-
-    async def test_a_message_send_waits_for_is_not_counted_as_a_slow_readers_backlog(self):
-        conn = self.connect(is_client=True)
-        conn.max_buffer = 1000
-        self.transport.peer_never_reads = True
-        self.transport.drain_released = asyncio.Event()
-        sending = asyncio.create_task(conn.send("x" * 5000))   # five times max_buffer
-        await within(self.transport.drain_started.wait())
-        turn_over = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's check
-        await within(turn_over)
-        self.assertEqual(conn.state, chat.State.OPEN)
-        self.transport.peer_never_reads = False
-        self.transport.drain_released.set()
-        await within(sending)
-        self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.TEXT, b"x" * 5000)])
 
     async def test_client_waits_for_the_server_to_close_tcp(self):
         conn = self.connect(is_client=True)
@@ -1376,19 +1275,187 @@ class TestChatRoom(ChatTestCase):
         self.assertTrue(upgrade_elsewhere.startswith(b"HTTP/1.1 404"))
 
 
+# 9. Serving many ###########################################################
+
+class TestFastConnection(TestConnection):
+    """Every TestConnection test again on FastConnection, and what only it does:
+    Incoming's bounded reading, the outbox, the slow-reader cut-off."""
+
+    connection_class = chat.FastConnection
+
+    def unread(self) -> int:
+        return self.transport.protocol.held   # the transport's protocol is now Incoming
+
+    async def test_reading_pauses_while_more_than_the_limit_waits_unread(self):
+        conn = self.connect()
+        incoming = conn.reader
+        half = b"x" * (incoming.limit // 2 - chat.PIECE_OVERHEAD)
+        self.transport.deliver(half)
+        self.transport.deliver(half)
+        self.assertFalse(self.transport.reading_paused)   # exactly the limit
+        self.transport.deliver(b"y")
+        self.assertTrue(self.transport.reading_paused)   # a peer can't make us buffer without bound
+        self.assertEqual(await within(incoming.read()), half + half + b"y")   # all that came, joined
+        self.assertFalse(self.transport.reading_paused)
+
+    async def test_a_peer_sending_a_few_bytes_at_a_time_is_held_to_the_limit_too(self):
+        conn = self.connect()
+        incoming = conn.reader
+        for pieces in range(1, incoming.limit):
+            self.transport.deliver(bytes(2))
+            if self.transport.reading_paused:   # a real transport stops reading here
+                break
+        # Each piece counts what its object costs, not only its 2 bytes.
+        self.assertEqual(pieces, incoming.limit // (2 + chat.PIECE_OVERHEAD) + 1)
+        self.assertEqual(await within(incoming.read()), bytes(2 * pieces))
+
+    async def test_reading_stays_paused_when_the_handshake_reader_is_read(self):
+        reader = asyncio.StreamReader(limit=chat.READ_BUFFER_LIMIT)
+        self.transport = FakeTransport(reader)
+        reader.set_transport(self.transport)
+        reader.feed_data(bytes(3 * chat.READ_BUFFER_LIMIT))   # pipelined behind the handshake
+        self.assertTrue(self.transport.reading_paused)         # by the handshake's reader
+        conn = self.connection_class(reader, FakeWriter(self.transport), is_client=False)
+        self.transport.deliver(bytes(conn.reader.limit + 1))
+        self.assertEqual(await within(conn.reader.read()), bytes(3 * chat.READ_BUFFER_LIMIT))
+        self.assertTrue(self.transport.reading_paused)   # that reader resumed it; we paused again
+        self.assertEqual(await within(conn.reader.read()), bytes(conn.reader.limit + 1))
+        self.assertFalse(self.transport.reading_paused)
+
+    async def test_pings_from_a_peer_that_never_reads_our_pongs_are_bounded(self):
+        conn = self.connect()
+        conn.max_buffer = 1000
+        self.transport.peer_never_reads = True
+        receiving = asyncio.create_task(conn.recv())
+        pings = client_frame(Opcode.PING, bytes(125)) * 20
+        self.transport.deliver(pings)   # one batch, answered at the end of this loop turn
+        await within(self.transport.next_write())
+        self.assertEqual(conn.state, chat.State.CLOSING)   # over max_buffer: dropped
+        self.transport.deliver(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
+        await expect_closed(receiving, CloseCode.POLICY_VIOLATION)
+        # Pongs stop once max_buffer is passed: at most one batch beyond it, of 20 × 127 bytes.
+        self.assertLess(len(self.transport.written), 1000 + 20 * 127 + 130)
+
+    async def test_outbox_keeps_the_order_frames_were_queued_in_one_write_per_turn(self):
+        conn = self.connect()
+        shared = chat.SharedFrames()
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"one"))
+        conn.queue_shared(shared)
+        shared.append(chat.encode_frame(Opcode.TEXT, b"two"))
+        self.assertFalse(shared.sealed)
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"reply"))
+        self.assertTrue(shared.sealed)   # a frame queued behind it: nothing more may join it
+        await within(self.transport.next_write())
+        await within(conn.send("three"))
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"one"), Frame(Opcode.TEXT, b"two"),
+                                              Frame(Opcode.TEXT, b"reply"), Frame(Opcode.TEXT, b"three")])
+        self.assertEqual(self.transport.writes, 2)   # the turn's three frames at once, then send()
+
+    async def test_nothing_queued_for_a_broadcast_follows_our_close_frame(self):
+        conn = self.connect()
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"before"))
+        conn.close_nowait(CloseCode.GOING_AWAY, "bye")
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"after"))   # §5.5.1: dropped
+        shared = chat.SharedFrames()
+        conn.queue_shared(shared)
+        shared.append(chat.encode_frame(Opcode.TEXT, b"shared after"))
+        turn_over = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's write
+        await within(turn_over)
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"before"),
+                                              Frame(Opcode.CLOSE, close_frame_payload(1001, "bye"))])
+
+    async def test_a_message_send_waits_for_is_not_counted_as_a_slow_readers_backlog(self):
+        conn = self.connect(is_client=True)
+        conn.max_buffer = 1000
+        self.transport.peer_never_reads = True
+        self.transport.drain_released = asyncio.Event()
+        sending = asyncio.create_task(conn.send("x" * 5000))   # five times max_buffer
+        await within(self.transport.drain_started.wait())
+        turn_over = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's check
+        await within(turn_over)
+        self.assertEqual(conn.state, chat.State.OPEN)
+        self.transport.peer_never_reads = False
+        self.transport.drain_released.set()
+        await within(sending)
+        self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.TEXT, b"x" * 5000)])
+
+
+
+class TestSpeedupsMatchTheirReference(unittest.TestCase):
+    """Each speed-up of section 9 gives what the plain version above it gives, on random data."""
+
+    def test_apply_mask_fast_equals_apply_mask(self):
+        rng = random.Random(6455)
+        for _ in range(300):
+            data = rng.randbytes(rng.randrange(0, 70))
+            key = rng.randbytes(4)
+            start = rng.randrange(0, len(data) + 1)
+            end = rng.randrange(start, len(data) + 1)
+            with self.subTest(data=data, key=key, start=start, end=end):
+                self.assertEqual(chat.apply_mask_fast(data, key, start, end),
+                                 chat.apply_mask(data, key, start, end))
+                self.assertEqual(chat.apply_mask_fast(data, key), chat.apply_mask(data, key))
+
+    def test_fast_assembler_equals_message_assembler(self):
+        rng = random.Random(7692)
+        texts = ["hello", "é" * 3000, "👩‍💻 ok " * 900, "x" * 9000, "ascii then ü"]
+        for _ in range(200):
+            opcode = rng.choice((Opcode.TEXT, Opcode.BINARY))
+            payload = rng.choice(texts).encode() if opcode == Opcode.TEXT else rng.randbytes(rng.randrange(9000))
+            cuts = sorted(rng.sample(range(len(payload) + 1), min(len(payload) + 1, rng.randrange(1, 12))))
+            pieces = [payload[a:b] for a, b in zip([0] + cuts, cuts + [len(payload)])]
+            results = []
+            for assembler in (chat.MessageAssembler(2**20), chat.FastAssembler(2**20)):
+                for n, piece in enumerate(pieces):
+                    assembler.start_frame(Opcode.CONTINUATION if n else opcode, len(piece))
+                    assembler.add(piece)
+                results.append(assembler.finish())
+            self.assertEqual(results[0], results[1])
+            self.assertEqual(results[1], chat.Message(opcode, payload))
+
+    def test_fast_assembler_refuses_what_message_assembler_refuses(self):
+        for bad in (b"ok \xff", b"\xc3", "é".encode()[:1] + b"a", b"a" * 5000 + b"\xed\xa0\x80"):
+            for assembler in (chat.MessageAssembler(2**20), chat.FastAssembler(2**20)):
+                with self.subTest(bad=bad[-4:], assembler=type(assembler).__name__), \
+                        self.assertRaises(chat.InvalidPayload):
+                    assembler.start_frame(Opcode.TEXT, len(bad))
+                    assembler.add(bad)
+                    assembler.finish()
+
+    def test_many_tiny_fragments_cost_no_more_memory_than_the_message(self):
+        # A hostile peer may send a message one byte per frame; keeping each
+        # piece as its own object would cost ~40 bytes of memory per byte.
+        for opcode in (Opcode.TEXT, Opcode.BINARY):
+            with self.subTest(opcode=opcode):
+                assembler = chat.FastAssembler(2**20)
+                tracemalloc.start()
+                assembler.start_frame(opcode, 1)
+                assembler.add(b"x")
+                for _ in range(100_000 - 1):
+                    assembler.start_frame(Opcode.CONTINUATION, 1)
+                    assembler.add(b"x")
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                self.assertLess(peak, 4 * 100_000)
+                self.assertEqual(len(assembler.finish().payload), 100_000)
+
+
+
 class TestRoomOrder(QuietLogs, unittest.IsolatedAsyncioTestCase):
     """What one turn of the event loop queues reaches each member in order, in one write."""
 
-    def member(self, room, name, writes=None):
+    def member(self, room, name, writes=None, deflate=None):
         reader = asyncio.StreamReader()
         transport = FakeTransport(reader)
-        conn = chat.Connection(reader, FakeWriter(transport), is_client=False,
-                               path=f"/chat?name={name}", writes=writes)
+        conn = chat.FastConnection(reader, FakeWriter(transport), is_client=False,
+                                   path=f"/chat?name={name}", writes=writes, deflate=deflate)
         room.admit(conn)
         return conn, transport
 
     async def test_a_broadcast_to_many_members_schedules_one_write_callback(self):
-        room, writes = chat.ChatRoom(rate=0), chat.TurnWriter()
+        room, writes = chat.BatchedRoom(rate=0), chat.TurnWriter()
         members = [self.member(room, f"m{i}", writes) for i in range(50)]
         await within(members[-1][1].next_write())   # the greetings and joins are out
         loop = asyncio.get_running_loop()
@@ -1398,6 +1465,29 @@ class TestRoomOrder(QuietLogs, unittest.IsolatedAsyncioTestCase):
         await within(members[-1][1].next_write())
         for _, transport in members:
             self.assertEqual(self.texts(transport)[-1], "[m0]: to everyone")
+
+    async def test_batched_broadcast_delivers_what_the_plain_broadcast_does(self):
+        with unittest.mock.patch("secrets.token_urlsafe", return_value="token"):   # in greetings
+            plain = await self.broadcast_at_random(chat.ChatRoom(rate=0))
+            batched = await self.broadcast_at_random(chat.BatchedRoom(rate=0))
+        self.assertEqual(batched, plain)   # every member's bytes, to the last one
+
+    async def broadcast_at_random(self, room) -> list[bytes]:
+        """30 loop turns of random broadcasts, compressed for some members, and late joins."""
+        rng = random.Random(2026)   # the same script for every room
+        params = chat.check_deflate_answer(chat.SERVER_DEFLATE_ANSWER)
+        members = [self.member(room, f"m{i}", deflate=chat.PerMessageDeflate(params, is_client=False)
+                               if i % 2 else None) for i in range(4)]
+        for _ in range(30):
+            for _ in range(rng.randrange(1, 5)):
+                text = rng.choice([rng.randbytes(rng.randrange(200)).hex(), "a" * rng.randrange(500)])
+                room.broadcast(f"[m{rng.randrange(4)}]: ", text.encode())
+            if rng.random() < 0.2:
+                members.append(self.member(room, f"late{len(members)}"))
+            turn_over = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the writes
+            await within(turn_over)
+        return [bytes(transport.written) for _, transport in members]
 
     @staticmethod
     def texts(transport, since=0):
@@ -1409,7 +1499,7 @@ class TestRoomOrder(QuietLogs, unittest.IsolatedAsyncioTestCase):
         return texts
 
     async def test_a_reply_a_broadcast_and_a_join_in_one_turn_keep_their_order(self):
-        room = chat.ChatRoom(rate=0)
+        room = chat.BatchedRoom(rate=0)
         (alice, alice_out), (bob, bob_out) = self.member(room, "alice"), self.member(room, "bob")
         await within(bob_out.next_write())   # the greetings and joins so far
         before = {"alice": len(alice_out.written), "bob": len(bob_out.written)}
@@ -4033,7 +4123,7 @@ class TestCompression(ChatTestCase):
 
     async def test_a_broadcast_no_member_takes_is_not_kept(self):
         # A --redis server with no members here still broadcasts what others say.
-        room = chat.ChatRoom(rate=0)
+        room = chat.BatchedRoom(rate=0)
         for _ in range(3):
             room.broadcast("[far away]: ", b"x" * 1000)
         self.assertEqual(room._shared, {})   # nothing was queued to anyone, so nothing is held
