@@ -2,50 +2,65 @@
 """chat.py — a WebSocket chat, server and terminal client, in one file.
 
 RFC 6455 (https://www.rfc-editor.org/rfc/rfc6455) written out by hand over
-asyncio streams, with nothing but the Python standard library (3.10 or later):
+asyncio, with nothing but the Python standard library (3.10 or later):
 
     python chat.py server                  # the chat room, and a page for browsers
     python chat.py client --name bob       # a terminal client
     python chat.py echo --port 9001        # a bare echo server for conformance suites
 
-Read it top to bottom; the sections come in the order a learner needs them
-(``grep '^# [0-9]' chat.py`` prints this table of contents):
+Read it top to bottom. Sections 1-7 are the protocol path, the lesson, in the
+order a learner needs it; 8 is the chat built on it. The rest is machinery
+that a first reading can skip: each piece is reached from the path through
+one name, and changes nothing on the wire. ``grep '^# [0-9]' chat.py``
+prints this table of contents, sub-sections included:
 
-    1. Constants      the GUID, opcodes, close codes, limits and why they are what they are
+    1. Constants      the GUID, opcodes, close codes, the header bits, limits
     2. Errors         each error knows the close code or HTTP status it becomes
     3. Handshake      HTTP/1.1 Upgrade, both sides (RFC 6455 §1.3, §4)
     4. Frames         the §5.2 header, masking, encoding and parsing (§5.2-§5.5)
     5. Messages       fragments, UTF-8 and close payloads (§5.4, §5.6, §7.4, §8.1)
        --- everything above is pure: no await, no I/O, no logging ---
-    6. Connection     one class for both roles: recv, send, ping, close (§5.5, §7);
-                      printable(), which keeps what peers send from driving a terminal
-    7. Server and client  serve() and connect(): TCP, the handshake on the wire, limits
-    8. Chat room      names, history, commands, flood control, broadcast
-    9. Redis: RESP    a RESP2 reader (bytes in, replies out) and a pipelining client
-   10. Shared room    one room on many servers: a Redis stream, name keys, the split
-   11. Line editor    raw-mode keys, one buffer and a cursor, the input redrawn whole
-   12. Client         connect, deliver what is typed, show the room; reconnect
-   13. Command line   argparse subcommands; main(argv) -> exit status
-   14. Web page       the HTML and JavaScript served at /
-   15. Compression    permessage-deflate (RFC 7692): an extension; skip it on a first read
-   (9 and 10 serve only ``server --redis``; 11 and 14 can be skipped by a reader
-   who came for the protocol.)
+    6. Connection     one class for both roles: recv, close, send, ping (§5.5, §7)
+    7. Server and client  WebSocketServer, serve() and connect(): the handshake on the wire
+    8. Chat room      line formats, names, commands, flood control, the room
+    9. Serving many   the speed-ups: fast masking, Incoming, batched writes and broadcasts
+   10. Running a server in public   limits per address, running out of descriptors, -v
+   11. Showing untrusted text   printable(): what peers send never drives a screen
+   12. Compression    permessage-deflate (RFC 7692), an extension
+   13. Redis: RESP    a RESP2 reader and a pipelining client   } only for
+   14. Shared room    one room on many servers                 } server --redis
+   15. Line editor    raw-mode keys, one buffer and a cursor, the input redrawn whole
+   16. Client         connect, deliver what is typed, show the room; reconnect
+   17. Web page       the HTML and JavaScript served at /
+   18. Command line   argparse subcommands; main(argv) -> exit status, last
+
+Where each idea of the protocol is, in reading order:
+the accept key (accept_key, 3), the frame header (the §5.2 diagram, 4),
+masking (apply_mask, 4), fragments (MessageAssembler, 5), UTF-8 (add, 5),
+the closing handshake (Connection's "closing" part, 6), keepalive (ping and
+keepalive, 6), the server and the client (WebSocketServer and connect, 7),
+broadcast (ChatRoom.broadcast, 8), compression (section 12, through
+PerMessageDeflate).
 
 The life of a chat line, with the names to read at each step:
 
-    bob types "hi" and Enter     LineEditor (11) -> Keyboard (12) queues the line
-    bob's client sends it        ChatClient.send_line, paced by pace() (12) -> Connection.send (6)
+    bob types "hi" and Enter     LineEditor (15) -> Keyboard (16) queues the line
+    bob's client sends it        ChatClient.send_line (16) -> Connection.send (6)
                                  -> encode_frame (4): a masked TEXT frame
-    the server reads it          Connection.recv_message (6): Incoming (6), FrameReader (4),
+    the server reads it          Connection.recv_message (6): FrameReader (4),
                                  MessageAssembler (5): the text stays the UTF-8 that came
     the room relays it           ChatRoom.relay_messages -> Pacer.submit -> on_text -> say
-                                 -> broadcast (8): one SharedFrames for this loop turn
-    every member's socket        Connection.queue_frame (6): one write per member per loop turn
-    with --redis, other servers  SharedRoom.say -> share: XADD (10); each other server's
-                                 _follower: XREAD -> on_event -> broadcast (10, 8)
-    alice's client shows it      ChatClient.receive -> on_line -> Screen.show -> Terminal.show
-                                 -> InputView.show_above (12, 11), escaped by printable (6)
-    bob's copy comes back        on_line sees it: the line is confirmed, no longer dimmed (12)
+                                 -> broadcast (8): one frame, written to every member
+    with --redis, other servers  SharedRoom.say -> share: XADD (14); each other server
+                                 reads it (XREAD) and broadcasts it (14, 8)
+    alice's client shows it      ChatClient.receive -> on_line -> Screen.show (16),
+                                 escaped by printable (11) -> InputView.show_above (15)
+    bob's copy comes back        on_line sees it: the line is confirmed, no longer dimmed (16)
+
+What runs is the same, done faster (section 9): reading goes through
+Incoming rather than the StreamReader, a server's writes wait for the end of
+the event loop's turn to leave in one system call, and the room's broadcasts
+of one turn are joined once for all (BatchedRoom).
 
 Left out on purpose: extensions other than permessage-deflate, subprotocols,
 HTTP redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
@@ -106,7 +121,7 @@ def check_python_version(version_info: tuple = sys.version_info) -> None:
 check_python_version()
 
 __all__ = [
-    "Opcode", "CloseCode", "Frame", "Connection", "ConnectionClosed",
+    "Opcode", "CloseCode", "FrameHeader", "Connection", "ConnectionClosed",
     "ProtocolError", "HandshakeError", "connect", "serve", "WebSocketServer",
     "ChatRoom", "SharedRoom", "main",
 ]
@@ -975,11 +990,8 @@ class Connection:
         return (await self.recv_message()).decoded()
 
     async def recv_message(self) -> Message:
-        """The next message with its opcode, text left as the UTF-8 bytes that came.
-
-        Its UTF-8 was checked as it arrived, so a server that relays text can
-        put these bytes in its own frame without decoding and encoding them.
-        """
+        """The next message with its opcode, text left as the UTF-8 bytes that came (and
+        were checked): a server can relay them without decoding and encoding them."""
         async with self._read_lock:
             return await self._receive()
 
@@ -1012,8 +1024,7 @@ class Connection:
             if header.opcode in CONTROL_OPCODES:   # §5.4: may come between fragments
                 await self._on_control(header.opcode, await self._read_control_payload())
                 continue
-            # With permessage-deflate (section 12) the payload is inflated on
-            # the way in, and the inflater, not the header, bounds its size.
+            # Compressed (section 12): inflated on the way in, its size bounded by the inflater.
             inflate = self.deflate is not None and self.deflate.start_frame(header)
             self._message.start_frame(header.opcode, 0 if inflate else header.length)
             while self._frames.remaining:
@@ -1037,9 +1048,8 @@ class Connection:
     async def _read_payload_chunk(self) -> bytes:
         """Whatever of the frame's payload has arrived, waiting until something has.
 
-        Taking what is there, rather than waiting for the whole payload, lets
-        invalid UTF-8 fail the connection the moment it shows up, even in the
-        middle of a frame (§8.1). Usually the whole payload is already here.
+        Taking what is there lets invalid UTF-8 fail the connection the moment
+        it shows up, even in the middle of a frame (§8.1).
         """
         chunk = self._frames.read_payload()
         while not chunk:
@@ -1105,11 +1115,10 @@ class Connection:
             raise self._closed_error()
         opcode, payload = ((Opcode.TEXT, message.encode("utf-8")) if isinstance(message, str)
                            else (Opcode.BINARY, bytes(message)))
-        compressed = self.deflate.deflate(payload) if self.deflate is not None else None
-        if compressed is None:
-            frame = encode_frame(opcode, payload, mask=self.is_client)
-        else:   # RSV1: "this message is compressed" (section 12)
-            frame = encode_frame(opcode, compressed, mask=self.is_client, rsv=RSV1)
+        rsv = 0
+        if self.deflate is not None and (compressed := self.deflate.deflate(payload)) is not None:
+            payload, rsv = compressed, RSV1   # "this message is compressed" (section 12)
+        frame = encode_frame(opcode, payload, mask=self.is_client, rsv=rsv)
         self._write(frame)
         await self._drain(len(frame))
 
@@ -1136,11 +1145,7 @@ class Connection:
             self.transport.write(frame)
 
     async def ping(self, data: bytes = b"") -> None:
-        """Send a ping and wait for its pong (§5.5.2).
-
-        The pong arrives through recv(), so some task must be reading
-        (a server handler always is; a client usually runs a receive loop).
-        """
+        """Send a ping and wait for its pong (§5.5.2), which some task in recv() must read."""
         if self.state is not State.OPEN:
             raise self._closed_error()
         waiter = self._pong_waiters.get(data)
@@ -1152,8 +1157,7 @@ class Connection:
     def keepalive_tick(self) -> None:
         """Called every keepalive interval: ping, or drop a peer that missed the last ping.
 
-        We close with 1011, as the websockets library does: from our side the
-        connection has become unusable, which is an unexpected condition.
+        1011, as the websockets library does: the connection has become unusable.
         """
         if self.state is not State.OPEN:
             return
@@ -1168,8 +1172,7 @@ class Connection:
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Run the closing handshake (§7.1.2) and return once TCP is closed."""
         self.close_nowait(code, reason)
-        # If another task is in recv(), it will read the peer's close frame;
-        # otherwise we read (and drop) whatever comes before it ourselves.
+        # A task in recv() reads the peer's close frame; else we read (and drop) what comes first.
         async with self._read_lock:
             while self.state is not State.CLOSED:
                 try:
@@ -1196,11 +1199,10 @@ class Connection:
             self.transport.abort()
         else:
             self._send_close(code, reason)
-            # The peer may be halfway through frames we will never parse. We
-            # stop writing (a server closes first, §7.1.1), then discard what
-            # it sends until it hangs up, so that closing our socket with
-            # unread data doesn't send a TCP reset that could destroy our
-            # close frame before the peer reads it.
+            # The peer may be halfway through frames we will never parse: we
+            # stop writing (a server closes first, §7.1.1) and discard what it
+            # sends until it hangs up, since closing with unread data sends a
+            # TCP reset that could destroy our close frame before it is read.
             if not self.is_client and self.transport.can_write_eof():
                 self.transport.write_eof()
             await self._discard_until_eof()
@@ -1215,11 +1217,9 @@ class Connection:
 
     async def _discard_until_eof(self) -> None:
         """Read and drop bytes until the peer closes TCP (or the close timer aborts it)."""
-        try:
+        with contextlib.suppress(OSError):
             while await self.reader.read(READ_BUFFER_LIMIT):
                 pass
-        except OSError:
-            pass
 
     def _finish(self) -> None:
         """TCP is (being) closed: settle everything still waiting on this connection."""
@@ -1532,6 +1532,12 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
 #   (history 2026-12-02T09:15:00Z) [bob]: earlier   the recent past, its time in UTC
 #   * alice joined                        a notice from the server
 #   * You are connected as bob! ...       the greeting: always the first frame
+#
+# In order: how lines are written and read back, which names are allowed,
+# what commands there are, how a flood is held back, and the room itself.
+
+
+# 8.1 Lines on the wire ######################################################
 
 CHAT_PATH = "/chat"
 
@@ -1595,6 +1601,31 @@ def utc_stamp(when: float) -> str:
     return time.strftime(UTC_STAMP_FORMAT, time.gmtime(when))
 
 
+class LineFormat(typing.NamedTuple):
+    """One kind of line the room sends: how the server writes it, how a client reads it."""
+
+    template: str   # for str.format; a member's {text} comes last, relayed as it came
+    pattern: str    # matches the start of such a line; JavaScript reads it the same way
+
+    def head(self, **fields: str) -> str:
+        """The line up to its {text}: the room sends the text after it as the bytes that came."""
+        return self.template.partition("{text}")[0].format(**fields)
+
+    def match(self, line: str) -> re.Match | None:
+        return re.match(self.pattern, line)
+
+
+#: Every line a client tells apart, beside the pattern that tells it; the
+#: terminal client and the page (which receives this table) both use them.
+LINES = types.MappingProxyType({
+    "said": LineFormat("[{name}]: {text}", r"^\[([^\]\s]+)\]: "),
+    "action": LineFormat("[{name}] {text}", r"^\[([^\]\s]+)\] (?!→)"),
+    "private": LineFormat("[{sender} → {recipient}]: {text}", r"^\[([^\]\s]+) → ([^\]\s]+)\]: "),
+    "history": LineFormat("(history {stamp}) {text}", r"^\(history (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\) "),
+    "notice": LineFormat("* {text}", r"^\* "),
+})
+
+
 #: How a client reads the greeting back; JavaScript's regular expressions
 #: accept the same patterns, so the page uses them too.
 GREETING_PATTERNS = types.MappingProxyType({
@@ -1638,9 +1669,9 @@ def parse_greeting(line: str) -> Greeting | None:
         return None
 
 
-# Names, compared as people read them.
+# 8.2 Names ##################################################################
 #
-# Two names are the same name if people would read them as the same. Python
+# Names are compared as people read them. Two names are the same name if people would read them as the same. Python
 # compares code points, so "Alice", "ALICE" and "Ａｌｉｃｅ" (fullwidth) would
 # be three members; name_key() maps them to one key: NFKC folds compatibility
 # forms (fullwidth letters, ligatures such as "ﬁ", superscripts), case folding
@@ -1795,7 +1826,7 @@ def check_name(raw: str) -> str:
     return name
 
 
-# Commands.
+# 8.3 Commands ###############################################################
 #
 # IRC style: a line that starts with "/" is a command, any other line is
 # chat. The server parses what every client sends (a browser or wscat sends
@@ -1893,6 +1924,8 @@ def help_lines() -> list[str]:
     return [f"* {usage:<{width}}  {meaning}" for usage, meaning in rows]
 
 
+# 8.4 Flood control ##########################################################
+
 class TokenBucket:
     """Rate limiting: ``burst`` tokens, refilled at ``rate`` per second, one per line."""
 
@@ -1962,6 +1995,8 @@ class Pacer:
             self._timer.cancel()
 
 
+# 8.5 The room ###############################################################
+
 def requested_name(conn: Connection) -> tuple[str | None, str]:
     """The name a newcomer asked for (checked; None for "pick one") and the resume token it offered."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(conn.path).query)
@@ -1976,7 +2011,7 @@ def name_taken(name: str) -> str:
 
 def private_line(sender: str, recipient: str, text: str) -> str:
     """What /msg delivers, to the recipient and (as a receipt) the sender."""
-    return f"[{sender} → {recipient}]: {text}"
+    return LINES["private"].template.format(sender=sender, recipient=recipient, text=text)
 
 
 @dataclasses.dataclass(eq=False, slots=True)   # slots: one per member, kept small
@@ -2015,29 +2050,20 @@ def utf8(line: str | bytes) -> bytes:
     return line.encode("utf-8") if isinstance(line, str) else line
 
 
-class ChatRoom:
-    """Who is here, what they said lately, and relaying it to everyone."""
+class Gate:
+    """What a request gets before the upgrade: the page, a refusal, or on to the room.
 
-    def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
-                 burst: int = RATE_BURST, max_held: int = MAX_HELD_LINES,
-                 max_size: int = MAX_MESSAGE_SIZE, announce_limit: int = ANNOUNCE_LIMIT,
-                 allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
+    It answers only to names of this server (DNS rebinding), and lets only
+    pages of this site open the chat (cross-site WebSocket hijacking).
+    """
+
+    def __init__(self, allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
                  secure: bool = False) -> None:
-        self.members: dict[str, Member] = {}   # by name_key(name): names as people read them
-        # (time, parts): a line is kept in the parts it was broadcast in (see say)
-        self.history: collections.deque[tuple[float, tuple[str | bytes, ...]]] = \
-            collections.deque(maxlen=history_size)
-        self.rate, self.burst, self.max_held = rate, burst, max_held
-        self.max_size = max_size
-        self.announce_limit = announce_limit
         self.allowed_origins = {origin.lower().rstrip("/") for origin in allowed_origins}
         own_name = socket.gethostname().lower()
         self.allowed_hosts = {"localhost", own_name, own_name.partition(".")[0]} | {
             host.lower().rstrip(".") for host in allowed_hosts}
         self.secure = secure
-        self._guest_number = 0
-
-    # -- before the upgrade ------------------------------------------------
 
     def process_request(self, request: Request) -> Response | None:
         """Serve the page at /, refuse unknown hosts, other paths and foreign origins, upgrade /chat."""
@@ -2087,6 +2113,26 @@ class ChatRoom:
         except ValueError:
             return name in self.allowed_hosts
         return True
+
+
+class ChatRoom:
+    """Who is here, what they said lately, and relaying it to everyone."""
+
+    def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
+                 burst: int = RATE_BURST, max_held: int = MAX_HELD_LINES,
+                 max_size: int = MAX_MESSAGE_SIZE, announce_limit: int = ANNOUNCE_LIMIT,
+                 allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
+                 secure: bool = False) -> None:
+        self.members: dict[str, Member] = {}   # by name_key(name): names as people read them
+        # (time, parts): a line is kept in the parts it was broadcast in (see say)
+        self.history: collections.deque[tuple[float, tuple[str | bytes, ...]]] = \
+            collections.deque(maxlen=history_size)
+        self.rate, self.burst, self.max_held = rate, burst, max_held
+        self.max_size = max_size
+        self.announce_limit = announce_limit
+        self.gate = Gate(allowed_origins, allowed_hosts, secure)
+        self.process_request = self.gate.process_request   # WebSocketServer's hook
+        self._guest_number = 0
 
     # -- a member's life ---------------------------------------------------
 
@@ -2148,7 +2194,7 @@ class ChatRoom:
             rate=describe_rate(self.rate, self.burst), delivered=plural(member.lines, "line"),
             history=plural(len(self.history), "line")))
         for when, parts in self.history:
-            self.tell(member.conn, f"(history {utc_stamp(when)}) ", *parts)
+            self.tell(member.conn, LINES["history"].head(stamp=utc_stamp(when)), *parts)
 
     def leave(self, member: Member) -> None:
         """The member's connection is over; unless it was replaced, the member is gone."""
@@ -2203,7 +2249,7 @@ class ChatRoom:
         if member.conn.state is not State.OPEN:
             return   # it was held by the flood control, and the member has gone since
         if relayed_as_is(text):   # most lines: never decoded, relayed as the bytes that came
-            self.say(member, f"[{member.name}]: ", text)
+            self.say(member, LINES["said"].head(name=member.name), text)
             return
         try:
             line = parse_line(text.decode("utf-8"))
@@ -2211,7 +2257,7 @@ class ChatRoom:
             self.tell(member.conn, f"* {reply}")
             return
         if isinstance(line, ChatLine):
-            self.say(member, f"[{member.name}]: ", line.text)
+            self.say(member, LINES["said"].head(name=member.name), line.text)
         elif line is not None:
             self.run_command(member, line)
 
@@ -2244,7 +2290,7 @@ class ChatRoom:
         self.tell(member.conn, f"* {len(names)} here: {', '.join(names)}{note}")
 
     def command_me(self, member: Member, action: str) -> None:
-        self.say(member, f"[{member.name}] {action}")
+        self.say(member, LINES["action"].head(name=member.name), action)
 
     def command_msg(self, member: Member, argument: str) -> None:
         recipient_name, text = argument.split(maxsplit=1)   # parse_line checked there are two
