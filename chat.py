@@ -6013,7 +6013,7 @@ async def run_server(args: argparse.Namespace) -> int:
     options = dict(rate=args.rate, burst=args.burst, max_size=args.max_size,
                    announce_limit=args.announce_limit, allowed_origins=args.allow_origin,
                    allowed_hosts=args.allow_host, secure=ssl_context is not None)
-    room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else ChatRoom(**options)
+    room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else BatchedRoom(**options)
     if isinstance(room, SharedRoom):
         try:
             await room.connect()
@@ -6379,6 +6379,23 @@ def add_echo_command(commands: argparse._SubParsersAction) -> None:
     echo_cmd.set_defaults(run=run_echo)
 
 
+def save_terminal() -> list | None:
+    """The terminal's settings, to restore should we exit with it still in raw mode."""
+    if not sys.stdin.isatty():
+        return None
+    try:
+        import termios   # Unix only; imported here so the rest runs anywhere
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (ImportError, OSError):
+        return None
+
+
+def restore_terminal(settings: list | None) -> None:
+    if settings is not None:
+        import termios
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -6406,23 +6423,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         restore_terminal(terminal)
-
-
-def save_terminal() -> list | None:
-    """The terminal's settings, to restore should we exit with it still in raw mode."""
-    if not sys.stdin.isatty():
-        return None
-    try:
-        import termios   # Unix only; imported here so the rest runs anywhere
-        return termios.tcgetattr(sys.stdin.fileno())
-    except (ImportError, OSError):
-        return None
-
-
-def restore_terminal(settings: list | None) -> None:
-    if settings is not None:
-        import termios
-        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
 
 
 if __name__ == "__main__":
