@@ -945,11 +945,18 @@ def format_peer(writer: asyncio.StreamWriter) -> str:
     return host_port(peer[0], peer[1]) if peer else "?"
 
 
+def unsent_bytes(transport: asyncio.Transport) -> int:
+    """Bytes written but not yet taken by the kernel; 0 once the connection is gone."""
+    try:
+        return transport.get_write_buffer_size()
+    except AttributeError:   # a TLS transport that lost its connection (Python 3.10-3.11)
+        return 0
+
+
 class Connection:
     """One WebSocket connection after the opening handshake, in either role."""
 
-    #: What joins data frames into messages; FastConnection uses a faster one.
-    message_assembler = MessageAssembler
+    message_assembler = MessageAssembler   # FastConnection uses a faster one
 
     __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote", "deflate",
                  "close_timeout", "state", "close_rcvd", "close_sent", "_frames", "_message",
@@ -1115,10 +1122,11 @@ class Connection:
             raise self._closed_error()
         opcode, payload = ((Opcode.TEXT, message.encode("utf-8")) if isinstance(message, str)
                            else (Opcode.BINARY, bytes(message)))
-        rsv = 0
-        if self.deflate is not None and (compressed := self.deflate.deflate(payload)) is not None:
-            payload, rsv = compressed, RSV1   # "this message is compressed" (section 12)
-        frame = encode_frame(opcode, payload, mask=self.is_client, rsv=rsv)
+        compressed = self.deflate.deflate(payload) if self.deflate is not None else None
+        if compressed is not None:   # RSV1: "this message is compressed" (section 12)
+            frame = encode_frame(opcode, compressed, mask=self.is_client, rsv=RSV1)
+        else:
+            frame = encode_frame(opcode, payload, mask=self.is_client)
         self._write(frame)
         await self._drain(len(frame))
 
@@ -1224,7 +1232,7 @@ class Connection:
     def _finish(self) -> None:
         """TCP is (being) closed: settle everything still waiting on this connection."""
         self.state = State.CLOSED
-        unsent = self._unsent_bytes()   # asked before closing: a closed TLS transport can't tell
+        unsent = unsent_bytes(self.transport)   # asked before closing: a closed TLS transport can't tell
         self.writer.close()
         # Keep the timer only while our last bytes are still queued for a
         # peer that isn't reading: then it is what finally aborts TCP.
@@ -1234,13 +1242,6 @@ class Connection:
             if not waiter.done():
                 waiter.set_exception(self._closed_error())
         self._pong_waiters.clear()
-
-    def _unsent_bytes(self) -> int:
-        """Bytes written but not yet taken by the kernel; 0 once the connection is gone."""
-        try:
-            return self.transport.get_write_buffer_size()
-        except AttributeError:   # a TLS transport that lost its connection (Python 3.10-3.11)
-            return 0
 
     def _closed_error(self) -> ConnectionClosed:
         return ConnectionClosed(self.close_rcvd, self.close_sent,
@@ -2704,7 +2705,7 @@ class FastConnection(Connection):
         it in check.
         """
         self._flush()
-        backlog = self._unsent_bytes() - self._awaited_bytes
+        backlog = unsent_bytes(self.transport) - self._awaited_bytes
         # The cheap test first: this runs for every member each turn, and
         # comparing with an Enum member is a Python-level call before 3.12.
         if backlog > self.max_buffer and self.state is State.OPEN:
