@@ -722,14 +722,13 @@ class FrameReader:
     copied, and the Connection reads all it can before it feeds more.
     """
 
-    __slots__ = ("expect_masked", "extension_rsv", "remaining", "last_header", "_data", "_pos",
-                 "_mask_key", "_offset")
+    __slots__ = ("expect_masked", "extension_rsv", "remaining", "_data", "_pos", "_mask_key",
+                 "_offset")
 
     def __init__(self, *, expect_masked: bool, extension_rsv: int = 0) -> None:
         self.expect_masked = expect_masked   # True on the server: client frames are masked
         self.extension_rsv = extension_rsv   # RSV bits an extension defines (check_first_two_bytes)
         self.remaining = 0                   # payload bytes of the current frame not yet read
-        self.last_header = b""               # the header bytes last read, for the -v trace
         self._data = b""                     # bytes fed; those before _pos are read
         self._pos = 0
         self._mask_key: bytes | None = None
@@ -761,7 +760,6 @@ class FrameReader:
         if not raw:
             return None
         header = parse_header(raw)
-        self.last_header = raw
         self._advance(len(raw))
         self.remaining, self._mask_key, self._offset = header.length, header.mask_key, 0
         return header
@@ -1341,10 +1339,16 @@ class WebSocketServer:
             conn = await self._handshake(reader, writer)
             if conn is not None:
                 self._tasks[task] = conn
-                await self._run_handler(conn)
+                try:
+                    await self._run_handler(conn)
+                finally:
+                    self._release(conn)
         finally:
             del self._tasks[task]
             writer.close()
+
+    def _release(self, conn: Connection) -> None:
+        """The connection is over (PublicServer stops counting it against its address)."""
 
     async def _run_handler(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -1672,7 +1676,7 @@ def parse_greeting(line: str) -> Greeting | None:
 
 # 8.2 Names ##################################################################
 #
-# Names are compared as people read them. Two names are the same name if people would read them as the same. Python
+# Two names are the same name if people would read them as the same. Python
 # compares code points, so "Alice", "ALICE" and "Ａｌｉｃｅ" (fullwidth) would
 # be three members; name_key() maps them to one key: NFKC folds compatibility
 # forms (fullwidth letters, ligatures such as "ﬁ", superscripts), case folding
@@ -2578,6 +2582,23 @@ class Incoming(asyncio.Protocol):
         self._writing.resume_writing()
 
 
+class TracedFrameReader(FrameReader):
+    """A FrameReader that logs each header it reads, for -v (only then: it costs a call a frame)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection, **options: typing.Any) -> None:
+        super().__init__(**options)
+        self.conn = conn
+
+    def read_header(self) -> FrameHeader | None:
+        raw = self._header_bytes()
+        header = super().read_header()
+        if header is not None:
+            log_frame(self.conn.remote, "<<<", raw, header.length)
+        return header
+
+
 class SharedFrames:
     """Frames broadcast in one turn of the event loop, queued once to each member.
 
@@ -2660,12 +2681,9 @@ class FastConnection(Connection):
         self._outbox: list[bytes | SharedFrames] = []   # queued in this turn of the loop
         self._writes = writes or TurnWriter()   # shared with the server's other connections
         self._awaited_bytes = 0                # of frames that send() waits to drain
-
-    async def _read_header(self) -> FrameHeader:
-        header = await super()._read_header()
         if logger.isEnabledFor(logging.DEBUG):
-            log_frame(self.remote, "<<<", self._frames.last_header, header.length)
-        return header
+            self._frames = TracedFrameReader(self, expect_masked=not self.is_client,
+                                             extension_rsv=self._frames.extension_rsv)
 
     def queue_shared(self, frames: SharedFrames) -> None:
         """Queue this turn's broadcasts (BatchedRoom): written with whatever else is queued."""
@@ -2948,14 +2966,12 @@ class PublicServer(WebSocketServer):
             handler.servers.add(self)
         await super().start(host, port, ssl_context, reuse_port)
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._loop_errors is not None:
-            self._loop_errors.accepted(asyncio.get_running_loop().time())
-        await super()._serve_tcp(reader, writer)
-
     async def _handshake(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> Connection | None:
-        self._handshaking[writer] = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        if self._loop_errors is not None:
+            self._loop_errors.accepted(now)
+        self._handshaking[writer] = now
         try:
             return await super()._handshake(reader, writer)
         finally:
@@ -2998,12 +3014,6 @@ class PublicServer(WebSocketServer):
         return FastConnection(reader, writer, max_buffer=self.max_buffer, writes=self._writes,
                               **options)
 
-    async def _run_handler(self, conn: Connection) -> None:
-        try:
-            await super()._run_handler(conn)
-        finally:
-            self._release(conn)
-
     def _client_address(self, writer: asyncio.StreamWriter, request: Request) -> str:
         """The client's IP address: the peer's, or behind a trusted proxy, the one it forwards."""
         address = peer_address(writer)
@@ -3032,7 +3042,6 @@ class PublicServer(WebSocketServer):
                         "per address); try again later\n", (("Retry-After", "30"),), logged=True)
 
     def _release(self, conn: Connection) -> None:
-        """The connection is over: it no longer counts against its address."""
         client = self._address_of.pop(conn, None)
         if client is None:
             return
