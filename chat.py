@@ -4995,7 +4995,8 @@ class InputView:
 #                  plain lines when stdin is a pipe (or termios is missing)
 #   the network    a Connection that reconnects with backoff; every line
 #                  from the room goes to the Screen, escaped by printable()
-#   delivery       every typed line is kept until the room's copy of it comes
+#   delivery       the Sender sends typed lines at the room's pace, and the
+#                  DeliveryLedger keeps each until the room's copy of it comes
 #                  back (the server relays each line to its sender too, in
 #                  order): waiting -> sent -> confirmed. Lines still waiting
 #                  are shown dimmed under the room's lines; after a dropped
@@ -5008,9 +5009,15 @@ RECONNECT_CODES = frozenset({
     CloseCode.GOING_AWAY, CloseCode.ABNORMAL_CLOSURE, CloseCode.INTERNAL_ERROR,
     CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_GATEWAY})
 
-#: Reconnection waits 1, 2, 4 ... seconds, never more than 30.
+#: Reconnection waits 1, 2, 4 ... seconds, never more than 30 (the page's too).
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
+
+
+def next_backoff(delay: float) -> float:
+    """How long to wait before the next try, after one that waited ``delay``."""
+    return min(delay * 2, MAX_BACKOFF)
+
 
 #: The client pings every 5 s: a link that died silently (a frozen network)
 #: is noticed within 15 s, the 5 s close timeout included, not the server's 40.
@@ -5063,21 +5070,48 @@ def mark_resent(line: str) -> str:
     return RESENT_MARK + parsed.text   # "//etc" -> "(resent) /etc": no longer a command
 
 
-def to_send_again(unconfirmed: Sequence[str], arrived: int | None) -> list[str]:
-    """After a reconnect, which of our unconfirmed lines to send again.
+class DeliveryLedger:
+    """Which of our lines the room has yet to confirm, and which to send again: no I/O.
 
-    The room counts the lines it relayed from each member and its greeting
-    says how many it has of ours. If we are back in the same room (it gave
-    our resume token back), the first ``arrived`` of the unconfirmed lines
-    got there before the connection dropped (only their copies were lost),
-    and the rest never did: those are sent again as they were. A room that
-    doesn't know us (``arrived`` None: the server restarted) can't say; the
-    old one may have relayed some of them to people who are here again, so
-    each is sent again marked as a possible repeat.
+    The room relays our chat lines and actions back to us too, in order: the
+    next copy to come back confirms the oldest line still unconfirmed.
     """
-    if arrived is None:
-        return [mark_resent(line) for line in unconfirmed]
-    return list(unconfirmed[arrived:])
+
+    def __init__(self) -> None:
+        self.unconfirmed: collections.deque[str] = collections.deque()   # oldest first
+        self.delivered = 0   # of ours the room confirmed: what its greeting counts too
+
+    def sent(self, line: str) -> bool:
+        """``line`` went out, or may have; False if no copy will come back (a command's reply)."""
+        if echo_of(line, "") is None:   # whether a copy comes back doesn't depend on the name
+            return False
+        self.unconfirmed.append(line)
+        return True
+
+    def confirms(self, line: str, name: str) -> bool:
+        """Is this line from the room the copy of our oldest unconfirmed one? Then it is confirmed."""
+        # Worked out with our name now: after a /nick, what was on its way comes back under it.
+        if not self.unconfirmed or line != echo_of(self.unconfirmed[0], name):
+            return False
+        self.unconfirmed.popleft()
+        self.delivered += 1
+        return True
+
+    def greeted(self, has: int, same_room: bool) -> list[str]:
+        """A new connection's greeting says the room has ``has`` of our lines: which to send again.
+
+        Back in the same room (it gave our resume token back), the first
+        ``has - delivered`` unconfirmed lines got there before the connection
+        dropped (only their copies were lost); the rest are sent again as they
+        were. A room that doesn't know us (the server restarted) can't say, and
+        the old one may have relayed some to people who are here again: all
+        are sent again, marked as possible repeats. Either way none is
+        unconfirmed until it is sent again.
+        """
+        lines, arrived = list(self.unconfirmed), has - self.delivered
+        self.unconfirmed.clear()
+        self.delivered = has
+        return lines[arrived:] if same_room else [mark_resent(line) for line in lines]
 
 
 def line_style(line: str, name: str) -> str:
@@ -5387,8 +5421,104 @@ def is_name_refusal(closed: ConnectionClosed) -> bool:
         ("the name ", "a name "))
 
 
+class Sender:
+    """Sends what the user types as the room will take it: none too long, none too fast."""
+
+    def __init__(self, keyboard: Keyboard, screen: Screen, ledger: DeliveryLedger,
+                 on_leaving: Callable[[], None]) -> None:
+        self.keyboard, self.screen, self.ledger = keyboard, screen, ledger
+        self.on_leaving = on_leaving               # the user asked to leave: end of input, /quit
+        self.max_size: int | None = None           # the room's limits, from its greeting
+        self.bucket: TokenBucket | None = None
+        self.quit_reason: str | None = None        # /quit REASON, kept across reconnects
+        self.refused = 0                           # lines too long for the room
+
+    def obey(self, greeting: Greeting | None) -> None:
+        """Keep to the limits in a new connection's greeting (None: it announced none)."""
+        self.max_size = greeting.max_size if greeting else None
+        self.bucket = None
+        if greeting and greeting.rate:
+            self.bucket = TokenBucket(greeting.rate, greeting.burst or 1)
+
+    async def send_typed(self, conn: Connection, greeted: asyncio.Event) -> str | None:
+        """Send what the user types, at the room's pace, until the user leaves.
+
+        Returns the reason to close with ("" but for /quit REASON), or None if
+        a send failed because the connection is closing.
+        """
+        # The greeting tells our name and the room's limits; Ctrl-C needn't wait for it.
+        await self.keyboard.wait_until(lambda: greeted.is_set() or self.keyboard.interrupted)
+        while True:
+            if self.quit_reason is not None and not self.keyboard.lines:
+                return self.quit_reason   # /quit came before a reconnect: what it waited for is sent
+            await self.keyboard.wait()
+            line = self.keyboard.take()
+            if line is None:
+                self.on_leaving()
+                return ""
+            try:
+                reason = await self.send_line(conn, line)
+            except ConnectionClosed:
+                return None
+            if reason is not None:
+                return reason
+
+    async def send_line(self, conn: Connection, line: str) -> str | None:
+        """Send one typed line; None to go on, or the reason to leave with (/quit REASON)."""
+        parsed = self.check_typed(line)
+        if parsed is None:
+            return None
+        if isinstance(parsed, Command) and parsed.name == "quit":
+            self.keyboard.lines.clear()   # what was typed after /quit is not for the room
+            self.on_leaving()
+            self.quit_reason = parsed.argument or "bye"
+            return self.quit_reason
+        try:
+            await self.pace()   # cancelled if the connection ends while the line waits its turn
+            if conn.state is not State.OPEN:
+                raise ConnectionClosed(conn.close_rcvd, conn.close_sent, tcp_closed=False)
+        except (ConnectionClosed, asyncio.CancelledError):
+            self.keyboard.unget(line)   # certainly not sent: it goes first next time
+            raise
+        try:
+            await conn.send(line)
+        except (ConnectionClosed, asyncio.CancelledError):
+            # It may have gone out before the connection failed: a line with a
+            # copy to come waits for the next connection's greeting to tell.
+            if not self.ledger.sent(line):
+                self.keyboard.unget(line)
+            raise
+        self.ledger.sent(line)
+        self.keyboard.changed()
+        return None
+
+    def check_typed(self, line: str) -> Command | ChatLine | None:
+        """What a typed line means, or None if it is not to be sent (and the screen says why).
+
+        An unknown command, and a line longer than the room takes, would only
+        be refused: they are refused here, before they are sent.
+        """
+        try:
+            parsed = parse_line(line)
+        except ValueError as reply:
+            self.screen.show(f"* {reply}", "error")
+            return None
+        size = len(line.encode("utf-8"))
+        if parsed is not None and self.max_size is not None and size > self.max_size:
+            self.screen.show(f"* not sent: the line is {size} bytes; "
+                             f"the room takes lines of up to {self.max_size}", "error")
+            self.refused += 1
+            return None
+        return parsed
+
+    async def pace(self) -> None:
+        """Wait for the room's flood control to allow one more line, so it needn't hold any."""
+        while self.bucket is not None and not self.bucket.take():
+            await asyncio.sleep(self.bucket.wait_time())
+
+
 class ChatClient:
-    """Connects, shows the room, delivers what is typed, reconnects when the server goes away."""
+    """The session: connects, shows the room, reconnects when the server goes away."""
 
     def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *, name: str | None = None,
                  reconnect: bool = True, interactive: bool = False,
@@ -5405,20 +5535,16 @@ class ChatClient:
         self.keepalive_interval = keepalive_interval
         self.on_connected = on_connected               # once, at the first connection
         self.compression = compression                 # offer permessage-deflate (section 12)
-        self.greeting: Greeting | None = None          # of the current connection
         self.token: str | None = None                  # gets our name back on a reconnect
-        self.unconfirmed: collections.deque[tuple[str, str]] = collections.deque()  # (line, copy)
-        self.delivered = 0                             # of ours the room confirmed (by copy)
-        self.bucket: TokenBucket | None = None         # the room's pace, from the greeting
+        self.ledger = DeliveryLedger()
+        self.sender = Sender(keyboard, screen, self.ledger, on_leaving=self.start_leaving)
         self.leave_by: float | None = None             # once the user asked to leave
-        self.quit_reason: str | None = None            # /quit REASON, kept across reconnects
-        self.refused = 0                               # lines too long for the room
         self.reconnected = False                       # then the history repeats what we saw
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
 
     def waiting(self) -> list[str]:
         """Our lines still on their way, for the screen: sent ones first, then typed ones."""
-        lines = [line for line, _ in self.unconfirmed] + list(self.keyboard.lines)
+        lines = [*self.ledger.unconfirmed, *self.keyboard.lines]
         shown = [f"… {printable(line)}" for line in lines[:MAX_WAITING_SHOWN]]
         if len(lines) > MAX_WAITING_SHOWN:
             shown.append(f"… and {plural(len(lines) - MAX_WAITING_SHOWN, 'more line')} waiting")
@@ -5456,7 +5582,7 @@ class ChatClient:
             self.screen.show(f"* reconnecting in {backoff:g} s{why}", "notice")
             if await self.wants_out_within(backoff):
                 return self.finish(0)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            backoff = next_backoff(backoff)
 
     async def connect_unless_interrupted(self, url: str) -> Connection | None:
         """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
@@ -5478,10 +5604,9 @@ class ChatClient:
 
     async def session(self, conn: Connection) -> ConnectionClosed | None:
         """One connection: None once the user has left, else how the connection ended."""
-        self.greeting = None
         greeted = asyncio.Event()
         receiving = asyncio.create_task(self.receive(conn, greeted))
-        sending = asyncio.create_task(self.send_typed(conn, greeted))
+        sending = asyncio.create_task(self.sender.send_typed(conn, greeted))
         pinging = asyncio.create_task(keepalive({conn}, self.keepalive_interval))
         try:
             await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
@@ -5501,89 +5626,7 @@ class ChatClient:
             # Let them finish: a cancelled send must first put its line back.
             await asyncio.gather(receiving, sending, pinging, return_exceptions=True)
 
-    # -- sending -----------------------------------------------------------
-
-    async def send_typed(self, conn: Connection, greeted: asyncio.Event) -> str | None:
-        """Send what the user types, at the room's pace, until the user leaves.
-
-        Returns the reason to close with ("" but for /quit REASON), or None if
-        a send failed because the connection is closing.
-        """
-        # The greeting tells our name and the room's limits; Ctrl-C needn't wait for it.
-        await self.keyboard.wait_until(lambda: greeted.is_set() or self.keyboard.interrupted)
-        while True:
-            if self.quit_reason is not None and not self.keyboard.lines:
-                return self.quit_reason   # /quit came before a reconnect: what it waited for is sent
-            await self.keyboard.wait()
-            line = self.keyboard.take()
-            if line is None:
-                self.start_leaving()
-                return ""
-            try:
-                reason = await self.send_line(conn, line)
-            except ConnectionClosed:
-                return None
-            if reason is not None:
-                return reason
-
-    async def send_line(self, conn: Connection, line: str) -> str | None:
-        """Send one typed line; None to go on, or the reason to leave with (/quit REASON)."""
-        parsed = self.check_typed(line)
-        if parsed is None:
-            return None
-        if isinstance(parsed, Command) and parsed.name == "quit":
-            self.keyboard.lines.clear()   # what was typed after /quit is not for the room
-            self.start_leaving()
-            self.quit_reason = parsed.argument or "bye"
-            return self.quit_reason
-        try:
-            await self.pace()
-        except asyncio.CancelledError:
-            self.keyboard.unget(line)   # the connection ended while it waited its turn
-            raise
-        if conn.state is not State.OPEN:
-            self.keyboard.unget(line)   # certainly not sent: it goes first next time
-            raise ConnectionClosed(conn.close_rcvd, conn.close_sent, tcp_closed=False)
-        copy = echo_of(line, self.name)
-        try:
-            await conn.send(line)
-        except (ConnectionClosed, asyncio.CancelledError):
-            # It may have gone out before the connection failed: a line with a
-            # copy to come waits for the next connection's history to tell.
-            if copy is None:
-                self.keyboard.unget(line)
-            else:
-                self.unconfirmed.append((line, copy))
-            raise
-        if copy is not None:
-            self.unconfirmed.append((line, copy))
-        self.keyboard.changed()
-        return None
-
-    def check_typed(self, line: str) -> Command | ChatLine | None:
-        """What a typed line means, or None if it is not to be sent (and the screen says why).
-
-        An unknown command, and a line longer than the room takes, would only
-        be refused: they are refused here, before they are sent.
-        """
-        try:
-            parsed = parse_line(line)
-        except ValueError as reply:
-            self.screen.show(f"* {reply}", "error")
-            return None
-        limit = self.greeting.max_size if self.greeting else None
-        size = len(line.encode("utf-8"))
-        if parsed is not None and limit is not None and size > limit:
-            self.screen.show(f"* not sent: the line is {size} bytes; "
-                             f"the room takes lines of up to {limit}", "error")
-            self.refused += 1
-            return None
-        return parsed
-
-    async def pace(self) -> None:
-        """Wait for the room's flood control to allow one more line, so it needn't hold any."""
-        while self.bucket is not None and not self.bucket.take():
-            await asyncio.sleep(self.bucket.wait_time())
+    # -- leaving -----------------------------------------------------------
 
     def start_leaving(self) -> None:
         if self.leave_by is None:
@@ -5594,7 +5637,7 @@ class ChatClient:
 
         The server answers frames in order, so its pong to a ping sent now
         comes after its replies to everything we sent before, unless its
-        flood control held some of our lines: pace() keeps to the room's rate
+        flood control held some of our lines: Sender.pace() keeps to its rate
         so that it need not. False if the connection ended first.
         """
         remaining = max(0.0, (self.leave_by or 0) - time.monotonic())
@@ -5606,17 +5649,17 @@ class ChatClient:
 
     async def until_confirmed(self, conn: Connection) -> None:
         """Until every line came back and the pong to a last ping, unless Ctrl-C says leave now."""
-        await self.keyboard.wait_until(lambda: not self.unconfirmed or self.keyboard.interrupted)
+        await self.keyboard.wait_until(lambda: not self.ledger.unconfirmed or self.keyboard.interrupted)
         if not self.keyboard.interrupted:
             await conn.ping(b"done?")
 
     def finish(self, status: int) -> int:
         """At exit: list every line that never reached the room; 1 if there was any."""
-        lost = [line for line, _ in self.unconfirmed] + [
-            line for line in self.keyboard.lines if not is_quit_command(line)]
+        lost = [*self.ledger.unconfirmed,
+                *(line for line in self.keyboard.lines if not is_quit_command(line))]
         for line in lost:
             self.screen.show(f"* not sent: {line}", "error")
-        return 1 if lost or self.refused else status
+        return 1 if lost or self.sender.refused else status
 
     # -- receiving ---------------------------------------------------------
 
@@ -5637,32 +5680,24 @@ class ChatClient:
 
     def on_greeting(self, line: str) -> None:
         greeting = parse_greeting(line)
+        self.sender.obey(greeting)
         if greeting is None:
             return   # not our kind of server: no names, no receipts
         # The room gives our token back only if it is the room we were in
         # (the server did not restart): only then does its count mean ours.
         same_room = self.token is not None and greeting.token == self.token
-        arrived = (greeting.delivered or 0) - self.delivered if same_room else None
-        self.greeting, self.token = greeting, greeting.token
-        self.delivered = greeting.delivered or 0
+        self.token = greeting.token
         self.name = self.screen.name = greeting.name
-        self.bucket = TokenBucket(greeting.rate, greeting.burst or 1) if greeting.rate else None
-        lines = [line for line, _ in self.unconfirmed]
-        self.unconfirmed.clear()
-        for line in reversed(to_send_again(lines, arrived)):
+        for line in reversed(self.ledger.greeted(greeting.delivered or 0, same_room)):
             self.keyboard.unget(line)   # before anything typed while we were away
 
     def on_line(self, line: str) -> None:
         """One line from the room: show it, and note what it tells about our lines."""
-        if self.unconfirmed and line == self.unconfirmed[0][1]:
-            self.unconfirmed.popleft()   # the room's copy of our line: it has it
-            self.delivered += 1
-            self.keyboard.changed()
+        if self.ledger.confirms(line, self.name):
+            self.keyboard.changed()   # no longer shown as waiting
         renamed = re.fullmatch(r"\* (\S+) is now known as (\S+)", line)
         if renamed and renamed[1] == self.name:
             self.name = self.screen.name = renamed[2]
-            self.unconfirmed = collections.deque(   # copies of what is on its way now carry it
-                (text, echo_of(text, self.name) or copy) for text, copy in self.unconfirmed)
         history = HISTORY_PREFIX.match(line)
         text = line[history.end():] if history else line
         # After a reconnect the history repeats what was shown before: skip
@@ -5686,7 +5721,7 @@ class ChatClient:
             typed = [line for line in self.keyboard.lines if not is_quit_command(line)]
             asked = self.keyboard.ended or self.leave_by is not None or len(typed) < len(
                 self.keyboard.lines)
-            return asked and not typed and not self.unconfirmed   # nothing left to deliver
+            return asked and not typed and not self.ledger.unconfirmed   # nothing left to deliver
         try:
             await asyncio.wait_for(self.keyboard.wait_until(out), delay)
         except asyncio.TimeoutError:
@@ -5749,10 +5784,11 @@ input[type=text] { flex: 1; } [hidden] { display: none !important; }
 <script>
 "use strict";
 const PATTERNS = @GREETING_PATTERNS@, RESENT_MARK = @RESENT_MARK@, RECONNECT = @RECONNECT_CODES@;
+const FIRST_BACKOFF = @FIRST_BACKOFF@, MAX_BACKOFF = @MAX_BACKOFF@;   // seconds
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
 let socket = null, myName = "", token = "", greeted = false, delivered = 0, reconnected = false;
-let backoff = 1, bucket = null, pumping = null;
+let backoff = FIRST_BACKOFF, bucket = null, pumping = null;
 const pending = [];   // our lines on their way: {line, copy, sent, item}
 const seen = [];      // the latest lines shown, so a reconnect's history doesn't repeat them
 
@@ -5787,7 +5823,7 @@ function connect() {
   if (token) query.set("resume", token);
   const ws = socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
   greeted = false; status.textContent = "connecting…"; $("join").hidden = true;
-  ws.onopen = () => { status.textContent = "connected"; backoff = 1; };
+  ws.onopen = () => { status.textContent = "connected"; backoff = FIRST_BACKOFF; };
   ws.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
   ws.onclose = (event) => { if (ws === socket) closed(event); };   // not an older socket's
 }
@@ -5859,7 +5895,7 @@ function closed(event) {
   status.textContent = "not connected"; socket = null; greeted = false;
   if (RECONNECT.includes(event.code)) {
     status.textContent = "reconnecting in " + backoff + " s";
-    setTimeout(connect, backoff * 1000); backoff = Math.min(backoff * 2, 30);
+    setTimeout(connect, backoff * 1000); backoff = Math.min(backoff * 2, MAX_BACKOFF);   // as next_backoff()
   } else {
     $("join").hidden = false; $("send").hidden = true;
     if (/^(the|a) name /.test(event.reason)) { myName = ""; token = ""; }
@@ -5888,7 +5924,8 @@ $("send").addEventListener("submit", (event) => {
 </body></html>
 """.replace("@GREETING_PATTERNS@", json.dumps(dict(GREETING_PATTERNS))).replace(
     "@RESENT_MARK@", json.dumps(RESENT_MARK)).replace(
-    "@RECONNECT_CODES@", json.dumps(sorted(RECONNECT_CODES)))
+    "@RECONNECT_CODES@", json.dumps(sorted(RECONNECT_CODES))).replace(
+    "@FIRST_BACKOFF@", json.dumps(FIRST_BACKOFF)).replace("@MAX_BACKOFF@", json.dumps(MAX_BACKOFF))
 
 
 # 18. Command line ##########################################################

@@ -3434,7 +3434,13 @@ class TestScreen(unittest.TestCase):
 
 
 class TestDelivery(unittest.TestCase):
-    """Which lines come back as receipts, and which are sent again after a reconnect."""
+    """The DeliveryLedger: which lines come back as receipts, and which are sent again after a reconnect."""
+
+    def ledger(self, *sent):
+        ledger = chat.DeliveryLedger()
+        for line in sent:
+            ledger.sent(line)
+        return ledger
 
     def test_chat_lines_and_actions_come_back_commands_do_not(self):
         self.assertEqual(chat.echo_of("hi", "bob"), "[bob]: hi")
@@ -3443,13 +3449,39 @@ class TestDelivery(unittest.TestCase):
         for command in ("/who", "/msg alice hi", "/nick x", "/foo"):
             self.assertIsNone(chat.echo_of(command, "bob"))
 
+    def test_only_lines_with_a_copy_to_come_are_kept_unconfirmed(self):
+        ledger = chat.DeliveryLedger()
+        self.assertEqual([ledger.sent(line) for line in ("hi", "/who", "/me waves", "/nick x")],
+                         [True, False, True, False])
+        self.assertEqual(list(ledger.unconfirmed), ["hi", "/me waves"])
+
+    def test_a_copy_confirms_the_oldest_unconfirmed_line_only(self):
+        ledger = self.ledger("one", "two")
+        self.assertFalse(ledger.confirms("[bob]: two", "bob"))   # the room relays in order
+        self.assertFalse(ledger.confirms("[alice]: one", "bob"))
+        self.assertTrue(ledger.confirms("[bob]: one", "bob"))
+        self.assertEqual((list(ledger.unconfirmed), ledger.delivered), (["two"], 1))
+
+    def test_after_a_nick_the_copies_on_their_way_carry_the_new_name(self):
+        ledger = self.ledger("hi", "/me waves")
+        self.assertTrue(ledger.confirms("[robert]: hi", "robert"))
+        self.assertTrue(ledger.confirms("[robert] waves", "robert"))
+
     def test_after_a_reconnect_to_the_same_room_only_what_it_lacks_is_sent_again(self):
-        self.assertEqual(chat.to_send_again(["one", "two", "three"], 2), ["three"])
-        self.assertEqual(chat.to_send_again(["ok", "ok"], 1), ["ok"])   # counted, not matched
+        self.assertEqual(self.ledger("one", "two", "three").greeted(2, same_room=True), ["three"])
+        self.assertEqual(self.ledger("ok", "ok").greeted(1, same_room=True), ["ok"])   # counted, not matched
 
     def test_a_room_that_does_not_know_us_gets_them_all_marked_as_possible_repeats(self):
-        self.assertEqual(chat.to_send_again(["one", "/me waves", "//etc"], None),
+        self.assertEqual(self.ledger("one", "/me waves", "//etc").greeted(0, same_room=False),
                          ["(resent) one", "/me (resent) waves", "(resent) /etc"])
+
+    def test_the_greeting_count_is_where_the_next_reconnect_counts_from(self):
+        ledger = self.ledger("one", "two")
+        self.assertEqual(ledger.greeted(5, same_room=True), [])   # the room had both, and 3 before
+        self.assertEqual((list(ledger.unconfirmed), ledger.delivered), ([], 5))
+        for line in ("three", "four"):
+            ledger.sent(line)
+        self.assertEqual(ledger.greeted(6, same_room=True), ["four"])
 
     def test_a_reconnected_client_resends_what_the_room_never_got(self):
         keyboard = chat.Keyboard()
@@ -3458,15 +3490,16 @@ class TestDelivery(unittest.TestCase):
                     "Your resume token is T1 (keep it to yourself). The room has {} of yours. "
                     "0 lines of history follow.")
         client.on_greeting(greeting.format("0 lines"))
-        client.unconfirmed.extend([("ok", "[bob]: ok"), ("ok", "[bob]: ok"), ("three", "[bob]: three")])
+        for line in ("ok", "ok", "three"):
+            client.ledger.sent(line)
         client.on_line("[bob]: ok")
-        self.assertEqual((client.delivered, len(client.unconfirmed)), (1, 2))
+        self.assertEqual((client.ledger.delivered, len(client.ledger.unconfirmed)), (1, 2))
         # The connection drops; the same room (it gives T1 back) had relayed one more.
         client.on_greeting(greeting.format("2 lines"))
         self.assertEqual(list(keyboard.lines), ["three"])   # sent again as it was
-        self.assertFalse(client.unconfirmed)
+        self.assertFalse(client.ledger.unconfirmed)
         # A server that restarted doesn't know T1: it can't say, so the line is marked.
-        client.unconfirmed.append(("four", "[bob]: four"))
+        client.ledger.sent("four")
         client.on_greeting(greeting.format("0 lines").replace("T1", "T2"))
         self.assertEqual(list(keyboard.lines), ["(resent) four", "three"])
 
@@ -3476,6 +3509,49 @@ class TestDelivery(unittest.TestCase):
         text, style = chat.display_line("(history 2026-13-45T99:00:00Z) [x]: odd", name="y",
                                         timestamps=False, now=0)
         self.assertEqual((text, style), ("[x]: odd", "history"))
+
+
+class TestSender(unittest.TestCase):
+    """The room's limits kept on our side: lines too long refused here, the rest paced."""
+
+    def sender(self):
+        out = io.StringIO()
+        sender = chat.Sender(chat.Keyboard(), chat.Screen(out, color=False, timestamps=False),
+                             chat.DeliveryLedger(), on_leaving=lambda: None)
+        return sender, out
+
+    def test_a_line_over_the_announced_size_is_refused_and_counted(self):
+        sender, out = self.sender()
+        sender.obey(chat.parse_greeting("* You are connected as bob! Limits: lines of up to "
+                                        "10 bytes; bursts of 3 lines, then 2 per second."))
+        self.assertEqual((sender.max_size, sender.bucket.burst, sender.bucket.rate), (10, 3, 2.0))
+        self.assertIsNone(sender.check_typed("x" * 11))
+        self.assertEqual(sender.check_typed("x" * 10), chat.ChatLine("x" * 10))
+        self.assertEqual(sender.refused, 1)
+        self.assertEqual(out.getvalue(), "* not sent: the line is 11 bytes; "
+                                         "the room takes lines of up to 10\n")
+
+    def test_a_server_that_announces_no_limits_gets_none_kept(self):
+        sender, out = self.sender()
+        sender.obey(None)
+        self.assertEqual((sender.max_size, sender.bucket), (None, None))
+        self.assertEqual(sender.check_typed("x" * 100_000), chat.ChatLine("x" * 100_000))
+
+
+class TestReconnectBackoff(unittest.TestCase):
+    """The waits between tries, and the page waiting the same."""
+
+    def test_the_wait_doubles_up_to_the_maximum(self):
+        waits = [chat.FIRST_BACKOFF]
+        while waits[-1] < chat.MAX_BACKOFF:
+            waits.append(chat.next_backoff(waits[-1]))
+        self.assertEqual(waits, [1, 2, 4, 8, 16, 30])
+        self.assertEqual(chat.next_backoff(chat.MAX_BACKOFF), chat.MAX_BACKOFF)
+
+    def test_the_page_is_given_the_same_numbers(self):
+        self.assertIn(f"const FIRST_BACKOFF = {chat.FIRST_BACKOFF}, MAX_BACKOFF = {chat.MAX_BACKOFF};",
+                      chat.PAGE)
+        self.assertNotRegex(chat.PAGE, r"@[A-Z_]+@")   # every placeholder filled in
 
 
 class TestChatClient(ChatTestCase):
