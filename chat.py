@@ -3893,6 +3893,10 @@ class RedisConnection:
 # /who and /msg read the name keys. What needs to be atomic there is a short
 # Lua script (EVAL). One Redis server (or a primary with replicas) is
 # assumed: the scripts touch several keys, which Redis Cluster would refuse.
+#
+# The parts: RedisLink keeps the connections (10.1), EventStream shares and
+# reads the events (10.2), NameRegistry keeps the names (10.3), and
+# SharedRoom is the ChatRoom that puts them to work (10.4).
 
 REDIS_PREFIX = "chat.py"
 
@@ -3919,12 +3923,258 @@ MAX_KEYS_PER_CALL = 1000
 MAX_UNSHARED_BYTES = 8 * MAX_MESSAGE_SIZE
 
 #: Reconnecting to Redis waits 0.1, 0.2, 0.4 ... seconds, at most 5, plus up
-#: to a tenth at random, so that many servers don't all retry at once.
+#: to a tenth at random, so that many servers don't all retry at once;
+#: sooner than a client retries (FIRST_BACKOFF): the room is split meanwhile.
 REDIS_FIRST_RETRY = 0.1
 REDIS_MAX_RETRY = 5.0
 
 #: Guest names tried (user1, user2 ...) before a newcomer is refused.
 GUEST_ATTEMPTS = 100
+
+#: Told to this server's members when Redis goes away, and when it is back.
+SPLIT_NOTICE = ("* the room is split: Redis is unreachable, so only the members on this "
+                "server hear you for now; new names wait until it is whole")
+WHOLE_NOTICE = "* the room is whole again"
+
+#: Close reason for a member whose name another server gave away while this one was cut off.
+NAME_LOST_REASON = "the name {name} was taken on another server while the room was split"
+
+
+# 14.1 The link to Redis ####################################################
+
+async def first_failure(*jobs: Awaitable[None]) -> BaseException:
+    """Run jobs that loop until they fail; return the first failure and cancel the rest."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = done.pop()
+        return task.exception() or RedisUnavailable("stopped")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+class RedisLink:
+    """Two connections to Redis, one for commands and one that blocks in XREAD, reopened when they break."""
+
+    def __init__(self, url: RedisURL, announce: Callable[[str], None],
+                 jobs: Callable[[RedisConnection, RedisConnection], list[Awaitable[None]]]) -> None:
+        self.url, self.announce = url, announce   # announce: a notice for this server's members
+        self.jobs = jobs                          # they run on the connections while both are open
+        self.commands: RedisConnection | None = None   # None while the room is split
+        self._running: asyncio.Task | None = None
+
+    async def connect(self, first: Callable[[RedisConnection], Awaitable[None]]) -> None:
+        """Open the connections, run ``first``, then the jobs; RedisUnavailable if Redis can't be used."""
+        commands, blocking = await self._open()
+        try:
+            await first(commands)
+        except (RedisUnavailable, RedisError) as error:
+            commands.close()
+            blocking.close()
+            raise RedisUnavailable(str(error)) from None
+        self._running = asyncio.create_task(self._stay_connected(commands, blocking))
+
+    def require(self, doing: str) -> RedisConnection:
+        """The connection for commands; TryLater while the room is split."""
+        if self.commands is None:
+            raise TryLater(f"the room is split (Redis is unreachable), so {doing} can't be checked "
+                           f"against the other servers; try again soon")
+        return self.commands
+
+    async def close(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+            await asyncio.wait([self._running])
+
+    async def _open(self) -> tuple[RedisConnection, RedisConnection]:
+        commands = await RedisConnection.open(self.url)
+        try:
+            return commands, await RedisConnection.open(self.url)
+        except RedisUnavailable:
+            commands.close()
+            raise
+
+    async def _stay_connected(self, commands: RedisConnection, blocking: RedisConnection) -> None:
+        """For as long as the server runs: run the jobs; when one fails, reconnect with backoff."""
+        while True:
+            self.commands = commands
+            try:
+                failure = await first_failure(*self.jobs(commands, blocking))
+            finally:
+                self.commands = None
+                commands.close()
+                blocking.close()
+            if not isinstance(failure, (RedisUnavailable, RedisError)):
+                logger.error("the link to Redis failed", exc_info=failure)   # a bug: show where
+            logger.warning("Redis at %s: %s; the room is split", self.url, failure)
+            self.announce(SPLIT_NOTICE)
+            commands, blocking = await self._reconnect()
+            logger.info("Redis at %s is back; the room is whole", self.url)
+            self.announce(WHOLE_NOTICE)
+
+    async def _reconnect(self) -> tuple[RedisConnection, RedisConnection]:
+        delay = REDIS_FIRST_RETRY
+        while True:
+            await asyncio.sleep(delay * (1 + random.random() / 10))
+            try:
+                return await self._open()
+            except RedisUnavailable as error:
+                logger.info("Redis at %s: still unreachable (%s)", self.url, error)
+            delay = min(delay * 2, REDIS_MAX_RETRY)
+
+
+# 14.2 The stream of events #################################################
+
+class Event(typing.NamedTuple):
+    """Something a member on one server did, for the members on every other server."""
+
+    origin: str     # the id of the server it happened on
+    seq: int        # its number among that server's events, from 1
+    kind: str       # "say" (kept in history), "notice", "tell" (one member), "replace"
+    when: float     # time.time() on the origin server
+    text: str       # the line to show
+    to: str = ""    # "tell", "replace": the member it is for, by its token's digest
+
+
+EVENT_KINDS = frozenset({"say", "notice", "tell", "replace"})
+
+
+def encode_event(event: Event) -> bytes:
+    """'ORIGIN SEQ KIND WHEN TO TEXT': the text last, since it may hold spaces."""
+    to = urllib.parse.quote(event.to) or "-"   # a name key may hold a space (NFKC of U+00A8 does)
+    return f"{event.origin} {event.seq} {event.kind} {event.when:.3f} {to} {event.text}".encode("utf-8")
+
+
+def decode_event(data: bytes) -> Event:
+    """The event in an entry from Redis, or ValueError: it is untrusted input too."""
+    fields = data.decode("utf-8").split(" ", 5)
+    if len(fields) != 6 or fields[2] not in EVENT_KINDS:
+        raise ValueError(f"not an event: {data[:40]!r}")
+    origin, seq, kind, when, to, text = fields
+    return Event(origin, int(seq), kind, float(when), text, "" if to == "-" else urllib.parse.unquote(to))
+
+
+def stream_entries(reply: Reply) -> list[tuple[bytes, bytes]]:
+    """(entry id, event bytes) from an XREAD reply: [[stream, [[id, [field, value]], ...]]]."""
+    if reply is None:
+        return []   # BLOCK timed out: nothing new
+    try:
+        [[_, entries]] = reply
+        found = [(entry_id, fields[fields.index(b"event") + 1]) for entry_id, fields in entries]
+        if all(isinstance(entry_id, bytes) and isinstance(data, bytes) for entry_id, data in found):
+            return found
+    except (TypeError, ValueError, IndexError, AttributeError):
+        pass
+    raise RespError("an XREAD reply of the wrong shape")
+
+
+class EventStream:
+    """This server's end of the stream of events: its own go out in order, the others' come in once each."""
+
+    def __init__(self, prefix: str, server_id: str, history: collections.deque,
+                 deliver: Callable[[Event], None]) -> None:
+        self.stream_key, self.history_key = f"{prefix}:events", f"{prefix}:history"
+        self.server_id, self.deliver = server_id, deliver
+        self.history = history                       # the room's, which the list in Redis mirrors
+        self.last_id = b"0-0"                        # the last stream entry read
+        self.seen: dict[str, int] = {}               # the last seq read from each other server
+        self.unshared: collections.deque[tuple[bytes, list[tuple]]] = collections.deque()
+        # Their events' sizes, as a running sum: adding up a long queue for every event would cost.
+        self.unshared_bytes = 0
+        self.not_shared = 0                          # events dropped for want of room
+        self._seq = itertools.count(1)
+        self._wake_sharer = asyncio.Event()
+        self.drained = asyncio.Event()               # set whenever nothing waits to be shared
+
+    async def read_the_past(self, link: RedisConnection) -> None:
+        """The history, and where the stream ends now, in one transaction (nothing comes between)."""
+        *_, transaction = await link.pipeline([
+            ("MULTI",), ("XREVRANGE", self.stream_key, "+", "-", "COUNT", 1),
+            ("LRANGE", self.history_key, -self.history.maxlen, -1), ("EXEC",)])
+        try:
+            last, history = transaction
+            if last:
+                self.last_id = last[0][0]
+            if not isinstance(self.last_id, bytes):
+                raise TypeError
+            events = [decode_event(data) for data in history]
+        except (TypeError, ValueError, IndexError, AttributeError):
+            raise RespError("the stream or the history is not what chat.py writes") from None
+        # A line sent again after a dropped connection is in the list twice: keep one.
+        once = {(event.origin, event.seq): event for event in events}.values()
+        self.history.extend((event.when, (event.text,)) for event in once)
+
+    def jobs(self, commands: RedisConnection, blocking: RedisConnection) -> list[Awaitable[None]]:
+        """What runs while Redis is reachable: the sharer, and the follower, which blocks."""
+        return [self._sharer(commands), self._follower(blocking)]
+
+    def share(self, kind: str, text: str, to: str = "", also: Sequence[tuple] = ()) -> None:
+        """Queue an event, and the commands ``also`` with it; they go out when Redis can take them."""
+        event = encode_event(Event(self.server_id, next(self._seq), kind, time.time(), text, to))
+        if self.unshared_bytes + len(event) > MAX_UNSHARED_BYTES:
+            self.not_shared += 1   # Redis has been away long: this one stays here
+            return
+        commands = [("XADD", self.stream_key, "MAXLEN", "~", STREAM_LENGTH, "*", "event", event)]
+        if kind == "say":
+            commands += [("RPUSH", self.history_key, event),
+                         ("LTRIM", self.history_key, -self.history.maxlen, -1)]
+        self._queue(event, [*commands, *also])
+
+    def write(self, command: tuple) -> None:
+        """Queue a command that must reach Redis after the events queued before it (as event b"")."""
+        self._queue(b"", [command])
+
+    def _queue(self, event: bytes, commands: list[tuple]) -> None:
+        self.unshared.append((event, commands))
+        self.unshared_bytes += len(event)
+        self.drained.clear()
+        self._wake_sharer.set()
+
+    async def _sharer(self, link: RedisConnection) -> None:
+        if self.not_shared:   # the room was split, and whole again now
+            logger.warning("%s said here while the room was split stayed here (over %d bytes)",
+                           plural(self.not_shared, "event"), MAX_UNSHARED_BYTES)
+            self.not_shared = 0
+        while True:
+            await self._wake_sharer.wait()
+            self._wake_sharer.clear()
+            await self._share_waiting(link)
+
+    async def _share_waiting(self, link: RedisConnection) -> None:
+        """Send every waiting event, pipelined; each leaves the queue once Redis has it."""
+        while self.unshared:
+            batch = list(itertools.islice(self.unshared, READ_COUNT))
+            replies = await link.pipeline([command for _, commands in batch for command in commands])
+            for error in (reply for reply in replies if isinstance(reply, RedisError)):
+                logger.error("Redis refused an event: %s", error)
+            for event, _ in batch:
+                self.unshared.popleft()
+                self.unshared_bytes -= len(event)
+        self.drained.set()
+
+    async def _follower(self, link: RedisConnection) -> None:
+        block_ms, own = int(READ_BLOCK * 1000), f"{self.server_id} ".encode()
+        while True:
+            reply = await link.command("XREAD", "COUNT", READ_COUNT, "BLOCK", block_ms,
+                                       "STREAMS", self.stream_key, self.last_id,
+                                       timeout=READ_BLOCK + REDIS_TIMEOUT)
+            for entry_id, data in stream_entries(reply):
+                self.last_id = entry_id
+                if data.startswith(own):
+                    continue   # relayed here when it happened
+                try:
+                    event = decode_event(data)
+                except ValueError as error:
+                    logger.warning("skipped a stream entry %s: %s", printable(repr(entry_id)), error)
+                    continue
+                if event.seq > self.seen.get(event.origin, 0):   # else sent twice: seen already
+                    self.seen[event.origin] = event.seq
+                    self.deliver(event)
+
+
+# 14.3 Names ################################################################
 
 #: The scripts below take a name's two keys: KEYS[1] the name (its value
 #: "DIGEST SERVER NAME"), KEYS[2] how many of its member's lines the room has
@@ -3974,57 +4224,6 @@ end
 return lost
 """
 
-#: Told to this server's members when Redis goes away, and when it is back.
-SPLIT_NOTICE = ("* the room is split: Redis is unreachable, so only the members on this "
-                "server hear you for now; new names wait until it is whole")
-WHOLE_NOTICE = "* the room is whole again"
-
-#: Close reason for a member whose name another server gave away while this one was cut off.
-NAME_LOST_REASON = "the name {name} was taken on another server while the room was split"
-
-
-class Event(typing.NamedTuple):
-    """Something a member on one server did, for the members on every other server."""
-
-    origin: str     # the id of the server it happened on
-    seq: int        # its number among that server's events, from 1
-    kind: str       # "say" (kept in history), "notice", "tell" (one member), "replace"
-    when: float     # time.time() on the origin server
-    text: str       # the line to show
-    to: str = ""    # "tell", "replace": the member it is for, by its token's digest
-
-
-EVENT_KINDS = frozenset({"say", "notice", "tell", "replace"})
-
-
-def encode_event(event: Event) -> bytes:
-    """'ORIGIN SEQ KIND WHEN TO TEXT': the text last, since it may hold spaces."""
-    to = urllib.parse.quote(event.to) or "-"   # a name key may hold a space (NFKC of U+00A8 does)
-    return f"{event.origin} {event.seq} {event.kind} {event.when:.3f} {to} {event.text}".encode("utf-8")
-
-
-def decode_event(data: bytes) -> Event:
-    """The event in an entry from Redis, or ValueError: it is untrusted input too."""
-    fields = data.decode("utf-8").split(" ", 5)
-    if len(fields) != 6 or fields[2] not in EVENT_KINDS:
-        raise ValueError(f"not an event: {data[:40]!r}")
-    origin, seq, kind, when, to, text = fields
-    return Event(origin, int(seq), kind, float(when), text, "" if to == "-" else urllib.parse.unquote(to))
-
-
-def stream_entries(reply: Reply) -> list[tuple[bytes, bytes]]:
-    """(entry id, event bytes) from an XREAD reply: [[stream, [[id, [field, value]], ...]]]."""
-    if reply is None:
-        return []   # BLOCK timed out: nothing new
-    try:
-        [[_, entries]] = reply
-        found = [(entry_id, fields[fields.index(b"event") + 1]) for entry_id, fields in entries]
-        if all(isinstance(entry_id, bytes) and isinstance(data, bytes) for entry_id, data in found):
-            return found
-    except (TypeError, ValueError, IndexError, AttributeError):
-        pass
-    raise RespError("an XREAD reply of the wrong shape")
-
 
 class Claim(typing.NamedTuple):
     """What claiming a name found: what it held before ('' if free) and its member's count of lines."""
@@ -4057,207 +4256,142 @@ def name_holder(value: bytes) -> tuple[str, str, str]:
     return digest, server, name
 
 
-async def first_failure(*jobs: Awaitable[None]) -> BaseException:
-    """Run jobs that loop until they fail; return the first failure and cancel the rest."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        task = done.pop()
-        return task.exception() or RedisUnavailable("stopped")
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+class NameRegistry:
+    """The names in Redis, one key each: claimed on join and /nick, renewed while held, freed on leave."""
+
+    def __init__(self, redis: RedisLink, members: typing.Mapping[str, Member], prefix: str,
+                 server_id: str, ttl: float) -> None:
+        self.redis, self.members = redis, members   # members: this server's, the room's own dict
+        self.name_prefix, self.lines_prefix = f"{prefix}:name:", f"{prefix}:lines:"
+        self.server_id, self.ttl = server_id, ttl
+        self._claiming: set[str] = set()   # name keys being claimed from here just now
+
+    def value(self, name: str, token: str) -> str:
+        """What a name key holds while ``name`` is a member's here (see name_holder)."""
+        return f"{token_digest(token)} {self.server_id} {name}"
+
+    async def claim(self, name: str, fresh: str, offered: str) -> Claim | None:
+        """Claim ``name`` for a member with the token ``fresh``, or ``offered`` if it resumes.
+
+        None if another member holds it; else what it held ('' if it was free;
+        else the name was this token's already: a resume, or a new spelling of
+        one's own name) and how many of its member's lines the room relayed.
+        """
+        link, key = self.redis.require("names"), name_key(name)
+        if key in self._claiming:
+            return None   # another connection here is claiming it this very moment
+        offered_digest = f"{token_digest(offered)} " if offered else "-"   # "-" matches no digest
+        # A name this server holds for no member here is one whose release is on its way.
+        ours = f" {self.server_id} " if key not in self.members else "\n"   # "\n" matches nothing
+        self._claiming.add(key)
+        try:
+            return parse_claim(await link.command(
+                "EVAL", CLAIM_NAME, 2, self.name_prefix + key, self.lines_prefix + key,
+                self.value(name, fresh), self.value(name, offered),
+                int(self.ttl * 1000), offered_digest, ours))
+        except RedisUnavailable:
+            raise TryLater("the room's name store (Redis) did not answer; try again soon") from None
+        finally:
+            self._claiming.discard(key)
+
+    def release(self, member: Member) -> tuple:
+        """The command that frees the member's name, unless it has been taken over since."""
+        key = name_key(member.name)
+        return ("EVAL", RELEASE_NAME, 2, self.name_prefix + key, self.lines_prefix + key,
+                self.value(member.name, member.token))
+
+    def count_lines(self, member: Member) -> tuple:
+        """The command that stores how many of the member's lines the room has relayed."""
+        return ("SET", self.lines_prefix + name_key(member.name), member.lines,
+                "PX", int(self.ttl * 1000))
+
+    async def heartbeat(self, link: RedisConnection) -> None:
+        """Every TTL/3, renew this server's names (and set again those that expired)."""
+        while True:
+            members = list(self.members.values())
+            keys = [self.name_prefix + key for key in self.members]
+            keys += [self.lines_prefix + key for key in self.members]
+            lost = await link.command("EVAL", RENEW_NAMES, len(keys), *keys,
+                                      *(self.value(m.name, m.token) for m in members),
+                                      int(self.ttl * 1000))
+            for key in lost if isinstance(lost, list) else ():
+                member = self.members.get(key.decode("utf-8", "replace")[len(self.name_prefix):])
+                if member is not None:
+                    member.conn.close_nowait(CloseCode.POLICY_VIOLATION,
+                                             NAME_LOST_REASON.format(name=member.name))
+            await asyncio.sleep(self.ttl / 3)
+
+    async def room_size(self) -> int | None:
+        """How many members every server has together; None if Redis can't say just now."""
+        try:
+            return len(await self.name_keys())
+        except (TryLater, RedisUnavailable):
+            return None
+
+    async def name_keys(self) -> list[bytes]:
+        """Every member's name key, on every server (SCAN: the keys are the list)."""
+        link, cursor, keys = self.redis.require("the room"), b"0", []
+        while True:
+            reply = await link.command("SCAN", cursor, "MATCH", self.name_prefix + "*",
+                                       "COUNT", MAX_KEYS_PER_CALL)
+            try:
+                cursor, batch = reply
+                keys += batch
+            except (TypeError, ValueError):
+                raise RespError("a SCAN reply of the wrong shape") from None
+            if cursor == b"0":
+                return keys
+
+    async def everyone(self) -> list[str]:
+        """Every member's name, on every server."""
+        keys, names = await self.name_keys(), []
+        for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+            for value in await self.redis.require("the room").command(
+                    "MGET", *keys[start:start + MAX_KEYS_PER_CALL]):
+                with contextlib.suppress(ValueError, AttributeError):
+                    names.append(name_holder(value)[2])   # None: it left meanwhile
+        return names
+
+    async def holder(self, name: str) -> tuple[str, str, str] | None:
+        """(token digest, server id, name) of whoever holds ``name``, on any server; None if no one does."""
+        value = await self.redis.require("names").command("GET", self.name_prefix + name_key(name))
+        try:
+            return name_holder(value)
+        except (ValueError, AttributeError):
+            return None
 
 
-class SharedRoom(ChatRoom):
+# 14.4 The shared room ######################################################
+
+class SharedRoom(BatchedRoom):
     """A ChatRoom whose names, lines and history are shared through Redis with other servers."""
 
     def __init__(self, url: RedisURL, *, name_ttl: float = NAME_TTL, prefix: str = REDIS_PREFIX,
                  **options: typing.Any) -> None:
         super().__init__(**options)
-        self.url = url
-        self.name_ttl = name_ttl
-        self.server_id = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.stream, self.history_key = f"{prefix}:events", f"{prefix}:history"
-        self.name_prefix, self.lines_prefix = f"{prefix}:name:", f"{prefix}:lines:"
-        self.link: RedisConnection | None = None   # for commands; None while the room is split
-        self.last_id = b"0-0"                        # the last stream entry read
-        self.seen: dict[str, int] = {}               # the last seq read from each other server
-        self.unshared: collections.deque[tuple[bytes, list[tuple]]] = collections.deque()
-        self.unshared_bytes = 0                      # their events' sizes, summed as they come and go
-        self.not_shared = 0                          # events dropped for want of room
-        self._seq = itertools.count(1)
-        self._wake_sharer = asyncio.Event()
-        self._drained = asyncio.Event()              # set whenever nothing waits to be shared
+        server_id = f"{os.getpid()}-{secrets.token_hex(4)}"   # in every event and name it writes
+        self.redis = RedisLink(url, announce=self.broadcast, jobs=self._jobs)
+        self.events = EventStream(prefix, server_id, self.history, deliver=self.on_event)
+        self.names = NameRegistry(self.redis, self.members, prefix, server_id, name_ttl)
         self._busy: dict[Member, collections.deque[bytes]] = {}   # lines held behind a Redis command
-        self._claiming: set[str] = set()                # name keys being claimed from here just now
-        self._running: asyncio.Task | None = None
-
-    def name_value(self, name: str, token: str) -> str:
-        """What a name key holds while ``name`` is a member's here (see name_holder)."""
-        return f"{token_digest(token)} {self.server_id} {name}"
-
-    # -- the link to Redis --------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the connections and read the recent past; RedisUnavailable if Redis can't be used."""
-        link, blocking = await self._open()
-        try:
-            await self._read_the_past(link)
-        except (RedisUnavailable, RedisError) as error:
-            link.close()
-            blocking.close()
-            raise RedisUnavailable(str(error)) from None
-        self._running = asyncio.create_task(self._stay_connected(link, blocking))
+        """Connect to Redis and read the recent past; RedisUnavailable if Redis can't be used."""
+        await self.redis.connect(first=self.events.read_the_past)
 
-    async def _open(self) -> tuple[RedisConnection, RedisConnection]:
-        link = await RedisConnection.open(self.url)
-        try:
-            return link, await RedisConnection.open(self.url)
-        except RedisUnavailable:
-            link.close()
-            raise
-
-    async def _read_the_past(self, link: RedisConnection) -> None:
-        """The history, and where the stream ends now, in one transaction (nothing comes between)."""
-        *_, transaction = await link.pipeline([
-            ("MULTI",), ("XREVRANGE", self.stream, "+", "-", "COUNT", 1),
-            ("LRANGE", self.history_key, -self.history.maxlen, -1), ("EXEC",)])
-        try:
-            last, history = transaction
-            if last:
-                self.last_id = last[0][0]
-            if not isinstance(self.last_id, bytes):
-                raise TypeError
-            events = [decode_event(data) for data in history]
-        except (TypeError, ValueError, IndexError, AttributeError):
-            raise RespError("the stream or the history is not what chat.py writes") from None
-        # A line sent again after a dropped connection is in the list twice: keep one.
-        once = {(event.origin, event.seq): event for event in events}.values()
-        self.history.extend((event.when, (event.text,)) for event in once)
+    def _jobs(self, commands: RedisConnection, blocking: RedisConnection) -> list[Awaitable[None]]:
+        """What runs while Redis is reachable; the first to fail splits the room."""
+        return [*self.events.jobs(commands, blocking), self.names.heartbeat(commands)]
 
     async def close(self) -> None:
         """Share what is still waiting (the members' leaving, mostly), briefly; then let go."""
-        if self.link is not None and self.unshared:
+        if self.redis.commands is not None and self.events.unshared:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), 1.0)
-        if self._running is not None:
-            self._running.cancel()
-            await asyncio.wait([self._running])
-
-    async def _stay_connected(self, link: RedisConnection, blocking: RedisConnection) -> None:
-        """For as long as the server runs: use the link; when it breaks, reconnect with backoff."""
-        while True:
-            self.link = link
-            try:
-                failure = await first_failure(self._sharer(link), self._follower(blocking),
-                                              self._heartbeat(link))
-            finally:
-                self.link = None
-                link.close()
-                blocking.close()
-            if not isinstance(failure, (RedisUnavailable, RedisError)):
-                logger.error("the link to Redis failed", exc_info=failure)   # a bug: show where
-            logger.warning("Redis at %s: %s; the room is split", self.url, failure)
-            self.broadcast(SPLIT_NOTICE)
-            link, blocking = await self._reconnect()
-            logger.info("Redis at %s is back; the room is whole", self.url)
-            self.broadcast(WHOLE_NOTICE)
-            if self.not_shared:
-                logger.warning("%s said here while the room was split stayed here (over %d bytes)",
-                               plural(self.not_shared, "event"), MAX_UNSHARED_BYTES)
-                self.not_shared = 0
-
-    async def _reconnect(self) -> tuple[RedisConnection, RedisConnection]:
-        delay = REDIS_FIRST_RETRY
-        while True:
-            await asyncio.sleep(delay * (1 + random.random() / 10))
-            try:
-                return await self._open()
-            except RedisUnavailable as error:
-                logger.info("Redis at %s: still unreachable (%s)", self.url, error)
-            delay = min(delay * 2, REDIS_MAX_RETRY)
-
-    # -- sharing what happens here -------------------------------------------
-
-    def share(self, kind: str, text: str, to: str = "", counted: Member | None = None) -> None:
-        """Queue an event for the other servers; the sharer sends it when Redis can take it.
-
-        ``counted``: the member whose line it is; its count of lines goes to
-        Redis with it, for the greeting of a resume on another server.
-        """
-        event = encode_event(Event(self.server_id, next(self._seq), kind, time.time(), text, to))
-        if self.unshared_bytes + len(event) > MAX_UNSHARED_BYTES:
-            self.not_shared += 1   # Redis has been away long: this one stays here
-            return
-        commands = [("XADD", self.stream, "MAXLEN", "~", STREAM_LENGTH, "*", "event", event)]
-        if kind == "say":
-            commands += [("RPUSH", self.history_key, event),
-                         ("LTRIM", self.history_key, -self.history.maxlen, -1)]
-        if counted is not None:
-            commands.append(self.count_lines(counted))
-        self._queue(event, commands)
-
-    def count_lines(self, member: Member) -> tuple:
-        """The command that stores how many of the member's lines the room has relayed."""
-        return ("SET", self.lines_prefix + name_key(member.name), member.lines,
-                "PX", int(self.name_ttl * 1000))
-
-    def release(self, member: Member) -> None:
-        """Free the member's name, in order after its last events (queued with them)."""
-        key = name_key(member.name)
-        self._queue(b"", [("EVAL", RELEASE_NAME, 2, self.name_prefix + key, self.lines_prefix + key,
-                           self.name_value(member.name, member.token))])
-
-    def _queue(self, event: bytes, commands: list[tuple]) -> None:
-        self.unshared.append((event, commands))
-        self.unshared_bytes += len(event)
-        self._drained.clear()
-        self._wake_sharer.set()
-
-    async def _sharer(self, link: RedisConnection) -> None:
-        while True:
-            await self._wake_sharer.wait()
-            self._wake_sharer.clear()
-            await self._share_waiting(link)
-
-    async def _share_waiting(self, link: RedisConnection) -> None:
-        """Send every waiting event, pipelined; each leaves the queue once Redis has it."""
-        while self.unshared:
-            batch = list(itertools.islice(self.unshared, READ_COUNT))
-            replies = await link.pipeline([command for _, commands in batch for command in commands])
-            for error in (reply for reply in replies if isinstance(reply, RedisError)):
-                logger.error("Redis refused an event: %s", error)
-            for event, _ in batch:
-                self.unshared.popleft()
-                self.unshared_bytes -= len(event)
-        self._drained.set()
-
-    # -- hearing what happens elsewhere ----------------------------------------
-
-    async def _follower(self, link: RedisConnection) -> None:
-        block_ms, own = int(READ_BLOCK * 1000), f"{self.server_id} ".encode()
-        while True:
-            reply = await link.command("XREAD", "COUNT", READ_COUNT, "BLOCK", block_ms,
-                                       "STREAMS", self.stream, self.last_id,
-                                       timeout=READ_BLOCK + REDIS_TIMEOUT)
-            for entry_id, data in stream_entries(reply):
-                self.last_id = entry_id
-                if data.startswith(own):
-                    continue   # relayed here when it happened; on_event would skip it too
-                try:
-                    event = decode_event(data)
-                except ValueError as error:
-                    logger.warning("skipped a stream entry %s: %s", printable(repr(entry_id)), error)
-                    continue
-                self.on_event(event)
+                await asyncio.wait_for(self.events.drained.wait(), 1.0)
+        await self.redis.close()
 
     def on_event(self, event: Event) -> None:
-        """An event from the stream: ours, or seen already (sent twice), is skipped."""
-        if event.origin == self.server_id or event.seq <= self.seen.get(event.origin, 0):
-            return
-        self.seen[event.origin] = event.seq
+        """An event from another server, heard once (see EventStream): show it here."""
         # "tell" and "replace" find their member by token: a /nick meanwhile changes only the name.
         member = self.member_with_digest(event.to) if event.to else None
         if event.kind == "say":
@@ -4277,64 +4411,18 @@ class SharedRoom(ChatRoom):
         """This server's member whose resume token has this digest (a scan: /msg is rare)."""
         return next((m for m in self.members.values() if token_digest(m.token) == digest), None)
 
-    async def _heartbeat(self, link: RedisConnection) -> None:
-        """Every TTL/3, renew this server's names (and set again those that expired)."""
-        while True:
-            members = list(self.members.values())
-            keys = [self.name_prefix + key for key in self.members]
-            keys += [self.lines_prefix + key for key in self.members]
-            lost = await link.command("EVAL", RENEW_NAMES, len(keys), *keys,
-                                      *(self.name_value(m.name, m.token) for m in members),
-                                      int(self.name_ttl * 1000))
-            for key in lost if isinstance(lost, list) else ():
-                member = self.members.get(key.decode("utf-8", "replace")[len(self.name_prefix):])
-                if member is not None:
-                    member.conn.close_nowait(CloseCode.POLICY_VIOLATION,
-                                             NAME_LOST_REASON.format(name=member.name))
-            await asyncio.sleep(self.name_ttl / 3)
-
     # -- names ------------------------------------------------------------------
-
-    def require_link(self, doing: str) -> RedisConnection:
-        if self.link is None:
-            raise TryLater(f"the room is split (Redis is unreachable), so {doing} can't be checked "
-                           f"against the other servers; try again soon")
-        return self.link
-
-    async def claim(self, name: str, fresh: str, offered: str) -> Claim | None:
-        """Claim ``name`` for a member with the token ``fresh``, or ``offered`` if it resumes.
-
-        None if another member holds it; else what it held ('' if it was free;
-        else the name was this token's already: a resume, or a new spelling of
-        one's own name) and how many of its member's lines the room relayed.
-        """
-        link, key = self.require_link("names"), name_key(name)
-        if key in self._claiming:
-            return None   # another connection here is claiming it this very moment
-        offered_digest = f"{token_digest(offered)} " if offered else "-"   # "-" matches no digest
-        # A name this server holds for no member here is one whose release is on its way.
-        ours = f" {self.server_id} " if key not in self.members else "\n"   # "\n" matches nothing
-        self._claiming.add(key)
-        try:
-            return parse_claim(await link.command(
-                "EVAL", CLAIM_NAME, 2, self.name_prefix + key, self.lines_prefix + key,
-                self.name_value(name, fresh), self.name_value(name, offered),
-                int(self.name_ttl * 1000), offered_digest, ours))
-        except RedisUnavailable:
-            raise TryLater("the room's name store (Redis) did not answer; try again soon") from None
-        finally:
-            self._claiming.discard(key)
 
     async def enter(self, conn: Connection) -> Member:
         """Claim the name in Redis first; a name held on this server is for admit() to judge."""
-        count = await self.room_size()   # first: no await may come between claim and add_member
+        count = await self.names.room_size()   # first: no await may come between claim and add_member
         asked, offered = requested_name(conn)
         if asked is not None and name_key(asked) in self.members:
             return self.admit(conn)
         member = Member(asked or "", conn)
         for _ in range(1 if asked else GUEST_ATTEMPTS):
             member.name = asked or self.guest_name()
-            claimed = await self.claim(member.name, member.token, offered)
+            claimed = await self.names.claim(member.name, member.token, offered)
             if claimed is not None:
                 break
         else:
@@ -4344,48 +4432,28 @@ class SharedRoom(ChatRoom):
         resumed = bool(claimed.held)
         if resumed:   # its old connection, on another server, is closed there
             member.token, member.lines = offered, claimed.lines
-            self.share("replace", "", token_digest(offered))
+            self.events.share("replace", "", token_digest(offered))
         elif count is not None:
             count += 1   # the newcomer
         return self.add_member(member, announce=not resumed, count=count)
-
-    async def room_size(self) -> int | None:
-        """How many members every server has together; None if Redis can't say just now."""
-        try:
-            return len(await self.name_keys())
-        except (TryLater, RedisUnavailable):
-            return None
-
-    async def name_keys(self) -> list[bytes]:
-        """Every member's name key, on every server (SCAN: the keys are the list)."""
-        link, cursor, keys = self.require_link("the room"), b"0", []
-        while True:
-            reply = await link.command("SCAN", cursor, "MATCH", self.name_prefix + "*",
-                                       "COUNT", MAX_KEYS_PER_CALL)
-            try:
-                cursor, batch = reply
-                keys += batch
-            except (TypeError, ValueError):
-                raise RespError("a SCAN reply of the wrong shape") from None
-            if cursor == b"0":
-                return keys
 
     def leave(self, member: Member) -> None:
         here = self.members.get(name_key(member.name)) is member
         super().leave(member)
         if here:
-            self.release(member)
+            self.events.write(self.names.release(member))   # after its last events
 
     # -- what members say ---------------------------------------------------------
 
     def say(self, member: Member, *parts: str | bytes) -> None:
         super().say(member, *parts)
         line = "".join(part if isinstance(part, str) else part.decode("utf-8") for part in parts)
-        self.share("say", line, counted=member)
+        # Its count of lines goes along, for the greeting of a resume on another server.
+        self.events.share("say", line, also=[self.names.count_lines(member)])
 
     def notice(self, text: str) -> None:
         super().notice(text)
-        self.share("notice", text)
+        self.events.share("notice", text)
 
     def on_text(self, member: Member, text: bytes) -> None:
         """As in ChatRoom, but lines behind a command that waits for Redis wait too, in order."""
@@ -4421,46 +4489,39 @@ class SharedRoom(ChatRoom):
             self._busy[member].extendleft(reversed(waiting))
 
     async def command_who_shared(self, member: Member, argument: str) -> None:
-        if self.link is None:
-            names = [m.name for m in self.members.values()]
-            self.list_names(member, names, " (the room is split: only this server's members)")
+        if self.redis.commands is None:
+            self.list_names(member, [m.name for m in self.members.values()],
+                            " (the room is split: only this server's members)")
             return
-        keys, names = await self.name_keys(), []
-        for start in range(0, len(keys), MAX_KEYS_PER_CALL):
-            for value in await self.require_link("the room").command(
-                    "MGET", *keys[start:start + MAX_KEYS_PER_CALL]):
-                with contextlib.suppress(ValueError, AttributeError):
-                    names.append(name_holder(value)[2])   # None: it left meanwhile
-        self.list_names(member, names)
+        self.list_names(member, await self.names.everyone())
 
     async def command_msg_shared(self, member: Member, argument: str) -> None:
         recipient_name, text = argument.split(maxsplit=1)
         if name_key(recipient_name) in self.members:
             self.command_msg(member, argument)
             return
-        value = await self.require_link("names").command("GET", self.name_prefix + name_key(recipient_name))
-        try:
-            digest, _, recipient = name_holder(value)
-        except (ValueError, AttributeError):
+        holder = await self.names.holder(recipient_name)
+        if holder is None:
             self.tell(member.conn, f"* there is no {recipient_name} here; /who lists who is")
             return
+        digest, _, recipient = holder
         line = private_line(member.name, recipient, text)
-        self.share("tell", line, digest)   # by token: it reaches the member even after a /nick
+        self.events.share("tell", line, digest)   # by token: it reaches the member even after a /nick
         self.tell(member.conn, line)   # the sender's receipt: the room has it
 
     async def command_nick_shared(self, member: Member, new: str) -> None:
         name = self.new_name(member, new)
         if name is None:
             return
-        if await self.claim(name, member.token, member.token) is None:
+        if await self.names.claim(name, member.token, member.token) is None:
             self.tell(member.conn, f"* {name_taken(name)}")   # by a member on another server
             return
         if member.conn.state is not State.OPEN or self.members.get(name_key(member.name)) is not member:
             return   # gone while Redis answered; leave() released the old name, the new one expires
         if name_key(name) != name_key(member.name):
-            self.release(member)
+            self.events.write(self.names.release(member))
         self.rename(member, name)
-        self._queue(b"", [self.count_lines(member)])   # under the new name now
+        self.events.write(self.names.count_lines(member))   # under the new name now
 
 
 #: The commands that ask Redis, in a room shared with other servers.

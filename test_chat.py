@@ -2448,10 +2448,10 @@ class TestRedisConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         room = chat.SharedRoom(chat.parse_redis_url("redis://127.0.0.1"))   # never connected
         with unittest.mock.patch("chat.MAX_UNSHARED_BYTES", 10_000):
             for i in range(1000):
-                room.share("say", f"[bob]: line {i} " + "x" * 50)
-        self.assertLessEqual(room.unshared_bytes, 10_000)
-        self.assertEqual(len(room.unshared) + room.not_shared, 1000)   # the rest stayed here
-        self.assertEqual(room.unshared_bytes, sum(len(event) for event, _ in room.unshared))
+                room.events.share("say", f"[bob]: line {i} " + "x" * 50)
+        self.assertLessEqual(room.events.unshared_bytes, 10_000)
+        self.assertEqual(len(room.events.unshared) + room.events.not_shared, 1000)   # the rest stayed here
+        self.assertEqual(room.events.unshared_bytes, sum(len(event) for event, _ in room.events.unshared))
 
     async def test_unreachable_redis_at_start_is_one_sentence_and_status_1(self):
         port = free_port()
@@ -2663,7 +2663,7 @@ class TestSharedRoomFaults(SharedRoomTestCase):
         await self.expect(bob, "[alice]: just us")   # shared once Redis was back
         await bob.send("/who")
         await self.expect(bob, "* 3 here: alice, amy, bob")   # the heartbeat set the names again
-        self.assertEqual(room_one.unshared_bytes, 0)
+        self.assertEqual(room_one.events.unshared_bytes, 0)
 
     async def test_a_killed_servers_names_are_free_within_the_ttl(self):
         _, one = await self.start_shared()
