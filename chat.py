@@ -603,11 +603,7 @@ def check_response(headers: dict[str, str], key: str, *, offered_extensions: boo
 # never masks. Each side fails the connection if the other gets it wrong.
 
 class FrameHeader(typing.NamedTuple):
-    """Everything in a frame but its payload, decoded (§5.2).
-
-    A NamedTuple rather than a dataclass: one is made for every frame read,
-    and a tuple is the cheapest object Python can build.
-    """
+    """Everything in a frame but its payload, decoded (§5.2)."""
 
     fin: bool
     rsv: int                 # the three reserved bits, as a number from 0 to 7
@@ -621,7 +617,7 @@ def apply_mask(data: bytes, mask_key: bytes, start: int = 0, end: int | None = N
 
     Byte i of the payload is XOR-ed with byte i % 4 of the key. This loop is
     the reference; frames are masked with apply_mask_fast (section 9), the
-    same XOR a hundred times faster, and a test holds the two equal.
+    same XOR about fifty times faster on a large payload, held equal by a test.
     """
     end = len(data) if end is None else end
     return bytearray(data[start + i] ^ mask_key[i % 4] for i in range(end - start))
@@ -714,12 +710,11 @@ class FrameReader:
     frame's payload as is here, unmasked. Handing the payload over piece by
     piece lets the message layer check UTF-8 as it arrives (§8.1). Bad bytes
     raise ProtocolError as soon as they are seen. The Connection feeds it from
-    a socket; ``parse_frame`` from one buffer, which is how the tests use it.
+    a socket; ``parse_frame`` from one buffer, as the tests do.
 
-    The bytes fed are kept as they came, with a read position, rather than
-    copied into a growing buffer: the payload is unmasked straight out of
-    them. Only what is left unread when more arrives (a header cut in two) is
-    copied, and the Connection reads all it can before it feeds more.
+    The bytes fed are kept as they came, with a read position, and the
+    payload is unmasked straight out of them: only a header cut in two is
+    copied, when more arrives.
     """
 
     __slots__ = ("expect_masked", "extension_rsv", "remaining", "_data", "_pos", "_mask_key",
@@ -915,14 +910,12 @@ def parse_close_payload(payload: bytes) -> tuple[int, str]:
 # The price: pings are answered only while some task is in recv(), so a
 # program that stops reading for long is, to its peer, a dead one.
 #
-# Reading uses the one call of asyncio's StreamReader that a frame reader
-# needs, ``await reader.read(n)``; writing, the transport's write(). Every
-# frame we send leaves through _write(), so frames leave in the order they
-# were written, whoever wrote them: a pong, a broadcast, the close frame.
+# Reading uses the one call of asyncio's StreamReader a frame reader needs,
+# ``await reader.read(n)``. Every frame we send leaves through _write(), in
+# the order written, whoever wrote it: a pong, a broadcast, the close frame.
 # send() then waits for the peer to read; write_frame(), the broadcast path,
-# never waits. (What serve() and connect() return is a FastConnection,
-# section 9: this class with a leaner reader of the same read(), and writes
-# gathered into one system call per turn of the event loop.)
+# never waits. (serve() and connect() return a FastConnection, section 9:
+# a leaner reader with the same read(), writes gathered once per loop turn.)
 #
 # States (§7): OPEN -> CLOSING once a close frame was sent -> CLOSED once TCP
 # is closed. Whenever we send a close frame we also start a timer that aborts
@@ -1261,9 +1254,8 @@ async def keepalive(connections: Collection[Connection], interval: float) -> Non
 #
 # The handshake on the wire, and the two ways in: serve() listens and hands
 # each new WebSocket to a handler; connect() opens one. WebSocketServer is
-# the plain server; what serve() runs is PublicServer (section 10), this
-# class plus what a server facing the internet needs (limits per address,
-# running out of file descriptors) and FastConnection (section 9).
+# the plain server; serve() runs PublicServer (section 10): this class with
+# the defences a server facing the internet needs.
 
 async def read_http_head(reader: asyncio.StreamReader) -> list[bytes]:
     """Read lines up to the blank line that ends an HTTP head, within our limits."""
@@ -2659,14 +2651,10 @@ class TurnWriter:
 class FastConnection(Connection):
     """Connection (section 6) as serve() and connect() make it: the same protocol, faster I/O.
 
-    It reads through Incoming and assembles with FastAssembler. What it
-    sends goes into an outbox, written at the end of the current turn of the
-    event loop with one system call; pongs, broadcasts, replies and the close
-    frame all take that path, so they still leave in the order written. And
-    since broadcasts and pongs are written without waiting, a peer that
-    leaves more than ``max_buffer`` bytes unread is dropped with 1008: a slow
-    reader can neither make us buffer without bound nor delay anyone else.
-    With -v, every frame is traced (section 10).
+    What it sends goes into an outbox, written at the end of the event loop's
+    turn with one system call, in the order written. Since broadcasts and
+    pongs don't wait, a peer that leaves more than ``max_buffer`` bytes unread
+    is dropped with 1008: it can't make us buffer without bound.
     """
 
     message_assembler = FastAssembler
@@ -2799,13 +2787,10 @@ class BatchedRoom(ChatRoom):
 #
 # Skip this on a first reading too. A server on the internet meets peers
 # that are not trying to chat: scripts that open hundreds of connections,
-# clients that connect and say nothing until the process runs out of file
-# descriptors, browsers pointed at the wrong scheme. PublicServer is
-# WebSocketServer (section 7) with the defences against them, and serve()
-# runs it. Each defence is a limit with its reason and a flag (README,
-# "Limits and defences"). The end of the section has what makes errors and
-# the protocol readable to a person: the client's clearer errors, and the
-# -v trace of every handshake and frame.
+# clients that say nothing until the process runs out of file descriptors,
+# browsers pointed at the wrong scheme. PublicServer, which serve() runs,
+# has the defences: each a limit with its reason and a flag (README, "Limits
+# and defences"). Then the client's clearer errors, and the -v trace.
 
 #: File descriptors kept back from members. Each member holds one; the server
 #: itself needs a few (the listening sockets, the event loop's, stdio, log
@@ -2928,17 +2913,11 @@ def peer_address(writer: asyncio.StreamWriter) -> str:
 
 
 class PublicServer(WebSocketServer):
-    """WebSocketServer with the defences a server facing the internet needs; serve() runs it.
+    """WebSocketServer with the defences above, and FastConnections (section 9); serve() runs it.
 
-    - Each connection is a FastConnection (section 9), which drops a peer
-      that leaves more than ``max_buffer`` bytes unread.
-    - One address may hold ``max_per_address`` connections (None: no limit);
-      behind a reverse proxy in ``trusted_proxies``, the address it forwards
-      in X-Forwarded-For counts instead of its own.
-    - Peers' network errors get a line in the log, never a traceback, and
-      when file descriptors run out, connections silent in their handshake
-      are dropped so that newcomers get an answer (LoopErrorLog).
-    - A TLS ClientHello on a plain server gets a 400 at once.
+    One address may hold ``max_per_address`` connections (None: no limit);
+    behind a reverse proxy in ``trusted_proxies``, the address it forwards in
+    X-Forwarded-For counts instead of its own.
     """
 
     def __init__(self, handler: Handler, *, max_buffer: int = MAX_OUTGOING_BUFFER,
@@ -3119,11 +3098,9 @@ def log_head(who: str, direction: str, head: bytes) -> None:
 
 # 11. Showing untrusted text ################################################
 #
-# Whatever a peer sends may end up on a screen: a chat client's, an
-# operator's reading the log, a browser's. One definition, printable(),
-# decides how it is shown, for the log (through EscapeInLogs), the terminal
-# client (section 16) and the page (section 17, which receives the same
-# rule from Python).
+# Whatever a peer sends may end up on a screen: a chat client's, or an
+# operator's reading the log. One definition, printable(), decides how it is
+# shown, for the log (through EscapeInLogs) and the terminal client.
 
 #: Categories that are escaped unless kept below: controls (C0, DEL, C1),
 #: format characters (bidi overrides and isolates among them), surrogates,
@@ -3152,9 +3129,7 @@ def escape_hidden(text: str) -> str:
 def printable(text: str) -> str:
     """Escape whatever could drive a terminal or disguise a line; leave ordinary text alone.
 
-    Whatever a peer sends may end up on a screen: the chat client's, or an
-    operator's reading the log. An escape sequence could clear the screen,
-    move the cursor or retitle the window; a newline, U+2028 or a bidi
+    An escape sequence could clear the screen, move the cursor or retitle the window; a newline, U+2028 or a bidi
     override (U+202E) could fake a line or reorder it. So every control (C0,
     DEL, C1) and format character, line and paragraph separator, surrogate,
     private-use and unassigned character is shown as its Python escape
@@ -3207,11 +3182,8 @@ logger.addFilter(EscapeInLogs())
 #
 # permessage-deflate (RFC 7692, https://www.rfc-editor.org/rfc/rfc7692), the
 # one extension (RFC 6455 §9) chat.py speaks. A reader who skips it can
-# ignore, above, every line that names PerMessageDeflate or a connection's
-# ``deflate`` (None unless the handshake agreed to it), and RSV1: the
-# handshake offers or answers it, the Connection inflates what arrives and
-# deflates what it sends through it, and a broadcast compresses a line once
-# (broadcast_frame, below). How it works:
+# ignore every line above that names PerMessageDeflate, a connection's
+# ``deflate`` (None unless agreed) or RSV1. How it works:
 #
 #   - The client offers it in Sec-WebSocket-Extensions, perhaps several times
 #     with different parameters; the server accepts the first offer it can
@@ -3229,12 +3201,10 @@ logger.addFilter(EscapeInLogs())
 #     state only while a compressed message is passing through.
 #
 # Security: compressing a secret together with text an attacker chooses lets
-# the attacker learn the secret from the compressed sizes (the CRIME and
-# BREACH attacks on TLS and HTTPS). A chat message holds one member's line,
-# so nobody's secret shares a message with someone else's text; but an
-# application that sends secrets (tokens, session ids, private data) in
-# messages that also carry attacker-influenced text over wss:// should run
-# with --no-compression (connect(compression=False), serve(compression=False)).
+# the attacker learn the secret from the compressed sizes (CRIME, BREACH). A
+# chat message holds one member's line, so no secret shares a message with
+# someone else's text; an application that mixes them over wss:// should turn
+# compression off (--no-compression, connect/serve(compression=False)).
 
 PERMESSAGE_DEFLATE = "permessage-deflate"
 
