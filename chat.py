@@ -1546,14 +1546,6 @@ HISTORY_SIZE = 50
 #: channels. ``--announce-limit`` changes it.
 ANNOUNCE_LIMIT = 100
 
-#: Flood control, as IRC servers do it (RFC 1459 §8.10): a burst of 20 lines,
-#: then 2 per second. Lines past that are not refused but held, and relayed
-#: at the rate; only a member whose held lines pass MAX_HELD_LINES is
-#: disconnected (1008), so memory stays bounded.
-RATE_BURST = 20
-RATE_PER_SECOND = 2.0
-MAX_HELD_LINES = 100
-
 #: What the server adds around a member's text when it relays it, at most:
 #: a client must accept messages this much larger than the server's limit.
 RELAY_OVERHEAD = 1024
@@ -1598,15 +1590,21 @@ def utc_stamp(when: float) -> str:
     return time.strftime(UTC_STAMP_FORMAT, time.gmtime(when))
 
 
-class LineFormat(typing.NamedTuple):
+class LineFormat:
     """One kind of line the room sends: how the server writes it, how a client reads it."""
 
-    template: str   # for str.format; a member's {text} comes last, relayed as it came
-    pattern: str    # matches the start of such a line; JavaScript reads it the same way
+    __slots__ = ("template", "pattern", "_head")
 
-    def head(self, **fields: str) -> str:
-        """The line up to its {text}: the room sends the text after it as the bytes that came."""
-        return self.template.partition("{text}")[0].format(**fields)
+    def __init__(self, template: str, pattern: str) -> None:
+        self.template = template   # for str.format; a member's {text} comes last, relayed as it came
+        self.pattern = pattern     # matches the start of such a line; JavaScript reads it the same way
+        # The part before {text}, as a %-format: filled for every line relayed, so cheaply.
+        self._head = re.sub(r"\{\w+\}", "%s", template.partition("{text}")[0].replace("%", "%%"))
+
+    def head(self, *fields: str) -> str:
+        """The line up to its {text}, the fields before it given in order: the room
+        sends the text after it as the bytes that came."""
+        return self._head % fields
 
     def match(self, line: str) -> re.Match | None:
         return re.match(self.pattern, line)
@@ -1923,6 +1921,15 @@ def help_lines() -> list[str]:
 
 # 8.4 Flood control ##########################################################
 
+#: Flood control, as IRC servers do it (RFC 1459 §8.10): a burst of 20 lines,
+#: then 2 per second. Lines past that are not refused but held, and relayed
+#: at the rate; only a member whose held lines pass MAX_HELD_LINES is
+#: disconnected (1008), so memory stays bounded.
+RATE_BURST = 20
+RATE_PER_SECOND = 2.0
+MAX_HELD_LINES = 100
+
+
 class TokenBucket:
     """Rate limiting: ``burst`` tokens, refilled at ``rate`` per second, one per line."""
 
@@ -2191,7 +2198,7 @@ class ChatRoom:
             rate=describe_rate(self.rate, self.burst), delivered=plural(member.lines, "line"),
             history=plural(len(self.history), "line")))
         for when, parts in self.history:
-            self.tell(member.conn, LINES["history"].head(stamp=utc_stamp(when)), *parts)
+            self.tell(member.conn, LINES["history"].head(utc_stamp(when)), *parts)
 
     def leave(self, member: Member) -> None:
         """The member's connection is over; unless it was replaced, the member is gone."""
@@ -2246,7 +2253,7 @@ class ChatRoom:
         if member.conn.state is not State.OPEN:
             return   # it was held by the flood control, and the member has gone since
         if relayed_as_is(text):   # most lines: never decoded, relayed as the bytes that came
-            self.say(member, LINES["said"].head(name=member.name), text)
+            self.say(member, LINES["said"].head(member.name), text)
             return
         try:
             line = parse_line(text.decode("utf-8"))
@@ -2254,7 +2261,7 @@ class ChatRoom:
             self.tell(member.conn, f"* {reply}")
             return
         if isinstance(line, ChatLine):
-            self.say(member, LINES["said"].head(name=member.name), line.text)
+            self.say(member, LINES["said"].head(member.name), line.text)
         elif line is not None:
             self.run_command(member, line)
 
@@ -2287,7 +2294,7 @@ class ChatRoom:
         self.tell(member.conn, f"* {len(names)} here: {', '.join(names)}{note}")
 
     def command_me(self, member: Member, action: str) -> None:
-        self.say(member, LINES["action"].head(name=member.name), action)
+        self.say(member, LINES["action"].head(member.name), action)
 
     def command_msg(self, member: Member, argument: str) -> None:
         recipient_name, text = argument.split(maxsplit=1)   # parse_line checked there are two
