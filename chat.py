@@ -2266,7 +2266,8 @@ class ChatRoom:
             self.run_command(member, line)
 
     def run_command(self, member: Member, command: Command) -> None:
-        COMMAND_HANDLERS[command.name](self, member, command.argument)
+        """Each command of COMMANDS (the one table of them) is carried out by command_NAME."""
+        getattr(self, f"command_{command.name}")(member, command.argument)
 
     def say(self, member: Member, *parts: str | bytes) -> None:
         """A member's line for everyone, kept in the history, counted for its receipts.
@@ -2361,17 +2362,6 @@ class ChatRoom:
             if frame is None:
                 frame = frames[window_bits] = b"".join(broadcast_frame(Opcode.TEXT, payload, window_bits))
             conn.write_frame(frame)
-
-
-#: The ChatRoom method that carries out each command of COMMANDS.
-COMMAND_HANDLERS: typing.Mapping[str, Callable[[ChatRoom, Member, str], None]] = types.MappingProxyType({
-    "help": ChatRoom.command_help,
-    "nick": ChatRoom.command_nick,
-    "me": ChatRoom.command_me,
-    "who": ChatRoom.command_who,
-    "msg": ChatRoom.command_msg,
-    "quit": ChatRoom.command_quit,
-})
 
 
 # 9. Serving many ###########################################################

@@ -1762,6 +1762,10 @@ class TestCheckName(unittest.TestCase):
 class TestParseLine(unittest.TestCase):
     """parse_line(): commands IRC style; chat otherwise; nothing for empty lines."""
 
+    def test_every_command_has_its_method_in_the_room(self):
+        for name in chat.COMMANDS:   # the one table: ChatRoom.run_command finds command_NAME
+            self.assertTrue(callable(getattr(chat.ChatRoom, f"command_{name}", None)), name)
+
     def assertReply(self, text, reply):
         with self.assertRaises(ValueError) as caught:
             parse_line(text)
