@@ -5778,15 +5778,13 @@ def is_quit_command(line: str) -> bool:
 
 # 17. Web page #############################################################
 #
-# Kept near the end, as bottle keeps its templates: 170 lines of HTML and
-# JavaScript a reader of the protocol can skip (only the extension follows).
+# Kept near the end, as bottle keeps its templates: HTML and JavaScript a
+# reader of the protocol can skip.
 
-#: The browser page served at "/": self-contained (no external scripts,
-#: styles or fonts), text shown with textContent so it is never parsed as
-#: HTML, and the socket URL taken from the page's own location. It keeps
-#: the terminal client's promises: lines are paced to the room's limit, shown
-#: dimmed until the room's copy comes back, kept across a dropped connection
-#: and sent again after the reconnect (with backoff, and the same name).
+#: The page served at "/": self-contained (no external scripts, styles or
+#: fonts), text shown with textContent so it is never parsed as HTML. It
+#: keeps the terminal client's promises: lines paced to the room's limit,
+#: dimmed until the room's copy comes back, and sent again after a reconnect.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -5811,21 +5809,19 @@ input[type=text] { flex: 1; } [hidden] { display: none !important; }
 <button>Send</button></form>
 <script>
 "use strict";
-const PATTERNS = @GREETING_PATTERNS@, RESENT_MARK = @RESENT_MARK@, RECONNECT = @RECONNECT_CODES@;
-const FIRST_BACKOFF = @FIRST_BACKOFF@, MAX_BACKOFF = @MAX_BACKOFF@;   // seconds
+const {PATTERNS, RESENT_MARK, RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
 let socket = null, myName = "", token = "", greeted = false, delivered = 0, reconnected = false;
-let backoff = FIRST_BACKOFF, bucket = null, pumping = null;
+let backoff = FIRST_BACKOFF, bucket = null, pumping = null;   // backoffs in seconds
 const pending = [];   // our lines on their way: {line, copy, sent, item}
 const seen = [];      // the latest lines shown, so a reconnect's history doesn't repeat them
 
 function field(line, name) { const m = new RegExp(PATTERNS[name]).exec(line); return m ? m[1] : null; }
-function hhmm(date) { return date.toTimeString().slice(0, 5); }
 
 function show(text, when, cls) {
   const item = document.createElement("li"), time = document.createElement("span");
-  time.className = "time"; time.textContent = hhmm(when || new Date());
+  time.className = "time"; time.textContent = (when || new Date()).toTimeString().slice(0, 5);
   const action = /^\\[([^\\]\\s]+)\\] (?!→)/.exec(text);
   if (action) text = "* " + action[1] + " " + text.slice(action[0].length);
   item.className = cls || (action ? "action" : text.startsWith("* ") ? "notice"
@@ -5868,10 +5864,9 @@ function greeting(line) {
   delivered = has;
   const burst = parseInt(field(line, "burst")) || 1;
   bucket = rate ? {rate, burst, tokens: burst, stamp: Date.now()} : null;
-  $("join").hidden = true; $("send").hidden = false; $("text").focus();
+  $("send").hidden = false; $("text").focus();
   show(line.split(" Limits: ")[0]);
-  const sent = pending.filter((p) => p.sent);
-  sent.forEach((p, i) => {
+  pending.filter((p) => p.sent).forEach((p, i) => {
     if (arrived !== null && i < arrived) { drop(p); return; }
     p.sent = false;
     if (arrived === null) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
@@ -5950,10 +5945,9 @@ $("send").addEventListener("submit", (event) => {
 });
 </script>
 </body></html>
-""".replace("@GREETING_PATTERNS@", json.dumps(dict(GREETING_PATTERNS))).replace(
-    "@RESENT_MARK@", json.dumps(RESENT_MARK)).replace(
-    "@RECONNECT_CODES@", json.dumps(sorted(RECONNECT_CODES))).replace(
-    "@FIRST_BACKOFF@", json.dumps(FIRST_BACKOFF)).replace("@MAX_BACKOFF@", json.dumps(MAX_BACKOFF))
+""".replace("@FROM_PYTHON@", json.dumps(dict(
+    PATTERNS=dict(GREETING_PATTERNS), RESENT_MARK=RESENT_MARK, RECONNECT=sorted(RECONNECT_CODES),
+    FIRST_BACKOFF=FIRST_BACKOFF, MAX_BACKOFF=MAX_BACKOFF)))
 
 
 # 18. Command line ##########################################################
@@ -6002,26 +5996,20 @@ def reachable_at(host: str, port: int) -> tuple[str, str]:
 
 
 def raise_descriptor_limit() -> int | None:
-    """Raise this process's soft limit on open files to its hard limit; return the limit.
-
-    Only the soft limit applies, and it is often 1024 while the hard limit,
-    which a process may raise it to, is far higher. None: no limit we know of.
-    """
+    """Raise this process's limit on open files (the soft one, often 1024) to the hard
+    one, which is often far higher; return the limit, or None if there is none."""
     try:
         import resource   # Unix only; imported here so that the file runs on Windows too
     except ImportError:
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):   # macOS refuses an unlimited one: keep the soft limit
-            pass
+    with contextlib.suppress(ValueError, OSError):   # macOS refuses an unlimited one
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def clients_descriptors_allow(max_clients: int | None, flag: str = "--max-clients") -> int | None:
+def clients_descriptors_allow(max_clients: int | None) -> int | None:
     """max_clients, lowered (and said so) if the open-file limit can't hold that many members."""
     limit = raise_descriptor_limit()
     if limit is None:
@@ -6032,16 +6020,15 @@ def clients_descriptors_allow(max_clients: int | None, flag: str = "--max-client
                            f"than {FD_RESERVE}: raise the limit (ulimit -n)")
     if max_clients is None or max_clients <= allowed:
         return allowed if max_clients is None else max_clients
-    logger.warning("%s lowered from %d to %d: this process may open %d files (ulimit -n) "
-                   "and keeps %d for itself", flag, max_clients, allowed, limit, FD_RESERVE)
+    logger.warning("--max-clients lowered from %d to %d: this process may open %d files "
+                   "(ulimit -n) and keeps %d for itself", max_clients, allowed, limit, FD_RESERVE)
     return allowed
 
 
 async def run_echo(args: argparse.Namespace) -> int:
-    max_clients = clients_descriptors_allow(None)
-    server = await listen(echo, args, max_size=args.max_size, max_clients=max_clients,
-                          max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size),
-                          compression=not args.no_compression)
+    server = await listen(echo, args, max_clients=clients_descriptors_allow(None),
+                          max_size=args.max_size, compression=not args.no_compression,
+                          max_buffer=max(MAX_OUTGOING_BUFFER, 4 * args.max_size))
     address, where = reachable_at(args.host, server.port)
     logger.info("echo server%s: ws://%s/", where, address)
     await run_until_signalled(server)
@@ -6062,7 +6049,7 @@ def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLCont
 
 
 def ssl_error_words(error: ssl.SSLError) -> str:
-    """'no certificate or crl found' for NO_CERTIFICATE_OR_CRL_FOUND; '[SSL] PEM lib' without the C file."""
+    """'no certificate or crl found' for NO_CERTIFICATE_OR_CRL_FOUND; else without '(_ssl.c:N)'."""
     if error.reason:
         return error.reason.replace("_", " ").lower()
     return re.sub(r" \(_ssl\.c:\d+\)$", "", error.strerror or str(error))
@@ -6117,11 +6104,8 @@ async def run_server(args: argparse.Namespace) -> int:
 async def run_workers(args: argparse.Namespace) -> int:
     """--workers N: N server processes on one port (SO_REUSEPORT), one room through Redis.
 
-    Each worker is this program again, with the same options; an unreachable
-    Redis or a taken port is said once, from here. SIGINT and SIGTERM are
-    passed on, so every worker closes its clients with 1001; a worker that
-    exits takes the others down with it, and any failure makes the status 1.
-    """
+    Each is this program again; an unreachable Redis or a taken port is said once, from
+    here. A worker that exits takes the others down, and any failure makes the status 1."""
     try:
         (await RedisConnection.open(args.redis)).close()
     except RedisUnavailable as error:
@@ -6157,11 +6141,8 @@ async def run_workers(args: argparse.Namespace) -> int:
 
 
 def stop_with_parent() -> None:
-    """In a worker: once the parent is gone, however it died, stop as if sent SIGTERM.
-
-    The parent holds the other end of our stdin and never writes to it, so
-    stdin becomes readable only at its end: when the parent has exited.
-    """
+    """In a worker: once the parent is gone, however it died, stop as if sent SIGTERM. It
+    holds our stdin's other end and never writes, so stdin is readable only at its end."""
     loop = asyncio.get_running_loop()
 
     def parent_gone() -> None:
@@ -6199,7 +6180,6 @@ async def run_client(args: argparse.Namespace) -> int:
     client = ChatClient(args.url, screen, keyboard, name=args.name, interactive=interactive,
                         reconnect=not args.no_reconnect, ssl_context=ssl_context,
                         max_size=args.max_size, compression=not args.no_compression,
-                        # no prompt before there is a room:
                         on_connected=lambda: start_keyboard(keyboard, screen, client, interactive))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -6211,70 +6191,73 @@ async def run_client(args: argparse.Namespace) -> int:
             screen.terminal.stop()
 
 
-def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient,
-                   interactive: bool) -> Terminal | None:
+def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient, interactive: bool) -> None:
     """The line editor on a POSIX terminal; plain line input on a pipe, or without termios."""
     if not interactive:
         read_lines_in_thread(keyboard, sys.stdin, None)
-        return None
+        return
     try:
         import termios  # noqa: F401  (POSIX only)
     except ImportError:
         screen.show("* no termios here: plain line input, without the line editor", "notice")
         read_lines_in_thread(keyboard, sys.stdin, "> ")
-        return None
-    terminal = Terminal(keyboard, sys.stdin.fileno(), sys.stdout, client.waiting)
-    screen.terminal = terminal
-    terminal.start()
-    return terminal
+        return
+    screen.terminal = Terminal(keyboard, sys.stdin.fileno(), sys.stdout, client.waiting)
+    screen.terminal.start()
 
 
 # Every value is checked as it is parsed, so a bad one is a usage error (exit
 # status 2, one sentence from argparse) rather than a traceback or a server that
 # starts and then misbehaves (a rate of -1, or NaN, which turns the limit off).
 
-def whole_number(text: str, low: int, high: int | None = None) -> int:
-    """An int from low to high (or up), or an error saying what was wrong with ``text``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < low or (high is not None and value > high):
-        allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
-        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {allowed}")
-    return value
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int from low to high (or up), or an error saying what is wrong."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {allowed}")
+        return value
+    return parse
 
 
-def positive_int(text: str) -> int:
-    return whole_number(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return whole_number(text, 0)
-
-
-def port_number(text: str) -> int:
-    """0 to 65535; 0 lets the system pick a free port."""
-    return whole_number(text, 0, 65535)
-
-
-def rate(text: str) -> float:
-    """A finite number of messages per second, 0 or more ("nan" and "inf" are not rates)."""
+def finite_number(text: str, zero_ok: bool, error: str) -> float:
+    """A number more than 0 (or 0 too, if zero_ok); "nan" and "inf" are not."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate: give a number of "
-                                         "messages per second, 0 or more")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {error}")
     return value
+
+
+def rate(text: str) -> float:
+    return finite_number(text, True, "a rate: give a number of messages per second, 0 or more")
+
+
+def seconds(text: str) -> float:
+    return finite_number(text, False, "a time: give a number of seconds, more than 0")
+
+
+def parsed_by(parse: Callable[[str], object], keep_text: bool = False) -> Callable[[str], object]:
+    """An argparse type: parse(text), or text if keep_text; parse's ValueError is a usage error."""
+    def parse_argument(text: str) -> object:
+        try:
+            parsed = parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text if keep_text else parsed
+    return parse_argument
 
 
 def readable_file(path: str) -> str:
     """A file we can open now, so a typo fails at once and not at the first client."""
     try:
-        with open(path, "rb"):
-            pass
+        open(path, "rb").close()
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {describe_os_error(error)}") from None
     return path
@@ -6285,14 +6268,6 @@ def ip_address(text: str) -> str:
     if address is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address")
     return address
-
-
-def websocket_url(url: str) -> str:
-    try:
-        parse_uri(url)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return url
 
 
 def describe_os_error(error: OSError) -> str:
@@ -6311,24 +6286,6 @@ def describe_os_error(error: OSError) -> str:
     return reasons.get(error.errno, (error.strerror or str(error)).lower())
 
 
-def seconds(text: str) -> float:
-    """A finite number of seconds, more than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give a number of seconds, more than 0")
-    return value
-
-
-def redis_url(text: str) -> RedisURL:
-    try:
-        return parse_redis_url(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat.py",
@@ -6340,7 +6297,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_server_command(commands)
     add_client_command(commands)
-    add_echo_command(commands)
+    echo_cmd = commands.add_parser("echo", help="an echo server for conformance suites (Autobahn)",
+                                   description="Send every message back unchanged, on any path.")
+    add_listening_flags(echo_cmd, port=9001)
+    echo_cmd.add_argument("--no-compression", action="store_true",
+                          help="don't accept permessage-deflate (RFC 7692)")
+    echo_cmd.set_defaults(run=run_echo)
     return parser
 
 
@@ -6349,21 +6311,16 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
                     "Ctrl-C closes every connection with 1001 (going away) and exits.")
-    server.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on; '' means all interfaces (default: %(default)s)")
-    server.add_argument("--port", type=port_number, default=8080, help="port to listen on (default: %(default)s)")
-    server.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
-                        help="largest message accepted, in bytes; larger ones close with 1009 "
-                             "(default: %(default)s)")
-    server.add_argument("--max-buffer", type=positive_int, default=MAX_OUTGOING_BUFFER,
+    add_listening_flags(server, port=8080)
+    server.add_argument("--max-buffer", type=whole_number(1), default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
     server.add_argument("--rate", type=rate, default=RATE_PER_SECOND,
                         help="messages per second allowed per client after a burst; 0 turns "
                              "flood control off (default: %(default)s)")
-    server.add_argument("--burst", type=positive_int, default=RATE_BURST,
+    server.add_argument("--burst", type=whole_number(1), default=RATE_BURST,
                         help="messages a client may send at once (default: %(default)s)")
-    server.add_argument("--announce-limit", type=non_negative_int, default=ANNOUNCE_LIMIT,
+    server.add_argument("--announce-limit", type=whole_number(0), default=ANNOUNCE_LIMIT,
                         help="stop announcing joins and leaves past this many members "
                              "(default: %(default)s)")
     server.add_argument("--certfile", type=readable_file, help="serve https:// and wss:// with this certificate (PEM)")
@@ -6372,16 +6329,37 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
                         help="don't accept permessage-deflate (RFC 7692): turn it off when "
                              "messages mix secrets with text others choose (CRIME/BREACH)")
     add_server_access_flags(server)
-    add_server_redis_flags(server)
+    server.add_argument("--redis", type=parsed_by(parse_redis_url), metavar="URL",
+                        help="share one room with every server started with this URL: "
+                             "redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// for TLS")
+    server.add_argument("--name-ttl", type=seconds, default=NAME_TTL, metavar="SECONDS",
+                        help="with --redis: how long a crashed server's names stay taken "
+                             "(default: %(default)s)")
+    server.add_argument("--workers", type=whole_number(1), default=1, metavar="N",
+                        help="with --redis: run N server processes on one port (SO_REUSEPORT); "
+                             "--max-clients and --max-per-ip then apply to each of them "
+                             "(default: %(default)s)")
+    server.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)   # see run_workers
     server.set_defaults(run=run_server)
+
+
+def add_listening_flags(command: argparse.ArgumentParser, port: int) -> None:
+    """--host, --port and --max-size, as the chat server and the echo server share them."""
+    command.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on; '' means all interfaces (default: %(default)s)")
+    command.add_argument("--port", type=whole_number(0, 65535), default=port,
+                         help="port to listen on (default: %(default)s)")
+    command.add_argument("--max-size", type=whole_number(1), default=MAX_MESSAGE_SIZE,
+                         help="largest message accepted, in bytes; larger ones close with 1009 "
+                              "(default: %(default)s)")
 
 
 def add_server_access_flags(server: argparse.ArgumentParser) -> None:
     """Who may connect, and how many: the flags for an operator's defences."""
-    server.add_argument("--max-clients", type=positive_int, default=1000,
+    server.add_argument("--max-clients", type=whole_number(1), default=1000,
                         help="connections beyond this get HTTP 503; lowered at start-up if the "
                              "open-file limit (ulimit -n) can't hold them (default: %(default)s)")
-    server.add_argument("--max-per-ip", type=non_negative_int, default=MAX_PER_ADDRESS,
+    server.add_argument("--max-per-ip", type=whole_number(0), default=MAX_PER_ADDRESS,
                         help="connections one IP address may hold at once; more get HTTP 503. "
                              "A classroom behind one NAT shares one address: raise it there; "
                              "0 means no limit (default: %(default)s)")
@@ -6399,20 +6377,6 @@ def add_server_access_flags(server: argparse.ArgumentParser) -> None:
                              "names get HTTP 421, which stops DNS-rebinding pages")
 
 
-def add_server_redis_flags(server: argparse.ArgumentParser) -> None:
-    server.add_argument("--redis", type=redis_url, metavar="URL",
-                        help="share one room with every server started with this URL: "
-                             "redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss:// for TLS")
-    server.add_argument("--name-ttl", type=seconds, default=NAME_TTL, metavar="SECONDS",
-                        help="with --redis: how long a crashed server's names stay taken "
-                             "(default: %(default)s)")
-    server.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                        help="with --redis: run N server processes on one port (SO_REUSEPORT); "
-                             "--max-clients and --max-per-ip then apply to each of them "
-                             "(default: %(default)s)")
-    server.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)   # see run_workers
-
-
 def add_client_command(commands: argparse._SubParsersAction) -> None:
     client = commands.add_parser(
         "client", help="join the chat from this terminal",
@@ -6421,17 +6385,19 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     "room has it. /quit, Ctrl-D or Ctrl-C leave; lines the room never confirmed "
                     "are listed, and the exit status is then 1. Piped input is sent at the "
                     "room's pace, and the client exits once every line is confirmed. If the "
-                    "server goes away the client reconnects, waiting 1, 2, 4 ... up to 30 "
+                    f"server goes away the client reconnects, waiting {FIRST_BACKOFF:g}, "
+                    f"{2 * FIRST_BACKOFF:g}, {4 * FIRST_BACKOFF:g} ... up to {MAX_BACKOFF:g} "
                     "seconds, and gets its name back.")
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
-    client.add_argument("--url", type=websocket_url, default=f"ws://127.0.0.1:8080{CHAT_PATH}",
+    client.add_argument("--url", type=parsed_by(parse_uri, keep_text=True),
+                        default=f"ws://127.0.0.1:8080{CHAT_PATH}",
                         help="the chat's WebSocket URL (default: %(default)s)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
     client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")
-    client.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
+    client.add_argument("--max-size", type=whole_number(1), default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
                         help="largest message accepted, in bytes (default: %(default)s)")
     client.add_argument("--no-timestamps", action="store_true",
                         help="don't start each line with the local time (HH:MM)")
@@ -6440,35 +6406,19 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
     client.set_defaults(run=run_client)
 
 
-def add_echo_command(commands: argparse._SubParsersAction) -> None:
-    echo_cmd = commands.add_parser(
-        "echo", help="an echo server for conformance suites (Autobahn)",
-        description="Send every message back unchanged, on any path.")
-    echo_cmd.add_argument("--host", default="127.0.0.1",
-                          help="address to listen on; '' means all interfaces (default: %(default)s)")
-    echo_cmd.add_argument("--port", type=port_number, default=9001, help="port to listen on (default: %(default)s)")
-    echo_cmd.add_argument("--max-size", type=positive_int, default=MAX_MESSAGE_SIZE,
-                          help="largest message accepted, in bytes (default: %(default)s)")
-    echo_cmd.add_argument("--no-compression", action="store_true",
-                          help="don't accept permessage-deflate (RFC 7692)")
-    echo_cmd.set_defaults(run=run_echo)
-
-
-def save_terminal() -> list | None:
-    """The terminal's settings, to restore should we exit with it still in raw mode."""
-    if not sys.stdin.isatty():
-        return None
+@contextlib.contextmanager
+def terminal_restored(wanted: bool) -> typing.Iterator[None]:
+    """Put the terminal's settings back, should we exit with it still in raw mode."""
+    settings = None
+    if wanted and sys.stdin.isatty():
+        with contextlib.suppress(ImportError, OSError):
+            import termios   # Unix only; imported here so the rest runs anywhere
+            settings = termios.tcgetattr(sys.stdin.fileno())
     try:
-        import termios   # Unix only; imported here so the rest runs anywhere
-        return termios.tcgetattr(sys.stdin.fileno())
-    except (ImportError, OSError):
-        return None
-
-
-def restore_terminal(settings: list | None) -> None:
-    if settings is not None:
-        import termios
-        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
+        yield
+    finally:
+        if settings is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -6479,25 +6429,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers needs --redis: separate processes share a room only through Redis")
     if getattr(args, "redis", None) and args.max_size > MAX_MESSAGE_SIZE:
         parser.error(f"with --redis, --max-size can be at most {MAX_MESSAGE_SIZE}: "
-                     f"Redis's replies are read within RESP_MAX_REPLY")
+                     "Redis's replies are read within RESP_MAX_REPLY")
     # -v traces our frames, not asyncio's internals; the client's screen is for the chat.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
                         level=logging.WARNING if args.command == "client" else logging.INFO)
     if args.verbose:
         logger.setLevel(logging.DEBUG)
-    terminal = save_terminal() if args.command == "client" else None
-    try:
-        return asyncio.run(args.run(args))
-    except KeyboardInterrupt:
-        return 0
-    except StartupError as error:
-        print(f"chat.py: {error}", file=sys.stderr)
-        return 1
-    except (OSError, ssl.SSLError) as error:   # e.g. the port is taken, a bad certificate file
-        print(f"chat.py: {error.strerror or error}", file=sys.stderr)
-        return 1
-    finally:
-        restore_terminal(terminal)
+    with terminal_restored(args.command == "client"):
+        try:
+            return asyncio.run(args.run(args))
+        except KeyboardInterrupt:
+            return 0
+        except StartupError as error:
+            print(f"chat.py: {error}", file=sys.stderr)
+            return 1
+        except (OSError, ssl.SSLError) as error:   # e.g. the port is taken, a bad certificate file
+            print(f"chat.py: {error.strerror or error}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":
