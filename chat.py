@@ -4584,47 +4584,17 @@ def is_control(ch: str) -> bool:
     return unicodedata.category(ch) == "Cc"
 
 
-def strip_controls(text: str) -> str:
-    """text with tabs as spaces and every other control character dropped."""
-    return "".join(ch for ch in text.replace("\t", TAB_SPACES) if not is_control(ch))
-
-
 # Keys. In raw mode a key arrives as a character (a, or ^A = "\x01") or as an
-# escape sequence (Left = ESC [ D). A read may end anywhere, even inside a
-# sequence, so the decoder keeps an unfinished one for the next read.
+# escape sequence (Left = ESC [ D), and a read may end inside a sequence.
 
-class Key(enum.Enum):
-    """What a KeyEvent is: typed text, a pasted block, or one named key."""
-
-    TEXT = "text"
-    PASTE = "paste"
-    ENTER = "enter"
-    TAB = "tab"
-    BACKSPACE = "backspace"
-    DELETE = "delete"
-    LEFT = "left"
-    RIGHT = "right"
-    UP = "up"
-    DOWN = "down"
-    HOME = "home"
-    END = "end"
-    CTRL_A = "ctrl-a"
-    CTRL_B = "ctrl-b"
-    CTRL_C = "ctrl-c"
-    CTRL_D = "ctrl-d"
-    CTRL_E = "ctrl-e"
-    CTRL_F = "ctrl-f"
-    CTRL_K = "ctrl-k"
-    CTRL_L = "ctrl-l"
-    CTRL_N = "ctrl-n"
-    CTRL_P = "ctrl-p"
-    CTRL_U = "ctrl-u"
-    CTRL_W = "ctrl-w"
-    CTRL_Z = "ctrl-z"
+#: What a KeyEvent is: typed text, a pasted block, or one named key.
+Key = enum.Enum("Key", ["TEXT", "PASTE", "ENTER", "TAB", "BACKSPACE", "DELETE",
+                        "LEFT", "RIGHT", "UP", "DOWN", "HOME", "END",
+                        "CTRL_A", "CTRL_B", "CTRL_C", "CTRL_D", "CTRL_E", "CTRL_F",
+                        "CTRL_K", "CTRL_L", "CTRL_N", "CTRL_P", "CTRL_U", "CTRL_W", "CTRL_Z"])
 
 
-@dataclasses.dataclass(frozen=True)
-class KeyEvent:
+class KeyEvent(typing.NamedTuple):
     """One thing the user did; text is set for Key.TEXT and Key.PASTE only."""
 
     key: Key
@@ -4674,7 +4644,6 @@ class KeyDecoder:
     """Turns what a raw-mode terminal sends into KeyEvents, however it is split."""
 
     def __init__(self) -> None:
-        """Nothing read yet."""
         self._unread = ""                         # a sequence cut off by the end of a feed
         self._pasted: list[str] | None = None     # a bracketed paste being collected
 
@@ -4738,9 +4707,8 @@ class KeyDecoder:
         return end + len(PASTE_END)
 
 
-# Editing. One buffer and a cursor index into it, in characters; the keys of
-# Emacs and readline. A combining mark travels with the character before it,
-# so the cursor never stops between an "e" and its accent.
+# Editing, with the keys of Emacs and readline. A combining mark travels with
+# the character before it, so the cursor never stops between an "e" and its accent.
 
 class Action(enum.Enum):
     """What the client must do, besides sending lines and redrawing."""
@@ -4759,7 +4727,6 @@ class LineEditor:
     """The line being typed: a buffer, a cursor index into it, and the history."""
 
     def __init__(self, history_size: int = INPUT_HISTORY_SIZE) -> None:
-        """Start with an empty line and no history."""
         self.buffer = ""
         self.cursor = 0               # 0 .. len(buffer), in characters
         self.history: list[str] = []  # sent lines, oldest first
@@ -4786,20 +4753,19 @@ class LineEditor:
 
     def edit(self, key: Key) -> None:
         """Move the cursor, delete, or browse the history, as key says."""
-        # (Not a match statement: Python 3.7-3.9 must be able to parse this
-        # file, to be told that it needs 3.10.)
+        # Not a match statement: Python 3.7-3.9 must parse this file to say it needs 3.10.
         if key in (Key.LEFT, Key.CTRL_B):
-            self.cursor = self._left_of(self.cursor)
+            self.cursor = self._step(self.cursor, -1)
         elif key in (Key.RIGHT, Key.CTRL_F):
-            self.cursor = self._right_of(self.cursor)
+            self.cursor = self._step(self.cursor, +1)
         elif key in (Key.HOME, Key.CTRL_A):
             self.cursor = 0
         elif key in (Key.END, Key.CTRL_E):
             self.cursor = len(self.buffer)
         elif key is Key.BACKSPACE:
-            self._delete(self._left_of(self.cursor), self.cursor)
+            self._delete(self._step(self.cursor, -1), self.cursor)
         elif key in (Key.DELETE, Key.CTRL_D):
-            self._delete(self.cursor, self._right_of(self.cursor))
+            self._delete(self.cursor, self._step(self.cursor, +1))
         elif key is Key.CTRL_K:
             self._delete(self.cursor, len(self.buffer))
         elif key is Key.CTRL_U:
@@ -4814,8 +4780,8 @@ class LineEditor:
             self.insert(TAB_SPACES)
 
     def insert(self, text: str) -> None:
-        """Type text at the cursor (control characters can't get into the buffer)."""
-        text = strip_controls(text)
+        """Type text at the cursor: tabs as spaces, other control characters dropped."""
+        text = "".join(ch for ch in text.replace("\t", TAB_SPACES) if not is_control(ch))
         self.buffer = self.buffer[:self.cursor] + text + self.buffer[self.cursor:]
         self.cursor += len(text)
 
@@ -4850,22 +4816,14 @@ class LineEditor:
         self.cursor = len(self.buffer)
 
     def _delete(self, start: int, end: int) -> None:
-        """Delete buffer[start:end]; the cursor goes to start."""
         self.buffer = self.buffer[:start] + self.buffer[end:]
         self.cursor = start
 
-    def _left_of(self, i: int) -> int:
-        """The index one character left of i, stepping over combining marks too."""
-        i = max(i - 1, 0)
-        while i > 0 and char_width(self.buffer[i]) == 0:
-            i -= 1
-        return i
-
-    def _right_of(self, i: int) -> int:
-        """The index one character right of i, stepping over its combining marks too."""
-        i = min(i + 1, len(self.buffer))
-        while i < len(self.buffer) and char_width(self.buffer[i]) == 0:
-            i += 1
+    def _step(self, i: int, by: int) -> int:
+        """The index one character left (by -1) or right (+1) of i, over combining marks too."""
+        i = min(max(i + by, 0), len(self.buffer))
+        while 0 < i < len(self.buffer) and char_width(self.buffer[i]) == 0:
+            i += by
         return i
 
     def _word_start(self) -> int:
@@ -4966,11 +4924,7 @@ class InputView:
 
     def redraw(self, buffer: str, cursor: int, width: int, height: int,
                status: Sequence[str] = ()) -> str:
-        """Erase the input as last drawn and draw it again: status lines, prompt, buffer, cursor.
-
-        ``status`` lines (plain text: the client's lines still on their way)
-        are drawn dimmed above the prompt, as part of the input area.
-        """
+        """Erase the input as last drawn; draw it again: status lines (dimmed), prompt, buffer."""
         width = max(width, MIN_WIDTH)
         start = self._erase(width)
         above = [row for line in status for row in wrap_rows(line, width)]
@@ -4987,8 +4941,7 @@ class InputView:
     def show_above(self, lines: list[str], buffer: str, cursor: int, width: int, height: int,
                    status: Sequence[str] = ()) -> str:
         """Erase the input, write lines where it was, and draw the input again below them."""
-        # Each line is written whole and the terminal wraps it, however long;
-        # "\r\n" after it also ends a pending wrap if it filled its last row.
+        # "\r\n" after a line also ends a pending wrap if it filled its last row.
         written = "".join(line + "\r\n" for line in lines)
         return (self._erase(max(width, MIN_WIDTH)) + written
                 + self.redraw(buffer, cursor, width, height, status))
@@ -5055,12 +5008,10 @@ CLIENT_KEEPALIVE_INTERVAL = 5.0
 #: confirm the lines still on their way; then those are listed as not sent.
 CONFIRM_TIMEOUT = 10.0
 
-#: A line sent again after a reconnect, when the history could not show
-#: whether the room already had it: the others see that it may be a repeat.
+#: Marks a line sent again that the others may have seen (see DeliveryLedger.greeted).
 RESENT_MARK = "(resent) "
 
-#: Under the room's lines, at most this many of ours still on their way are
-#: listed one by one; the rest are counted.
+#: At most this many of our lines on their way are listed under the room's; the rest are counted.
 MAX_WAITING_SHOWN = 5
 
 #: Lines the terminal keeps to draw the screen again after a resize.
@@ -5072,9 +5023,6 @@ SGR = re.compile(r"\x1b\[[0-9;]*m")
 STYLES = {"mine": "1;32", "private": "35", "notice": "33", "history": "2", "error": "31",
           "action": "36"}
 
-#: "(history 2026-12-02T09:15:00Z) " at the start of a history line.
-HISTORY_PREFIX = re.compile(r"\(history (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\) ")
-
 
 def echo_of(line: str, name: str) -> str | None:
     """How the room relays a line we send, so we know it arrived; None: no copy comes back."""
@@ -5083,9 +5031,9 @@ def echo_of(line: str, name: str) -> str | None:
     except ValueError:
         return None
     if isinstance(parsed, ChatLine):
-        return f"[{name}]: {parsed.text}"
+        return LINES["said"].template.format(name=name, text=parsed.text)
     if isinstance(parsed, Command) and parsed.name == "me":
-        return f"[{name}] {parsed.argument}"
+        return LINES["action"].template.format(name=name, text=parsed.argument)
     return None   # other commands get replies, not copies
 
 
@@ -5099,11 +5047,7 @@ def mark_resent(line: str) -> str:
 
 
 class DeliveryLedger:
-    """Which of our lines the room has yet to confirm, and which to send again: no I/O.
-
-    The room relays our chat lines and actions back to us too, in order: the
-    next copy to come back confirms the oldest line still unconfirmed.
-    """
+    """Which of our lines the room has yet to confirm, and which to send again: no I/O."""
 
     def __init__(self) -> None:
         self.unconfirmed: collections.deque[str] = collections.deque()   # oldest first
@@ -5133,8 +5077,7 @@ class DeliveryLedger:
         dropped (only their copies were lost); the rest are sent again as they
         were. A room that doesn't know us (the server restarted) can't say, and
         the old one may have relayed some to people who are here again: all
-        are sent again, marked as possible repeats. Either way none is
-        unconfirmed until it is sent again.
+        are sent again, marked as possible repeats.
         """
         lines, arrived = list(self.unconfirmed), has - self.delivered
         self.unconfirmed.clear()
@@ -5144,11 +5087,10 @@ class DeliveryLedger:
 
 def line_style(line: str, name: str) -> str:
     """Which STYLES entry a line from the room is shown in ("" for plain)."""
-    if line.startswith("* "):
-        return "notice"
-    if re.match(r"\[[^\]]* → ", line):
-        return "private"
-    return "mine" if line.startswith(f"[{name}]: ") else ""
+    for kind in ("notice", "private"):   # named in STYLES as in LINES
+        if LINES[kind].match(line):
+            return kind
+    return "mine" if line.startswith(LINES["said"].head(name)) else ""
 
 
 def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple[str, str]:
@@ -5158,14 +5100,12 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
     An action ("[bob] waves") is shown IRC style: "* bob waves".
     """
     stamp, style = now, ""
-    history = HISTORY_PREFIX.match(line)
+    history = LINES["history"].match(line)
     if history:
-        try:
+        with contextlib.suppress(ValueError):   # a month 13 from a broken server: stamp it now
             stamp = calendar.timegm(time.strptime(history[1], UTC_STAMP_FORMAT))
-        except ValueError:   # a month 13 from a broken server: keep the line, stamp it now
-            pass
         line, style = line[history.end():], "history"
-    action = re.match(r"\[([^\]\s]+)\] (?!→)", line)
+    action = LINES["action"].match(line)
     if action:
         line, style = f"* {action[1]} {line[action.end():]}", style or "action"
     if parse_greeting(line) is not None:   # the limits and the token are for the client
@@ -5176,12 +5116,7 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
 
 
 class Keyboard:
-    """The lines the user typed, in order, until the client takes them.
-
-    The line editor or a reading thread puts lines in; the client waits with
-    ``wait()``, takes one with ``take()``, and puts back with ``unget()`` a
-    line that could not be sent, so that it goes first next time.
-    """
+    """The lines the user typed, in order, until the client takes them."""
 
     def __init__(self) -> None:
         self.lines: collections.deque[str] = collections.deque()
@@ -5211,10 +5146,6 @@ class Keyboard:
     def done(self) -> bool:
         """The user wants out: Ctrl-C, or the input ended and every line was taken."""
         return self.interrupted or (self.ended and not self.lines)
-
-    async def wait(self) -> None:
-        """Until there is a line to take, or the user is done."""
-        await self.wait_until(lambda: bool(self.lines) or self.done)
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Until ``condition()`` holds; it is checked again whenever the input changes."""
@@ -5255,17 +5186,12 @@ def read_lines_in_thread(keyboard: Keyboard, stdin: typing.TextIO, prompt: str |
 
 
 class Terminal:
-    """A terminal in raw mode with the line editor: keys in, the room's lines drawn above.
-
-    POSIX only (termios); run_client falls back to plain line input elsewhere.
-    """
+    """A raw-mode POSIX terminal with the line editor: keys in, the room's lines drawn above."""
 
     def __init__(self, keyboard: Keyboard, fd: int, out: typing.TextIO,
                  status: Callable[[], list[str]]) -> None:
         self.keyboard, self.fd, self.out, self.status = keyboard, fd, out, status
-        self.keys = KeyDecoder()
-        self.editor = LineEditor()
-        self.view = InputView()
+        self.keys, self.editor, self.view = KeyDecoder(), LineEditor(), InputView()
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.recent: collections.deque[str] = collections.deque(maxlen=MAX_REPAINTED_LINES)
         self._saved: list | None = None   # the terminal's settings before raw mode
@@ -5277,6 +5203,7 @@ class Terminal:
         loop.add_signal_handler(signal.SIGWINCH, self.repaint)
         loop.add_signal_handler(signal.SIGCONT, self._resumed)
         self.keyboard.on_change = self.redraw
+        self.redraw()
 
     def stop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -5284,7 +5211,6 @@ class Terminal:
         loop.remove_signal_handler(signal.SIGWINCH)
         loop.remove_signal_handler(signal.SIGCONT)
         self.keyboard.on_change = lambda: None
-        self._write(self.view.clear())
         self._leave_raw_mode()
 
     def _enter_raw_mode(self) -> None:
@@ -5301,12 +5227,10 @@ class Terminal:
         attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
         termios.tcsetattr(self.fd, termios.TCSADRAIN, attrs)
         self._write(BRACKETED_PASTE_ON)
-        self.view.forget()
-        self.redraw()
 
     def _leave_raw_mode(self) -> None:
         import termios
-        self._write(BRACKETED_PASTE_OFF)
+        self._write(self.view.clear() + BRACKETED_PASTE_OFF)
         if self._saved is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
@@ -5339,7 +5263,6 @@ class Terminal:
 
     def _suspend(self) -> None:
         """Ctrl-Z: give the terminal back as it was, stop; draw again after fg."""
-        self._write(self.view.clear())
         self._leave_raw_mode()
         os.kill(os.getpid(), signal.SIGTSTP)   # fg continues us: SIGCONT calls _resumed
 
@@ -5395,16 +5318,13 @@ class Terminal:
 class Screen:
     """Where the room's lines go: escaped, stamped, coloured if wanted, above what is typed."""
 
-    def __init__(self, out: typing.TextIO, *, color: bool, timestamps: bool = True,
-                 terminal: Terminal | None = None) -> None:
-        self.out = out
-        self.color = color
-        self.timestamps = timestamps
-        self.terminal = terminal   # None: plain lines, as for a pipe
-        self.name = ""             # ours, to colour our own lines
+    def __init__(self, out: typing.TextIO, *, color: bool, timestamps: bool = True) -> None:
+        self.out, self.color, self.timestamps = out, color, timestamps
+        self.terminal: Terminal | None = None   # None: plain lines, as for a pipe
 
-    def show(self, line: str, style: str | None = None) -> None:
-        text, found_style = display_line(line, name=self.name, timestamps=self.timestamps,
+    def show(self, line: str, style: str | None = None, *, name: str = "") -> None:
+        """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine")."""
+        text, found_style = display_line(line, name=name, timestamps=self.timestamps,
                                          now=time.time())
         code = STYLES.get(found_style if style is None else style)
         if self.color and code:
@@ -5478,47 +5398,43 @@ class Sender:
         await self.keyboard.wait_until(lambda: greeted.is_set() or self.keyboard.interrupted)
         while True:
             if self.quit_reason is not None and not self.keyboard.lines:
-                return self.quit_reason   # /quit came before a reconnect: what it waited for is sent
-            await self.keyboard.wait()
+                return self.quit_reason   # /quit: once every line typed before it is sent
+            await self.keyboard.wait_until(lambda: bool(self.keyboard.lines) or self.keyboard.done)
             line = self.keyboard.take()
             if line is None:
                 self.on_leaving()
                 return ""
             try:
-                reason = await self.send_line(conn, line)
+                await self.send_line(conn, line)
             except ConnectionClosed:
                 return None
-            if reason is not None:
-                return reason
 
-    async def send_line(self, conn: Connection, line: str) -> str | None:
-        """Send one typed line; None to go on, or the reason to leave with (/quit REASON)."""
+    async def send_line(self, conn: Connection, line: str) -> None:
+        """Send one typed line, or note /quit REASON for send_typed to leave with."""
         parsed = self.check_typed(line)
         if parsed is None:
-            return None
+            return
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.keyboard.lines.clear()   # what was typed after /quit is not for the room
             self.on_leaving()
             self.quit_reason = parsed.argument or "bye"
-            return self.quit_reason
+            return
+        sending = False
         try:
-            await self.pace()   # cancelled if the connection ends while the line waits its turn
+            while self.bucket is not None and not self.bucket.take():   # the room's pace
+                await asyncio.sleep(self.bucket.wait_time())   # cancelled if the connection ends
             if conn.state is not State.OPEN:
                 raise ConnectionClosed(conn.close_rcvd, conn.close_sent, tcp_closed=False)
-        except (ConnectionClosed, asyncio.CancelledError):
-            self.keyboard.unget(line)   # certainly not sent: it goes first next time
-            raise
-        try:
+            sending = True
             await conn.send(line)
         except (ConnectionClosed, asyncio.CancelledError):
-            # It may have gone out before the connection failed: a line with a
-            # copy to come waits for the next connection's greeting to tell.
-            if not self.ledger.sent(line):
+            # A line that got to send() and has a copy to come may be in the room: the next
+            # greeting will tell (DeliveryLedger.greeted). Any other goes first next time.
+            if not (sending and self.ledger.sent(line)):
                 self.keyboard.unget(line)
             raise
         self.ledger.sent(line)
         self.keyboard.changed()
-        return None
 
     def check_typed(self, line: str) -> Command | ChatLine | None:
         """What a typed line means, or None if it is not to be sent (and the screen says why).
@@ -5539,11 +5455,6 @@ class Sender:
             return None
         return parsed
 
-    async def pace(self) -> None:
-        """Wait for the room's flood control to allow one more line, so it needn't hold any."""
-        while self.bucket is not None and not self.bucket.take():
-            await asyncio.sleep(self.bucket.wait_time())
-
 
 class ChatClient:
     """The session: connects, shows the room, reconnects when the server goes away."""
@@ -5558,11 +5469,11 @@ class ChatClient:
         self.url, self.screen, self.keyboard = url, screen, keyboard
         self.name = name or ""      # asked for, then the one the room gave us
         self.reconnect, self.interactive = reconnect, interactive
-        self.ssl_context, self.max_size = ssl_context, max_size
+        self.connect_options = dict(ssl_context=ssl_context, max_size=max_size,   # for connect()
+                                    compression=compression)   # offer permessage-deflate (12)
         self.first_backoff, self.confirm_timeout = first_backoff, confirm_timeout
         self.keepalive_interval = keepalive_interval
         self.on_connected = on_connected               # once, at the first connection
-        self.compression = compression                 # offer permessage-deflate (section 12)
         self.token: str | None = None                  # gets our name back on a reconnect
         self.ledger = DeliveryLedger()
         self.sender = Sender(keyboard, screen, self.ledger, on_leaving=self.start_leaving)
@@ -5615,9 +5526,7 @@ class ChatClient:
     async def connect_unless_interrupted(self, url: str) -> Connection | None:
         """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
         self.screen.show(f"* connecting to {self.url} …", "notice")
-        connecting = asyncio.create_task(
-            connect(url, ssl_context=self.ssl_context, max_size=self.max_size,
-                    compression=self.compression))
+        connecting = asyncio.create_task(connect(url, **self.connect_options))
         interrupted = asyncio.create_task(self.keyboard.wait_until(lambda: self.keyboard.interrupted))
         await asyncio.wait({connecting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
         interrupted.cancel()
@@ -5665,21 +5574,21 @@ class ChatClient:
 
         The server answers frames in order, so its pong to a ping sent now
         comes after its replies to everything we sent before, unless its
-        flood control held some of our lines: Sender.pace() keeps to its rate
+        flood control held some of our lines: the Sender keeps to its rate
         so that it need not. False if the connection ended first.
         """
+        async def confirmed() -> None:   # every line came back, then the pong to a last ping
+            await self.keyboard.wait_until(
+                lambda: not self.ledger.unconfirmed or self.keyboard.interrupted)
+            if not self.keyboard.interrupted:   # Ctrl-C: leave now
+                await conn.ping(b"done?")
+
         remaining = max(0.0, (self.leave_by or 0) - time.monotonic())
-        waiting = asyncio.create_task(self.until_confirmed(conn))
+        waiting = asyncio.create_task(confirmed())
         await asyncio.wait({waiting, receiving}, timeout=remaining,
                            return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
         return not receiving.done()
-
-    async def until_confirmed(self, conn: Connection) -> None:
-        """Until every line came back and the pong to a last ping, unless Ctrl-C says leave now."""
-        await self.keyboard.wait_until(lambda: not self.ledger.unconfirmed or self.keyboard.interrupted)
-        if not self.keyboard.interrupted:
-            await conn.ping(b"done?")
 
     def finish(self, status: int) -> int:
         """At exit: list every line that never reached the room; 1 if there was any."""
@@ -5711,11 +5620,10 @@ class ChatClient:
         self.sender.obey(greeting)
         if greeting is None:
             return   # not our kind of server: no names, no receipts
-        # The room gives our token back only if it is the room we were in
-        # (the server did not restart): only then does its count mean ours.
+        # Only the room we were in (the server did not restart) gives our token back.
         same_room = self.token is not None and greeting.token == self.token
         self.token = greeting.token
-        self.name = self.screen.name = greeting.name
+        self.name = greeting.name
         for line in reversed(self.ledger.greeted(greeting.delivered or 0, same_room)):
             self.keyboard.unget(line)   # before anything typed while we were away
 
@@ -5725,15 +5633,15 @@ class ChatClient:
             self.keyboard.changed()   # no longer shown as waiting
         renamed = re.fullmatch(r"\* (\S+) is now known as (\S+)", line)
         if renamed and renamed[1] == self.name:
-            self.name = self.screen.name = renamed[2]
-        history = HISTORY_PREFIX.match(line)
+            self.name = renamed[2]
+        history = LINES["history"].match(line)
         text = line[history.end():] if history else line
         # After a reconnect the history repeats what was shown before: skip
         # that. (So a line said twice in the same words may then show once.)
         if history and self.reconnected and text in self.seen:
             return
         self.seen.append(text)
-        self.screen.show(line)
+        self.screen.show(line, name=self.name)
 
     # -- between connections ----------------------------------------------
 
@@ -5744,12 +5652,10 @@ class ChatClient:
         to deliver. Lines typed meanwhile wait for the next connection.
         """
         def out() -> bool:
-            if self.keyboard.interrupted:
-                return True
-            typed = [line for line in self.keyboard.lines if not is_quit_command(line)]
-            asked = self.keyboard.ended or self.leave_by is not None or len(typed) < len(
-                self.keyboard.lines)
-            return asked and not typed and not self.ledger.unconfirmed   # nothing left to deliver
+            lines = self.keyboard.lines
+            nothing_left = not self.ledger.unconfirmed and all(map(is_quit_command, lines))
+            asked = self.keyboard.ended or self.leave_by is not None or bool(lines)   # a /quit
+            return self.keyboard.interrupted or (asked and nothing_left)
         try:
             await asyncio.wait_for(self.keyboard.wait_until(out), delay)
         except asyncio.TimeoutError:
@@ -5809,7 +5715,7 @@ input[type=text] { flex: 1; } [hidden] { display: none !important; }
 <button>Send</button></form>
 <script>
 "use strict";
-const {PATTERNS, RESENT_MARK, RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
+const {PATTERNS, LINES, RESENT_MARK, RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
 let socket = null, myName = "", token = "", greeted = false, delivered = 0, reconnected = false;
@@ -5818,14 +5724,15 @@ const pending = [];   // our lines on their way: {line, copy, sent, item}
 const seen = [];      // the latest lines shown, so a reconnect's history doesn't repeat them
 
 function field(line, name) { const m = new RegExp(PATTERNS[name]).exec(line); return m ? m[1] : null; }
+function kind(line, name) { return new RegExp(LINES[name]).exec(line); }   // LINES in chat.py
 
 function show(text, when, cls) {
   const item = document.createElement("li"), time = document.createElement("span");
   time.className = "time"; time.textContent = (when || new Date()).toTimeString().slice(0, 5);
-  const action = /^\\[([^\\]\\s]+)\\] (?!→)/.exec(text);
+  const action = kind(text, "action"), said = kind(text, "said");
   if (action) text = "* " + action[1] + " " + text.slice(action[0].length);
-  item.className = cls || (action ? "action" : text.startsWith("* ") ? "notice"
-      : /^\\[[^\\]]* → /.test(text) ? "private" : text.startsWith("[" + myName + "]: ") ? "mine" : "");
+  item.className = cls || (action ? "action" : kind(text, "notice") ? "notice"
+      : kind(text, "private") ? "private" : said && said[1] === myName ? "mine" : "");
   item.append(time, text);
   const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
   log.appendChild(item);
@@ -5882,7 +5789,7 @@ function received(line) {
     myName = renamed[2];
     for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
   }
-  const history = /^\\(history (\\S+)\\) /.exec(line), text = history ? line.slice(history[0].length) : line;
+  const history = kind(line, "history"), text = history ? line.slice(history[0].length) : line;
   if (history && reconnected && seen.includes(text)) return;   // shown before the reconnect
   seen.push(text); if (seen.length > 100) seen.shift();
   if (history) show(text, new Date(history[1]), "history"); else show(line);
@@ -5946,7 +5853,8 @@ $("send").addEventListener("submit", (event) => {
 </script>
 </body></html>
 """.replace("@FROM_PYTHON@", json.dumps(dict(
-    PATTERNS=dict(GREETING_PATTERNS), RESENT_MARK=RESENT_MARK, RECONNECT=sorted(RECONNECT_CODES),
+    PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
+    RESENT_MARK=RESENT_MARK, RECONNECT=sorted(RECONNECT_CODES),
     FIRST_BACKOFF=FIRST_BACKOFF, MAX_BACKOFF=MAX_BACKOFF)))
 
 

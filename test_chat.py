@@ -3381,9 +3381,8 @@ class TestScreen(unittest.TestCase):
     def show(self, *lines, color=False, timestamps=False, name="bob"):
         out = io.StringIO()
         screen = chat.Screen(out, color=color, timestamps=timestamps)
-        screen.name = name
         for line in lines:
-            screen.show(line)
+            screen.show(line, name=name)
         return out.getvalue().splitlines()
 
     def test_control_characters_and_escape_sequences_are_shown_escaped(self):
