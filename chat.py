@@ -45,7 +45,7 @@ PerMessageDeflate).
 The life of a chat line, with the names to read at each step:
 
     bob types "hi" and Enter     LineEditor (15) -> Keyboard (16) queues the line
-    bob's client sends it        ChatClient.send_line (16) -> Connection.send (6)
+    bob's client sends it        Sender.send_line (16) -> Connection.send (6)
                                  -> encode_frame (4): a masked TEXT frame
     the server reads it          Connection.recv_message (6): FrameReader (4),
                                  MessageAssembler (5): the text stays the UTF-8 that came
@@ -57,10 +57,8 @@ The life of a chat line, with the names to read at each step:
                                  escaped by printable (11) -> InputView.show_above (15)
     bob's copy comes back        on_line sees it: the line is confirmed, no longer dimmed (16)
 
-What runs is the same, done faster (section 9): reading goes through
-Incoming rather than the StreamReader, a server's writes wait for the end of
-the event loop's turn to leave in one system call, and the room's broadcasts
-of one turn are joined once for all (BatchedRoom).
+What runs is that, done faster (section 9): read through Incoming, written
+once per turn of the event loop, a turn's broadcasts joined once (BatchedRoom).
 
 Left out on purpose: extensions other than permessage-deflate, subprotocols,
 HTTP redirects and proxies on the client, WebSockets over HTTP/2 (RFC 8441).
@@ -2460,16 +2458,13 @@ class FastAssembler(MessageAssembler):
 class Incoming(asyncio.Protocol):
     """What the peer sends after the handshake, handed on as the transport delivers it.
 
-    The handshake is read with asyncio's StreamReader, for its lines. For
-    frames a StreamReader would cost two more copies of every byte (into its
-    buffer, and out again): about a tenth of the time a 1 MiB message takes
-    (README, "Performance"). So a FastConnection puts this in the reader's
-    place as the transport's protocol: data_received() keeps each piece as
-    it came, and read() hands over what came since the last read. Writing
-    stays with the StreamWriter's protocol: what the transport tells about
-    it (flow control, the end) is passed on, so drain() works as before.
-    Reading pauses while what waits unread costs more than ``limit`` bytes,
-    as a StreamReader's does.
+    For frames a StreamReader would cost two more copies of every byte (into
+    its buffer and out): a tenth of a 1 MiB message's time. So a
+    FastConnection puts this in its place as the transport's protocol:
+    data_received() keeps each piece as it came, read() hands over what came
+    since. Writing stays with the StreamWriter's protocol, which is told what
+    the transport says (flow control, the end), so drain() works as before.
+    Reading pauses while more than ``limit`` bytes wait, as a StreamReader's.
     """
 
     __slots__ = ("transport", "limit", "held", "_pieces", "_paused", "_ended", "_waiter",
@@ -2834,21 +2829,15 @@ class LoopErrorLog:
     """The event loop's exception handler: what peers cause gets one line, never a traceback.
 
     asyncio would log a failed TLS handshake or a reset with a traceback; a
-    peer must not be able to put tracebacks in our log. Anything else is a
-    real bug and keeps its traceback.
+    peer must not be able to put tracebacks in our log. A real bug keeps its.
 
     Running out of file descriptors is the other case. When accept() fails
-    with EMFILE, asyncio stops watching the listening socket and tries again
-    a second later; new connections wait in the kernel's listen queue, and
-    members already connected need no new descriptor, so they chat on. But
-    asyncio reports every failed attempt (a retry tries up to the backlog,
-    1024, and retries multiply): thousands of lines a second. Here an episode
-    gets one line when it starts and one when accepting works again. And
-    since the descriptors are most likely held by connections that opened
-    and then said nothing, each retry round has the servers drop those
-    silent for a second, so that a newcomer gets its answer (a 101, or a
-    503 if the room is full) within a second or two, not after the
-    10 s handshake timeout.
+    with EMFILE, asyncio retries a second later (members already here chat
+    on), reporting every failed attempt: thousands of lines a second. Here
+    an episode gets one line when it starts and one when it ends. And since
+    the descriptors are most likely held by connections that opened and said
+    nothing, each retry round drops those silent for a second, so that a
+    newcomer is answered within a second or two, not after 10 s.
     """
 
     def __init__(self) -> None:
