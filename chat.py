@@ -3458,7 +3458,7 @@ def broadcast_frame(opcode: int, payload: list[bytes], window_bits: int) -> list
 
 # 13. Redis: the RESP protocol ###############################################
 #
-# Sections 9 and 10 are needed only by ``server --redis``; a reader of the
+# Sections 13 and 14 are needed only by ``server --redis``; a reader of the
 # core can skip to section 15.
 #
 # Redis (and Valkey, which speaks the same protocol) talks RESP, its
@@ -3477,14 +3477,12 @@ def broadcast_frame(opcode: int, payload: list[bytes], window_bits: int) -> list
 # Replies come back in the order the commands went out, so a client may send
 # many commands in one write (pipelining) and match the replies by position.
 #
-# Redis's bytes are untrusted, like a peer's: a compromised or impostor
-# server (or a man in the middle without TLS) could send a bulk string
-# announced as 4 GiB, an array of a billion items, or arrays nested a
-# million deep (which would overflow a recursive reader's stack; redis-py and
-# hiredis cap nesting for the same reason). RespReader reads without
-# recursion and checks every length against a limit before buffering
-# anything, as FrameReader does; anything else is a RespError, and the
-# connection is dropped.
+# Redis's bytes are untrusted, like a peer's: an impostor server (or a man in
+# the middle without TLS) could announce a 4 GiB bulk string, or nest arrays
+# a million deep to overflow a recursive reader's stack. RespReader keeps a
+# stack of its own and checks every length against a limit (RESP_MAX_*)
+# before buffering anything, as FrameReader does; anything else is a
+# RespError, and the connection is dropped.
 
 REDIS_PORT = 6379
 
@@ -3503,7 +3501,7 @@ RESP_MAX_ITEMS = 100_000
 #: fields); hiredis allows 7 levels.
 RESP_MAX_DEPTH = 7
 
-#: One reply, in bytes: XREAD's READ_COUNT entries of the largest line.
+#: One reply, in bytes: XREAD's READ_COUNT entries of the largest line, twice over.
 RESP_MAX_REPLY = 64 * MAX_MESSAGE_SIZE
 
 #: Seconds a command may go unanswered before the connection counts as dead.
@@ -3530,7 +3528,6 @@ class _Pending(enum.Enum):
 
     MORE_BYTES = "the buffer ends before the value does"
     ARRAY_OPENED = "an array's header was read; its items come next"
-    IN_ARRAY = "the value went into an array that is still being read"
 
 
 def encode_command(*args: str | bytes | int | float) -> bytes:
@@ -3559,12 +3556,7 @@ def announced(length: int, limit: int, what: str) -> bool:
 
 
 class RespReader:
-    """RESP2 replies from bytes, sans I/O: feed() takes bytes and returns the replies they complete.
-
-    A reply split anywhere, even byte by byte, comes out the same. Arrays
-    are read with an explicit stack instead of recursion, so nesting costs
-    no Python stack, and is capped anyway.
-    """
+    """RESP2 replies from bytes, sans I/O: a reply comes out the same however it is split."""
 
     def __init__(self, *, max_bulk: int = RESP_MAX_BULK, max_items: int = RESP_MAX_ITEMS,
                  max_depth: int = RESP_MAX_DEPTH, max_reply: int = RESP_MAX_REPLY) -> None:
@@ -3584,26 +3576,24 @@ class RespReader:
             value = self._read_value()
             while value is not _Pending.MORE_BYTES:
                 if value is not _Pending.ARRAY_OPENED:
-                    reply = self._place(value)
-                    if reply is not _Pending.IN_ARRAY:
-                        replies.append(reply)
+                    self._place(value, replies)
                 value = self._read_value()
         finally:
             del self._buffer[:self._pos]
             self._pos = 0
         return replies
 
-    def _place(self, value: Reply) -> Reply | _Pending:
-        """Put a complete value into the array it belongs to; the reply, once it is whole."""
+    def _place(self, value: Reply, replies: list[Reply]) -> None:
+        """Put a complete value into the array it belongs to; a whole reply into ``replies``."""
         while self._arrays:
             items, due = self._arrays[-1]
             items.append(value)
             if len(items) < due:
-                return _Pending.IN_ARRAY
+                return
             self._arrays.pop()   # this array is complete: it is a value of the one around it
             value = items
         self._reply_size = 0
-        return value
+        replies.append(value)
 
     def _read_value(self) -> Reply | _Pending:
         if self._bulk_length is not None:
@@ -3712,13 +3702,7 @@ def connect_error_words(error: BaseException) -> str:
 
 
 class RedisConnection:
-    """One connection to Redis: commands go out at once, replies are matched to them in order.
-
-    A task reads replies as they come and resolves the oldest waiting
-    command; so any number of commands may be in flight (pipelining). A
-    blocking command (XREAD BLOCK) holds the connection until it returns,
-    so it gets a connection of its own.
-    """
+    """One connection to Redis: commands go out at once; a task matches the replies in order."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
@@ -3736,9 +3720,8 @@ class RedisConnection:
         except (OSError, asyncio.TimeoutError) as error:
             raise RedisUnavailable(connect_error_words(error)) from None
         conn = cls(reader, writer)
-        setup = []
-        if url.password is not None:
-            setup.append(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password))
+        auth = (url.username, url.password) if url.username else (url.password,)
+        setup = [("AUTH", *auth)] if url.password is not None else []
         if url.db:
             setup.append(("SELECT", url.db))
         try:
@@ -3811,48 +3794,41 @@ class RedisConnection:
 # 14. One room on many servers ##############################################
 #
 # ``server --redis URL``: every server started with the same URL serves the
-# same room. Theory of operation. Each WebSocket stays on the server it
-# connected to, and the servers share the room through Redis, as socket.io's
-# Redis adapter and channels_redis do. Redis holds three things:
+# same room. Each WebSocket stays on its server, and the servers share the
+# room through Redis, as socket.io's Redis adapter and channels_redis do:
 #
-#   chat.py:events       a stream (XADD ... MAXLEN ~ 1000): whatever a member
-#                        caused that other servers' members must see (a line,
-#                        a notice, a /msg, a name taken over by a resume).
-#                        Each server reads it with XREAD BLOCK from the last
-#                        entry id it saw, so one whose connection dropped
-#                        reads on from there: nothing is missed (unlike
-#                        PUBLISH/SUBSCRIBE, which delivers at most once).
-#   chat.py:history      a list (RPUSH, LTRIM to 50): the recent past, read
-#                        by a server when it starts.
-#   chat.py:name:KEY     one key per member, KEY its name_key(): the value is
-#                        "DIGEST SERVER NAME", DIGEST a hash of the member's
-#                        resume token. SET NX claims a name; each server
-#                        renews its members' keys every TTL/3 and deletes
-#                        them on leave, so a crashed server's names are free
-#                        again within TTL (--name-ttl, 15 s). Whoever shows
-#                        the token takes a name over at once, on any server.
+#   chat.py:events      a stream (XADD ... MAXLEN ~ 1000) of what other
+#                       servers' members must see: a line, a notice, a /msg,
+#                       a name taken over by a resume. Each server reads on
+#                       (XREAD BLOCK) from the last entry id it saw, even
+#                       after a drop: nothing is missed, as it could be with
+#                       PUBLISH/SUBSCRIBE (at most once).
+#   chat.py:history     a list (RPUSH, LTRIM to 50): the recent past, read by
+#                       a server when it starts.
+#   chat.py:name:KEY    per member, KEY its name_key(): "DIGEST SERVER NAME",
+#                       DIGEST a hash of its resume token. Its server renews
+#                       it every TTL/3 and deletes it on leave, so a crashed
+#                       server's names are free again within TTL; the token
+#                       takes the name over at once, on any server.
+#   chat.py:lines:KEY   how many of its lines the room relayed: the count in
+#                       the greeting of a resume on another server.
 #
-# A server relays what its own members say at once, exactly as a single
-# server does, and then shares it: its members never wait for Redis, and
-# while Redis is away they go on talking among themselves (the room is
-# "split"; they are told, and told again when it is whole). Shared events
-# wait in a bounded queue and go out pipelined, in order, as soon as Redis
-# can take them. Each event carries its server's id and a sequence number, so
-# one sent twice (the connection dropped before Redis answered) is heard
-# once: readers skip what they have seen. Each server's events enter the
-# stream in the order they happened there, so each sender's lines arrive in
-# order everywhere; different senders' lines may interleave differently on
-# different servers, as they do across IRC servers.
+# A server relays its own members' lines at once, as a single server does,
+# then shares them: its members never wait for Redis, and while Redis is
+# away they go on talking among themselves (the room is "split"; they are
+# told, and told again when it is whole). Shared events wait in a bounded
+# queue and go out pipelined, in order, when Redis can take them; each
+# carries its server's id and a sequence number, so one sent twice (the
+# connection dropped before Redis answered) is heard once. Each server's
+# events enter the stream in the order they happened there, so each sender's
+# lines arrive in order everywhere; different senders' lines may interleave
+# differently on different servers, as they do across IRC servers.
 #
-# Joins and /nick claim a name in Redis; while Redis is unreachable they are
-# refused (1013, try again later) rather than risk two members with one name.
-# /who and /msg read the name keys. What needs to be atomic there is a short
-# Lua script (EVAL). One Redis server (or a primary with replicas) is
-# assumed: the scripts touch several keys, which Redis Cluster would refuse.
-#
-# The parts: RedisLink keeps the connections (10.1), EventStream shares and
-# reads the events (10.2), NameRegistry keeps the names (10.3), and
-# SharedRoom is the ChatRoom that puts them to work (10.4).
+# Joins and /nick claim the name in Redis, atomically (a Lua script, EVAL);
+# while Redis is unreachable they are refused (1013, try again later) rather
+# than risk two members with one name. /who and /msg read the name keys. The
+# scripts touch several keys, so one Redis server (or a primary with
+# replicas) is assumed: Redis Cluster would refuse them.
 
 REDIS_PREFIX = "chat.py"
 
@@ -3860,22 +3836,18 @@ REDIS_PREFIX = "chat.py"
 #: server that lost its connection can read back.
 STREAM_LENGTH = 1000
 
-#: Seconds a name stays taken after its server stopped renewing it (crashed,
-#: or cut off from Redis). ``--name-ttl`` changes it.
+#: Seconds a name stays taken after its server stopped renewing it (``--name-ttl``).
 NAME_TTL = 15.0
 
 #: XREAD waits this long for new entries, then asks again: a dead
 #: connection is noticed within this plus REDIS_TIMEOUT.
 READ_BLOCK = 5.0
 
-#: Entries one XREAD returns at most (and events the sharer sends in one
-#: pipelined write), and keys per SCAN or MGET: 32 events of the largest
-#: line (MAX_MESSAGE_SIZE) fit in RESP_MAX_REPLY twice over.
+#: Entries one XREAD returns at most (see RESP_MAX_REPLY), and events the sharer sends at once.
 READ_COUNT = 32
-MAX_KEYS_PER_CALL = 1000
+MAX_KEYS_PER_CALL = 1000   # keys one SCAN or MGET handles
 
-#: Events waiting to be shared (while Redis is slow or away), in bytes;
-#: past this, newer ones stay on this server and are counted.
+#: Bytes of events waiting for Redis; past this, newer ones stay on this server (counted).
 MAX_UNSHARED_BYTES = 8 * MAX_MESSAGE_SIZE
 
 #: Reconnecting to Redis waits 0.1, 0.2, 0.4 ... seconds, at most 5, plus up
@@ -3898,21 +3870,8 @@ NAME_LOST_REASON = "the name {name} was taken on another server while the room w
 
 # 14.1 The link to Redis ####################################################
 
-async def first_failure(*jobs: Awaitable[None]) -> BaseException:
-    """Run jobs that loop until they fail; return the first failure and cancel the rest."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        task = done.pop()
-        return task.exception() or RedisUnavailable("stopped")
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
-
-
 class RedisLink:
-    """Two connections to Redis, one for commands and one that blocks in XREAD, reopened when they break."""
+    """Two connections to Redis, one for commands, one blocked in XREAD; reopened if they break."""
 
     def __init__(self, url: RedisURL, announce: Callable[[str], None],
                  jobs: Callable[[RedisConnection, RedisConnection], list[Awaitable[None]]]) -> None:
@@ -3956,12 +3915,17 @@ class RedisLink:
         """For as long as the server runs: run the jobs; when one fails, reconnect with backoff."""
         while True:
             self.commands = commands
-            try:
-                failure = await first_failure(*self.jobs(commands, blocking))
+            tasks = [asyncio.ensure_future(job) for job in self.jobs(commands, blocking)]
+            try:   # the jobs loop until one fails; the rest are stopped with it
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
                 self.commands = None
                 commands.close()
                 blocking.close()
+            failure = done.pop().exception() or RedisUnavailable("stopped")
             if not isinstance(failure, (RedisUnavailable, RedisError)):
                 logger.error("the link to Redis failed", exc_info=failure)   # a bug: show where
             logger.warning("Redis at %s: %s; the room is split", self.url, failure)
@@ -3994,9 +3958,6 @@ class Event(typing.NamedTuple):
     to: str = ""    # "tell", "replace": the member it is for, by its token's digest
 
 
-EVENT_KINDS = frozenset({"say", "notice", "tell", "replace"})
-
-
 def encode_event(event: Event) -> bytes:
     """'ORIGIN SEQ KIND WHEN TO TEXT': the text last, since it may hold spaces."""
     to = urllib.parse.quote(event.to) or "-"   # a name key may hold a space (NFKC of U+00A8 does)
@@ -4006,7 +3967,7 @@ def encode_event(event: Event) -> bytes:
 def decode_event(data: bytes) -> Event:
     """The event in an entry from Redis, or ValueError: it is untrusted input too."""
     fields = data.decode("utf-8").split(" ", 5)
-    if len(fields) != 6 or fields[2] not in EVENT_KINDS:
+    if len(fields) != 6 or fields[2] not in ("say", "notice", "tell", "replace"):
         raise ValueError(f"not an event: {data[:40]!r}")
     origin, seq, kind, when, to, text = fields
     return Event(origin, int(seq), kind, float(when), text, "" if to == "-" else urllib.parse.unquote(to))
@@ -4027,7 +3988,7 @@ def stream_entries(reply: Reply) -> list[tuple[bytes, bytes]]:
 
 
 class EventStream:
-    """This server's end of the stream of events: its own go out in order, the others' come in once each."""
+    """This server's end of the stream: its events go out in order, the others' come in once."""
 
     def __init__(self, prefix: str, server_id: str, history: collections.deque,
                  deliver: Callable[[Event], None]) -> None:
@@ -4037,9 +3998,8 @@ class EventStream:
         self.last_id = b"0-0"                        # the last stream entry read
         self.seen: dict[str, int] = {}               # the last seq read from each other server
         self.unshared: collections.deque[tuple[bytes, list[tuple]]] = collections.deque()
-        # Their events' sizes, as a running sum: adding up a long queue for every event would cost.
-        self.unshared_bytes = 0
-        self.not_shared = 0                          # events dropped for want of room
+        self.unshared_bytes = 0                      # a running sum: adding up a long queue costs
+        self.not_shared = 0                          # events kept here for want of room
         self._seq = itertools.count(1)
         self._wake_sharer = asyncio.Event()
         self.drained = asyncio.Event()               # set whenever nothing waits to be shared
@@ -4062,10 +4022,6 @@ class EventStream:
         once = {(event.origin, event.seq): event for event in events}.values()
         self.history.extend((event.when, (event.text,)) for event in once)
 
-    def jobs(self, commands: RedisConnection, blocking: RedisConnection) -> list[Awaitable[None]]:
-        """What runs while Redis is reachable: the sharer, and the follower, which blocks."""
-        return [self._sharer(commands), self._follower(blocking)]
-
     def share(self, kind: str, text: str, to: str = "", also: Sequence[tuple] = ()) -> None:
         """Queue an event, and the commands ``also`` with it; they go out when Redis can take them."""
         event = encode_event(Event(self.server_id, next(self._seq), kind, time.time(), text, to))
@@ -4076,19 +4032,17 @@ class EventStream:
         if kind == "say":
             commands += [("RPUSH", self.history_key, event),
                          ("LTRIM", self.history_key, -self.history.maxlen, -1)]
-        self._queue(event, [*commands, *also])
+        self.write(*commands, *also, event=event)
 
-    def write(self, command: tuple) -> None:
-        """Queue a command that must reach Redis after the events queued before it (as event b"")."""
-        self._queue(b"", [command])
-
-    def _queue(self, event: bytes, commands: list[tuple]) -> None:
-        self.unshared.append((event, commands))
+    def write(self, *commands: tuple, event: bytes = b"") -> None:
+        """Queue commands for Redis, after those queued before them (share() adds its event)."""
+        self.unshared.append((event, list(commands)))
         self.unshared_bytes += len(event)
         self.drained.clear()
         self._wake_sharer.set()
 
-    async def _sharer(self, link: RedisConnection) -> None:
+    async def sharer(self, link: RedisConnection) -> None:
+        """Send the waiting events, pipelined; each leaves the queue once Redis has it."""
         if self.not_shared:   # the room was split, and whole again now
             logger.warning("%s said here while the room was split stayed here (over %d bytes)",
                            plural(self.not_shared, "event"), MAX_UNSHARED_BYTES)
@@ -4096,21 +4050,18 @@ class EventStream:
         while True:
             await self._wake_sharer.wait()
             self._wake_sharer.clear()
-            await self._share_waiting(link)
+            while self.unshared:
+                batch = list(itertools.islice(self.unshared, READ_COUNT))
+                replies = await link.pipeline([cmd for _, queued in batch for cmd in queued])
+                for error in (reply for reply in replies if isinstance(reply, RedisError)):
+                    logger.error("Redis refused an event: %s", error)
+                for event, _ in batch:
+                    self.unshared.popleft()
+                    self.unshared_bytes -= len(event)
+            self.drained.set()
 
-    async def _share_waiting(self, link: RedisConnection) -> None:
-        """Send every waiting event, pipelined; each leaves the queue once Redis has it."""
-        while self.unshared:
-            batch = list(itertools.islice(self.unshared, READ_COUNT))
-            replies = await link.pipeline([command for _, commands in batch for command in commands])
-            for error in (reply for reply in replies if isinstance(reply, RedisError)):
-                logger.error("Redis refused an event: %s", error)
-            for event, _ in batch:
-                self.unshared.popleft()
-                self.unshared_bytes -= len(event)
-        self.drained.set()
-
-    async def _follower(self, link: RedisConnection) -> None:
+    async def follower(self, link: RedisConnection) -> None:
+        """Read the other servers' events as they enter the stream; deliver each once."""
         block_ms, own = int(READ_BLOCK * 1000), f"{self.server_id} ".encode()
         while True:
             reply = await link.command("XREAD", "COUNT", READ_COUNT, "BLOCK", block_ms,
@@ -4132,18 +4083,12 @@ class EventStream:
 
 # 14.3 Names ################################################################
 
-#: The scripts below take a name's two keys: KEYS[1] the name (its value
-#: "DIGEST SERVER NAME"), KEYS[2] how many of its member's lines the room has
-#: relayed (the greeting's count, for a resume on another server).
-#:
-#: Claim a name. Free, or held by the claiming server for a member who has
-#: left (its release is still on the way), it is set, its count is reset, and
-#: '' comes back; held with the offered token's digest (a resume) it is set,
-#: and what it held comes back with the count, so the caller can tell the old
-#: holder's server and greet with the count; held by anyone else, nothing
-#: changes and nil comes back. ARGV: the value if free, the value if resumed,
-#: the TTL in ms, the offered token's digest and a space, the claiming
-#: server's id between spaces.
+#: Claim a name (KEYS: its name key, its lines key). Free, or held by the
+#: claiming server for a member who left (the release is on its way): set,
+#: count reset, '' returned. Held with the offered token's digest (a resume):
+#: set, and what it held returned with the count. Else: unchanged, nil.
+#: ARGV: the value if free, the value if resumed, the TTL in ms, the offered
+#: token's digest and a space, the claiming server's id between spaces.
 CLAIM_NAME = """
 local held = redis.call('GET', KEYS[1])
 if not held or string.find(held, ARGV[5], 1, true) then
@@ -4156,16 +4101,15 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return {held, redis.call('GET', KEYS[2]) or '0'}
 """
 
-#: Release a name on leave, unless it has been taken over since. ARGV[1]: its value.
+#: Release a name (KEYS as above) on leave, unless it was taken over since. ARGV[1]: its value.
 RELEASE_NAME = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1], KEYS[2]) end
 return 0
 """
 
-#: The heartbeat: renew each of this server's names and counts, or set a name
-#: again if it expired (or Redis restarted empty); return the names someone
-#: else holds now. KEYS: the names, then their counts; ARGV: the names'
-#: values, then the TTL in ms.
+#: The heartbeat: renew this server's names and counts, or set a name again if
+#: it expired (or Redis restarted empty); return the names someone else holds
+#: now. KEYS: the names, then their counts; ARGV: the names' values, the TTL.
 RENEW_NAMES = """
 local n, lost = #KEYS / 2, {}
 for i = 1, n do
@@ -4181,22 +4125,13 @@ return lost
 """
 
 
-class Claim(typing.NamedTuple):
-    """What claiming a name found: what it held before ('' if free) and its member's count of lines."""
-
-    held: str
-    lines: int = 0
-
-
-def parse_claim(reply: Reply) -> Claim | None:
-    """CLAIM_NAME's reply: nil (taken), '' (it was free), or [what it held, the count]."""
+def parse_claim(reply: Reply) -> tuple[str, int] | None:
+    """CLAIM_NAME's reply: what the name held ('' if free), its member's count; None if taken."""
+    if reply is None:
+        return None
     try:
-        if reply is None:
-            return None
-        if reply == b"":
-            return Claim("")
-        held, lines = reply
-        return Claim(held.decode("utf-8", "replace"), parse_resp_integer(lines))
+        held, lines = reply if reply != b"" else (b"", b"0")   # '': it was free
+        return held.decode("utf-8", "replace"), parse_resp_integer(lines)
     except (TypeError, ValueError, AttributeError):
         raise RespError("a name claim's reply of the wrong shape") from None
 
@@ -4206,9 +4141,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def name_holder(value: bytes) -> tuple[str, str, str]:
-    """(token digest, server id, name) from a name key's value; ValueError if it isn't one."""
-    digest, server, name = value.decode("utf-8").split(" ", 2)
+def name_holder(value: Reply) -> tuple[str, str, str] | None:
+    """(token digest, server id, name) from a name key's value; None if it holds none."""
+    try:
+        digest, server, name = value.decode("utf-8").split(" ", 2)
+    except (ValueError, AttributeError):
+        return None   # nil: no one holds the name (or its member left meanwhile)
     return digest, server, name
 
 
@@ -4226,18 +4164,12 @@ class NameRegistry:
         """What a name key holds while ``name`` is a member's here (see name_holder)."""
         return f"{token_digest(token)} {self.server_id} {name}"
 
-    async def claim(self, name: str, fresh: str, offered: str) -> Claim | None:
-        """Claim ``name`` for a member with the token ``fresh``, or ``offered`` if it resumes.
-
-        None if another member holds it; else what it held ('' if it was free;
-        else the name was this token's already: a resume, or a new spelling of
-        one's own name) and how many of its member's lines the room relayed.
-        """
+    async def claim(self, name: str, fresh: str, offered: str) -> tuple[str, int] | None:
+        """Claim ``name`` for the token ``fresh``, or ``offered`` if it resumes; None if taken."""
         link, key = self.redis.require("names"), name_key(name)
         if key in self._claiming:
             return None   # another connection here is claiming it this very moment
         offered_digest = f"{token_digest(offered)} " if offered else "-"   # "-" matches no digest
-        # A name this server holds for no member here is one whose release is on its way.
         ours = f" {self.server_id} " if key not in self.members else "\n"   # "\n" matches nothing
         self._claiming.add(key)
         try:
@@ -4262,9 +4194,9 @@ class NameRegistry:
                 "PX", int(self.ttl * 1000))
 
     async def heartbeat(self, link: RedisConnection) -> None:
-        """Every TTL/3, renew this server's names (and set again those that expired)."""
+        """Every TTL/3, renew this server's names; close its members whose name was lost."""
         while True:
-            members = list(self.members.values())
+            members = self.members.values()
             keys = [self.name_prefix + key for key in self.members]
             keys += [self.lines_prefix + key for key in self.members]
             lost = await link.command("EVAL", RENEW_NAMES, len(keys), *keys,
@@ -4276,13 +4208,6 @@ class NameRegistry:
                     member.conn.close_nowait(CloseCode.POLICY_VIOLATION,
                                              NAME_LOST_REASON.format(name=member.name))
             await asyncio.sleep(self.ttl / 3)
-
-    async def room_size(self) -> int | None:
-        """How many members every server has together; None if Redis can't say just now."""
-        try:
-            return len(await self.name_keys())
-        except (TryLater, RedisUnavailable):
-            return None
 
     async def name_keys(self) -> list[bytes]:
         """Every member's name key, on every server (SCAN: the keys are the list)."""
@@ -4300,21 +4225,16 @@ class NameRegistry:
 
     async def everyone(self) -> list[str]:
         """Every member's name, on every server."""
-        keys, names = await self.name_keys(), []
+        keys, holders = await self.name_keys(), []
         for start in range(0, len(keys), MAX_KEYS_PER_CALL):
-            for value in await self.redis.require("the room").command(
-                    "MGET", *keys[start:start + MAX_KEYS_PER_CALL]):
-                with contextlib.suppress(ValueError, AttributeError):
-                    names.append(name_holder(value)[2])   # None: it left meanwhile
-        return names
+            holders += map(name_holder, await self.redis.require("the room").command(
+                "MGET", *keys[start:start + MAX_KEYS_PER_CALL]))
+        return [holder[2] for holder in holders if holder is not None]
 
     async def holder(self, name: str) -> tuple[str, str, str] | None:
-        """(token digest, server id, name) of whoever holds ``name``, on any server; None if no one does."""
-        value = await self.redis.require("names").command("GET", self.name_prefix + name_key(name))
-        try:
-            return name_holder(value)
-        except (ValueError, AttributeError):
-            return None
+        """(token digest, server id, name) of whoever holds ``name``, on any server."""
+        link = self.redis.require("names")
+        return name_holder(await link.command("GET", self.name_prefix + name_key(name)))
 
 
 # 14.4 The shared room ######################################################
@@ -4337,7 +4257,8 @@ class SharedRoom(BatchedRoom):
 
     def _jobs(self, commands: RedisConnection, blocking: RedisConnection) -> list[Awaitable[None]]:
         """What runs while Redis is reachable; the first to fail splits the room."""
-        return [*self.events.jobs(commands, blocking), self.names.heartbeat(commands)]
+        return [self.events.sharer(commands), self.events.follower(blocking),   # it blocks
+                self.names.heartbeat(commands)]
 
     async def close(self) -> None:
         """Share what is still waiting (the members' leaving, mostly), briefly; then let go."""
@@ -4348,30 +4269,29 @@ class SharedRoom(BatchedRoom):
 
     def on_event(self, event: Event) -> None:
         """An event from another server, heard once (see EventStream): show it here."""
-        # "tell" and "replace" find their member by token: a /nick meanwhile changes only the name.
-        member = self.member_with_digest(event.to) if event.to else None
         if event.kind == "say":
             self.history.append((event.when, (event.text,)))
+        if event.kind in ("say", "notice"):
             self.broadcast(event.text)
-        elif event.kind == "notice":
-            self.broadcast(event.text)
-        elif member is None:
-            return   # "tell" and "replace" concern one member, who isn't on this server
-        elif event.kind == "tell":
+            return
+        # "tell", "replace": for one member, found by token (a scan: /msg is rare), if it is here.
+        member = next((m for m in self.members.values() if token_digest(m.token) == event.to), None)
+        if member is None:
+            return
+        if event.kind == "tell":
             self.tell(member.conn, event.text)
         else:   # "replace": the member came back on another server with its token
             del self.members[name_key(member.name)]   # without a "left": it is still in the room
             member.conn.close_nowait(CloseCode.NORMAL_CLOSURE, REPLACED_REASON)
 
-    def member_with_digest(self, digest: str) -> Member | None:
-        """This server's member whose resume token has this digest (a scan: /msg is rare)."""
-        return next((m for m in self.members.values() if token_digest(m.token) == digest), None)
-
     # -- names ------------------------------------------------------------------
 
     async def enter(self, conn: Connection) -> Member:
         """Claim the name in Redis first; a name held on this server is for admit() to judge."""
-        count = await self.names.room_size()   # first: no await may come between claim and add_member
+        try:   # first: no await may come between the claim and add_member
+            count: int | None = len(await self.names.name_keys())   # on every server
+        except (TryLater, RedisUnavailable):
+            count = None   # Redis can't say just now: the greeting counts this server's members
         asked, offered = requested_name(conn)
         if asked is not None and name_key(asked) in self.members:
             return self.admit(conn)
@@ -4385,13 +4305,13 @@ class SharedRoom(BatchedRoom):
             if asked:
                 raise ValueError(name_taken(asked))
             raise TryLater("no free guest name; pick a name")
-        resumed = bool(claimed.held)
-        if resumed:   # its old connection, on another server, is closed there
-            member.token, member.lines = offered, claimed.lines
+        held, lines = claimed
+        if held:   # a resume: its old connection, on another server, is closed there
+            member.token, member.lines = offered, lines
             self.events.share("replace", "", token_digest(offered))
         elif count is not None:
             count += 1   # the newcomer
-        return self.add_member(member, announce=not resumed, count=count)
+        return self.add_member(member, announce=not held, count=count)
 
     def leave(self, member: Member) -> None:
         here = self.members.get(name_key(member.name)) is member
@@ -4403,8 +4323,7 @@ class SharedRoom(BatchedRoom):
 
     def say(self, member: Member, *parts: str | bytes) -> None:
         super().say(member, *parts)
-        line = "".join(part if isinstance(part, str) else part.decode("utf-8") for part in parts)
-        # Its count of lines goes along, for the greeting of a resume on another server.
+        line = b"".join(map(utf8, parts)).decode("utf-8")
         self.events.share("say", line, also=[self.names.count_lines(member)])
 
     def notice(self, text: str) -> None:
@@ -4427,8 +4346,7 @@ class SharedRoom(BatchedRoom):
             super().run_command(member, command)
             return
         self._busy[member] = collections.deque()
-        task = asyncio.create_task(self._run_shared(shared, member, command.argument))
-        task.add_done_callback(lambda _: self._done_waiting(member))
+        asyncio.create_task(self._run_shared(shared, member, command.argument))
 
     async def _run_shared(self, handler: Callable[[SharedRoom, Member, str], Awaitable[None]],
                           member: Member, argument: str) -> None:
@@ -4436,13 +4354,12 @@ class SharedRoom(BatchedRoom):
             await handler(self, member, argument)
         except (TryLater, RedisUnavailable) as refusal:
             self.tell(member.conn, f"* {refusal}")
-
-    def _done_waiting(self, member: Member) -> None:
-        waiting = self._busy.pop(member)
-        while waiting and member not in self._busy:
-            self.on_text(member, waiting.popleft())
-        if waiting:   # another command is waiting for Redis now: the rest waits behind it
-            self._busy[member].extendleft(reversed(waiting))
+        finally:   # then the member's lines that waited behind it
+            waiting = self._busy.pop(member)
+            while waiting and member not in self._busy:
+                self.on_text(member, waiting.popleft())
+            if waiting:   # another command is waiting for Redis now: the rest waits behind it
+                self._busy[member].extendleft(reversed(waiting))
 
     async def command_who_shared(self, member: Member, argument: str) -> None:
         if self.redis.commands is None:
@@ -4469,6 +4386,7 @@ class SharedRoom(BatchedRoom):
         name = self.new_name(member, new)
         if name is None:
             return
+        # It offers its own token: a name held with it is a new spelling of its own.
         if await self.names.claim(name, member.token, member.token) is None:
             self.tell(member.conn, f"* {name_taken(name)}")   # by a member on another server
             return
@@ -4480,13 +4398,12 @@ class SharedRoom(BatchedRoom):
         self.events.write(self.names.count_lines(member))   # under the new name now
 
 
-#: The commands that ask Redis, in a room shared with other servers.
-SHARED_COMMAND_HANDLERS: typing.Mapping[str, Callable[[SharedRoom, Member, str], Awaitable[None]]] = (
-    types.MappingProxyType({
-        "who": SharedRoom.command_who_shared,
-        "msg": SharedRoom.command_msg_shared,
-        "nick": SharedRoom.command_nick_shared,
-    }))
+#: The SharedRoom method for each command that asks Redis (the others are ChatRoom's).
+SHARED_COMMAND_HANDLERS = types.MappingProxyType({
+    "who": SharedRoom.command_who_shared,
+    "msg": SharedRoom.command_msg_shared,
+    "nick": SharedRoom.command_nick_shared,
+})
 
 
 # 15. Line editor ###########################################################
