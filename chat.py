@@ -78,6 +78,7 @@ import enum
 import errno
 import hashlib
 import http
+import inspect
 import ipaddress
 import itertools
 import json
@@ -4341,17 +4342,17 @@ class SharedRoom(BatchedRoom):
             member.conn.fail_nowait(CloseCode.POLICY_VIOLATION, "flooding: lines not relayed")
 
     def run_command(self, member: Member, command: Command) -> None:
-        shared = SHARED_COMMAND_HANDLERS.get(command.name)
-        if shared is None:
+        """A command that asks Redis (an async command_NAME here) runs in a task of its own."""
+        handler = getattr(self, f"command_{command.name}")
+        if not inspect.iscoroutinefunction(handler):
             super().run_command(member, command)
             return
         self._busy[member] = collections.deque()
-        asyncio.create_task(self._run_shared(shared, member, command.argument))
+        asyncio.create_task(self._run_shared(handler(member, command.argument), member))
 
-    async def _run_shared(self, handler: Callable[[SharedRoom, Member, str], Awaitable[None]],
-                          member: Member, argument: str) -> None:
+    async def _run_shared(self, command: Awaitable[None], member: Member) -> None:
         try:
-            await handler(self, member, argument)
+            await command
         except (TryLater, RedisUnavailable) as refusal:
             self.tell(member.conn, f"* {refusal}")
         finally:   # then the member's lines that waited behind it
@@ -4361,17 +4362,17 @@ class SharedRoom(BatchedRoom):
             if waiting:   # another command is waiting for Redis now: the rest waits behind it
                 self._busy[member].extendleft(reversed(waiting))
 
-    async def command_who_shared(self, member: Member, argument: str) -> None:
+    async def command_who(self, member: Member, argument: str) -> None:
         if self.redis.commands is None:
             self.list_names(member, [m.name for m in self.members.values()],
                             " (the room is split: only this server's members)")
             return
         self.list_names(member, await self.names.everyone())
 
-    async def command_msg_shared(self, member: Member, argument: str) -> None:
+    async def command_msg(self, member: Member, argument: str) -> None:
         recipient_name, text = argument.split(maxsplit=1)
         if name_key(recipient_name) in self.members:
-            self.command_msg(member, argument)
+            super().command_msg(member, argument)
             return
         holder = await self.names.holder(recipient_name)
         if holder is None:
@@ -4382,7 +4383,7 @@ class SharedRoom(BatchedRoom):
         self.events.share("tell", line, digest)   # by token: it reaches the member even after a /nick
         self.tell(member.conn, line)   # the sender's receipt: the room has it
 
-    async def command_nick_shared(self, member: Member, new: str) -> None:
+    async def command_nick(self, member: Member, new: str) -> None:
         name = self.new_name(member, new)
         if name is None:
             return
@@ -4396,14 +4397,6 @@ class SharedRoom(BatchedRoom):
             self.events.write(self.names.release(member))
         self.rename(member, name)
         self.events.write(self.names.count_lines(member))   # under the new name now
-
-
-#: The SharedRoom method for each command that asks Redis (the others are ChatRoom's).
-SHARED_COMMAND_HANDLERS = types.MappingProxyType({
-    "who": SharedRoom.command_who_shared,
-    "msg": SharedRoom.command_msg_shared,
-    "nick": SharedRoom.command_nick_shared,
-})
 
 
 # 15. Line editor ###########################################################
