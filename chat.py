@@ -34,14 +34,6 @@ prints this table of contents, sub-sections included:
    17. Web page       the HTML and JavaScript served at /
    18. Command line   argparse subcommands; main(argv) -> exit status, last
 
-Where each idea of the protocol is, in reading order:
-the accept key (accept_key, 3), the frame header (the §5.2 diagram, 4),
-masking (apply_mask, 4), fragments (MessageAssembler, 5), UTF-8 (add, 5),
-the closing handshake (Connection's "closing" part, 6), keepalive (ping and
-keepalive, 6), the server and the client (WebSocketServer and connect, 7),
-broadcast (ChatRoom.broadcast, 8), compression (section 12, through
-PerMessageDeflate).
-
 The life of a chat line, with the names to read at each step:
 
     bob types "hi" and Enter     LineEditor (15) -> Keyboard (16) queues the line
@@ -107,10 +99,8 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 def check_python_version(version_info: tuple = sys.version_info) -> None:
     """Exit with one line on Python older than 3.10, before any newer feature runs.
 
-    Python 3.7-3.9 can parse this whole file (the annotations stay unevaluated
-    strings), so the check sits right after the imports, which 3.7 has too;
-    the first line that 3.9 could not run (``Callable[...]`` at module level)
-    comes after it.
+    Python 3.7-3.9 parse this whole file (annotations stay strings), so the
+    check comes right after the imports, before the first line 3.9 can't run.
     """
     if tuple(version_info[:2]) < (3, 10):
         sys.exit(f"chat.py needs Python 3.10 or later; this is Python "
@@ -1690,10 +1680,8 @@ def parse_greeting(line: str) -> Greeting | None:
 #     kana ("口" and "ロ"), which the Japanese mix has to allow.
 #   Catching these needs TR #39's confusables data (a "skeleton" per name,
 #   over 6,000 mappings), too much to carry in one file.
-#   - The script test reads letters' names (the standard library has no
-#     Script property), so it is an approximation; and all of this depends
-#     on the Unicode version of the Python that runs the server: a letter
-#     newer than it is unassigned there, and refused.
+#   - The script test reads letters' names (there is no Script property), an
+#     approximation; and a letter newer than this Python's Unicode is refused.
 
 #: Names fit on a line and can't be confused with the "[name]:" framing.
 MAX_NAME_LENGTH = 32
@@ -2098,13 +2086,11 @@ class Gate:
     def host_allowed(self, host: str) -> bool:
         """Guard against DNS rebinding: answer only to names we know, or to addresses.
 
-        A page on evil.example can make its own name resolve to 127.0.0.1 a
-        moment after it loaded; its scripts then reach this server as
-        "evil.example", which the browser treats as the page's own site, so
-        neither the same-origin rule nor our Origin check stops them. The name
-        in the Host header gives them away: rebinding needs a name, so an IP
-        literal is always fine, as are localhost, this machine's name and the
-        names given with --allow-host ("*" accepts any).
+        A page on evil.example can make its name resolve to 127.0.0.1 after
+        it loaded; its scripts then reach us as its own site, past the
+        same-origin rule and our Origin check. The Host header gives them
+        away: an IP literal, localhost, this machine's name and the names
+        given with --allow-host ("*": any) are all we answer to.
         """
         if "*" in self.allowed_hosts:
             return True
@@ -2345,12 +2331,10 @@ class ChatRoom:
         """Send one line, made of ``parts``, to every member, never waiting for any of them.
 
         The frame is encoded once: a server's frames are unmasked, so every
-        member gets the same bytes (members who agreed to compression share
-        a compressed one, section 12). A slow reader only fills its own
-        buffer; FastConnection drops it there (section 9). The parts, a name
-        and the member's text just as it arrived, are joined only into the
-        frame: a 1 MiB line is copied once on its way to everyone.
-        BatchedRoom (section 9) does the same with fewer system calls.
+        member gets the same bytes (those who agreed to compression, the same
+        compressed bytes). The parts, a name and the text as it arrived, are
+        joined only into the frame: a 1 MiB line is copied once. A slow reader
+        only fills its own buffer (FastConnection drops it there, section 9).
         """
         payload = [utf8(part) for part in parts]
         frames: dict[int, bytes] = {}   # by deflate window; 0: not compressed
@@ -2404,10 +2388,9 @@ def apply_mask_fast(data: bytes, mask_key: bytes, start: int = 0, end: int | Non
     """apply_mask (section 4), the same XOR done four slices at a time.
 
     Every fourth byte is XOR-ed with the same key byte, so each of those four
-    strided slices is mapped through a 256-byte table by bytes.translate, in
-    C: twice as fast as XOR-ing the payload as one big integer, and many
-    times the byte loop. It reads straight out of ``data`` between ``start``
-    and ``end``, so a frame reader need not slice the payload out first.
+    strided slices goes through a 256-byte table by bytes.translate, in C (twice
+    as fast as one big-integer XOR). It reads straight out of ``data``, so a
+    frame reader need not slice the payload out first.
     """
     end = len(data) if end is None else end
     out = bytearray(end - start)
@@ -2587,11 +2570,9 @@ class TracedFrameReader(FrameReader):
 class SharedFrames:
     """Frames broadcast in one turn of the event loop, queued once to each member.
 
-    Queuing every broadcast line to every member costs a call per line per
-    member; instead the room queues one SharedFrames to each member and keeps
-    appending lines to it. It is sealed as soon as one member writes it, or
-    anything else is queued behind it, so every member writes the very same
-    bytes, joined once, and nothing queued later can overtake it.
+    The room queues one to each member and keeps appending lines to it. It is
+    sealed once a member writes it, or anything is queued behind it: every
+    member writes the same bytes, joined once, and nothing later overtakes it.
     """
 
     __slots__ = ("frames", "_data")
@@ -3035,16 +3016,14 @@ NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
                              "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_EOF_WHILE_READING"})
 
 
-def not_tls(error: OSError) -> bool:
-    """Did a TLS handshake fail because the server doesn't speak TLS (rather than, say, its certificate)?"""
-    if isinstance(error, ssl.SSLError):
-        return isinstance(error, ssl.SSLEOFError) or error.reason in NOT_TLS_REASONS
-    return isinstance(error, ConnectionResetError)
-
-
 def check_speaks_tls(error: OSError, target: WebSocketURI) -> None:
-    """connect()'s TLS handshake failed: if the server doesn't speak TLS, say so in words."""
-    if not_tls(error):
+    """connect()'s TLS handshake failed: if the server doesn't speak TLS (rather than,
+    say, its certificate being refused), say so in words."""
+    if isinstance(error, ssl.SSLError):
+        not_tls = isinstance(error, ssl.SSLEOFError) or error.reason in NOT_TLS_REASONS
+    else:
+        not_tls = isinstance(error, ConnectionResetError)
+    if not_tls:
         raise HandshakeError(http.HTTPStatus.BAD_GATEWAY, f"the server at wss://"
                              f"{target.host_header} did not answer TLS — is it ws://?") from error
 
@@ -3116,21 +3095,17 @@ def escape_hidden(text: str) -> str:
 def printable(text: str) -> str:
     """Escape whatever could drive a terminal or disguise a line; leave ordinary text alone.
 
-    An escape sequence could clear the screen, move the cursor or retitle the window; a newline, U+2028 or a bidi
-    override (U+202E) could fake a line or reorder it. So every control (C0,
-    DEL, C1) and format character, line and paragraph separator, surrogate,
-    private-use and unassigned character is shown as its Python escape
-    (\\x1b, \\n, \\u202e). Unassigned means unknown to this Python's Unicode:
-    a brand-new emoji is escaped until Python knows it.
+    An escape sequence could clear the screen or move the cursor; a newline,
+    U+2028 or a bidi override (U+202E) could fake a line or reorder it. So
+    every control (C0, DEL, C1) and format character, line and paragraph
+    separator, surrogate, private-use and unassigned character (unknown to
+    this Python's Unicode) is shown as its Python escape (\\x1b, \\n, \\u202e).
 
-    Kept as they are, because they only shape glyphs: ZWNJ and ZWJ (👩‍💻),
-    variation selectors (🏳️‍🌈) and combining marks ("é" as e + U+0301), which
-    Python already counts printable, and tag characters inside a flag
-    sequence (🏴󠁧󠁢󠁳󠁣󠁴󠁿). Spaces other than U+0020 (no-break, ideographic) are
-    kept too: they are ordinary text in French or Japanese. U+200B ZERO
-    WIDTH SPACE and U+00AD SOFT HYPHEN are escaped: they only hint where to
-    break a line, which a terminal never does, and invisible, they could
-    hide a difference in a log.
+    Kept, because they only shape glyphs: ZWNJ and ZWJ (👩‍💻), variation
+    selectors (🏳️‍🌈), combining marks, tag characters inside a flag sequence
+    (🏴󠁧󠁢󠁳󠁣󠁴󠁿), and spaces other than U+0020 (ordinary in French or Japanese).
+    U+200B ZERO WIDTH SPACE and U+00AD SOFT HYPHEN are escaped: invisible,
+    they could hide a difference in a log.
     """
     if text.isprintable():
         return text   # nearly every line: no copy, no per-character work
@@ -3180,18 +3155,14 @@ logger.addFilter(EscapeInLogs())
 #     back before inflating; RSV1 on its first frame says it is compressed
 #     (§6, §7.2). Control frames are never compressed, and any message may go
 #     uncompressed: we send short ones as they are.
-#   - "Context takeover" means a compressor keeps its window of past bytes
-#     from one message to the next. Our server asks that neither side does
-#     (server_no_context_takeover, client_no_context_takeover, which a server
-#     may add unasked, §7.1.1): then one compressed broadcast frame suits
-#     every member who negotiated the extension, and a connection holds zlib
-#     state only while a compressed message is passing through.
+#   - "Context takeover": a compressor keeps its window of past bytes from one
+#     message to the next. Our server asks that neither side does (§7.1.1):
+#     then one compressed broadcast frame suits every member who agreed, and
+#     a connection holds zlib state only while a message passes through.
 #
-# Security: compressing a secret together with text an attacker chooses lets
-# the attacker learn the secret from the compressed sizes (CRIME, BREACH). A
-# chat message holds one member's line, so no secret shares a message with
-# someone else's text; an application that mixes them over wss:// should turn
-# compression off (--no-compression, connect/serve(compression=False)).
+# Security: compressing a secret with text an attacker chooses leaks the secret
+# through the sizes (CRIME, BREACH). A chat line holds one member's text; an
+# application that mixes them should turn compression off (--no-compression).
 
 PERMESSAGE_DEFLATE = "permessage-deflate"
 
@@ -3346,15 +3317,11 @@ def deflate_message(deflater: typing.Any, *parts: bytes) -> bytes:
 class PerMessageDeflate:
     """One connection's end of the agreement: inflates what arrives, deflates what we send.
 
-    The handshake (section 7) reaches the extension through the class:
-    CLIENT_OFFER is what a client offers, answer() what a server says to
-    the offers, agreed() the extension a 101 agreed to, for the Connection.
-
-    A compressor or decompressor exists only while a message passes through,
-    unless the side that made it keeps its context between messages: then it
-    lives as long as the connection (a client talking to a server other than
-    ours may have to keep one; about 40 KB to inflate, 270 KB to deflate with
-    a 32 KiB window, zlib's figures).
+    The handshake (section 7) reaches it through the class: CLIENT_OFFER,
+    answer() to the offers, agreed() by a 101. A compressor or decompressor
+    lives only while a message passes through, unless its side keeps context
+    between messages (a client of another server may have to: zlib's figures
+    are about 40 KB to inflate, 270 KB to deflate with a 32 KiB window).
     """
 
     CLIENT_OFFER = CLIENT_DEFLATE_OFFER
