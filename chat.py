@@ -2715,11 +2715,11 @@ class FastConnection(Connection):
 class BatchedRoom(ChatRoom):
     """ChatRoom (section 8) whose broadcasts in one loop turn are joined once for everyone.
 
-    ChatRoom.broadcast writes each line to each member: a call and a system
-    call per line per member. Here the lines broadcast in one turn of the
-    event loop go into one SharedFrames (one per deflate window) queued to
-    every member, so a busy room costs one send() per member per turn; about
-    a third more deliveries per second at the benchmark's fan-out (README).
+    ChatRoom.broadcast hands each line to each member: a call per line per
+    member. Here the lines broadcast in one turn of the event loop go into one
+    SharedFrames (one per deflate window) queued to every member, so a busy
+    room costs one call and one send() per member per turn: 2.4 times the
+    deliveries per second at the benchmark's fan-out (README, "Performance").
     """
 
     def __init__(self, **options: typing.Any) -> None:
