@@ -1275,324 +1275,13 @@ class TestChatRoom(ChatTestCase):
         self.assertTrue(upgrade_elsewhere.startswith(b"HTTP/1.1 404"))
 
 
-# 9. Serving many ###########################################################
-
-class TestFastConnection(TestConnection):
-    """Every TestConnection test again on FastConnection, and what only it does:
-    Incoming's bounded reading, the outbox, the slow-reader cut-off."""
-
-    connection_class = chat.FastConnection
-
-    def unread(self) -> int:
-        return self.transport.protocol.held   # the transport's protocol is now Incoming
-
-    async def test_reading_pauses_while_more_than_the_limit_waits_unread(self):
-        conn = self.connect()
-        incoming = conn.reader
-        half = b"x" * (incoming.limit // 2 - chat.PIECE_OVERHEAD)
-        self.transport.deliver(half)
-        self.transport.deliver(half)
-        self.assertFalse(self.transport.reading_paused)   # exactly the limit
-        self.transport.deliver(b"y")
-        self.assertTrue(self.transport.reading_paused)   # a peer can't make us buffer without bound
-        self.assertEqual(await within(incoming.read()), half + half + b"y")   # all that came, joined
-        self.assertFalse(self.transport.reading_paused)
-
-    async def test_a_peer_sending_a_few_bytes_at_a_time_is_held_to_the_limit_too(self):
-        conn = self.connect()
-        incoming = conn.reader
-        for pieces in range(1, incoming.limit):
-            self.transport.deliver(bytes(2))
-            if self.transport.reading_paused:   # a real transport stops reading here
-                break
-        # Each piece counts what its object costs, not only its 2 bytes.
-        self.assertEqual(pieces, incoming.limit // (2 + chat.PIECE_OVERHEAD) + 1)
-        self.assertEqual(await within(incoming.read()), bytes(2 * pieces))
-
-    async def test_reading_stays_paused_when_the_handshake_reader_is_read(self):
-        reader = asyncio.StreamReader(limit=chat.READ_BUFFER_LIMIT)
-        self.transport = FakeTransport(reader)
-        reader.set_transport(self.transport)
-        reader.feed_data(bytes(3 * chat.READ_BUFFER_LIMIT))   # pipelined behind the handshake
-        self.assertTrue(self.transport.reading_paused)         # by the handshake's reader
-        conn = self.connection_class(reader, FakeWriter(self.transport), is_client=False)
-        self.transport.deliver(bytes(conn.reader.limit + 1))
-        self.assertEqual(await within(conn.reader.read()), bytes(3 * chat.READ_BUFFER_LIMIT))
-        self.assertTrue(self.transport.reading_paused)   # that reader resumed it; we paused again
-        self.assertEqual(await within(conn.reader.read()), bytes(conn.reader.limit + 1))
-        self.assertFalse(self.transport.reading_paused)
-
-    async def test_pings_from_a_peer_that_never_reads_our_pongs_are_bounded(self):
-        conn = self.connect()
-        conn.max_buffer = 1000
-        self.transport.peer_never_reads = True
-        receiving = asyncio.create_task(conn.recv())
-        pings = client_frame(Opcode.PING, bytes(125)) * 20
-        self.transport.deliver(pings)   # one batch, answered at the end of this loop turn
-        await within(self.transport.next_write())
-        self.assertEqual(conn.state, chat.State.CLOSING)   # over max_buffer: dropped
-        self.transport.deliver(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
-        await expect_closed(receiving, CloseCode.POLICY_VIOLATION)
-        # Pongs stop once max_buffer is passed: at most one batch beyond it, of 20 × 127 bytes.
-        self.assertLess(len(self.transport.written), 1000 + 20 * 127 + 130)
-
-    async def test_outbox_keeps_the_order_frames_were_queued_in_one_write_per_turn(self):
-        conn = self.connect()
-        shared = chat.SharedFrames()
-        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"one"))
-        conn.queue_shared(shared)
-        shared.append(chat.encode_frame(Opcode.TEXT, b"two"))
-        self.assertFalse(shared.sealed)
-        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"reply"))
-        self.assertTrue(shared.sealed)   # a frame queued behind it: nothing more may join it
-        await within(self.transport.next_write())
-        await within(conn.send("three"))
-        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"one"), Frame(Opcode.TEXT, b"two"),
-                                              Frame(Opcode.TEXT, b"reply"), Frame(Opcode.TEXT, b"three")])
-        self.assertEqual(self.transport.writes, 2)   # the turn's three frames at once, then send()
-
-    async def test_nothing_queued_for_a_broadcast_follows_our_close_frame(self):
-        conn = self.connect()
-        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"before"))
-        conn.close_nowait(CloseCode.GOING_AWAY, "bye")
-        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"after"))   # §5.5.1: dropped
-        shared = chat.SharedFrames()
-        conn.queue_shared(shared)
-        shared.append(chat.encode_frame(Opcode.TEXT, b"shared after"))
-        turn_over = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's write
-        await within(turn_over)
-        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"before"),
-                                              Frame(Opcode.CLOSE, close_frame_payload(1001, "bye"))])
-
-    async def test_a_message_send_waits_for_is_not_counted_as_a_slow_readers_backlog(self):
-        conn = self.connect(is_client=True)
-        conn.max_buffer = 1000
-        self.transport.peer_never_reads = True
-        self.transport.drain_released = asyncio.Event()
-        sending = asyncio.create_task(conn.send("x" * 5000))   # five times max_buffer
-        await within(self.transport.drain_started.wait())
-        turn_over = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's check
-        await within(turn_over)
-        self.assertEqual(conn.state, chat.State.OPEN)
-        self.transport.peer_never_reads = False
-        self.transport.drain_released.set()
-        await within(sending)
-        self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.TEXT, b"x" * 5000)])
-
-
-
-class TestSpeedupsMatchTheirReference(unittest.TestCase):
-    """Each speed-up of section 9 gives what the plain version above it gives, on random data."""
-
-    def test_apply_mask_fast_equals_apply_mask(self):
-        rng = random.Random(6455)
-        for _ in range(300):
-            data = rng.randbytes(rng.randrange(0, 70))
-            key = rng.randbytes(4)
-            start = rng.randrange(0, len(data) + 1)
-            end = rng.randrange(start, len(data) + 1)
-            with self.subTest(data=data, key=key, start=start, end=end):
-                self.assertEqual(chat.apply_mask_fast(data, key, start, end),
-                                 chat.apply_mask(data, key, start, end))
-                self.assertEqual(chat.apply_mask_fast(data, key), chat.apply_mask(data, key))
-
-    def test_fast_assembler_equals_message_assembler(self):
-        rng = random.Random(7692)
-        texts = ["hello", "é" * 3000, "👩‍💻 ok " * 900, "x" * 9000, "ascii then ü"]
-        for _ in range(200):
-            opcode = rng.choice((Opcode.TEXT, Opcode.BINARY))
-            payload = rng.choice(texts).encode() if opcode == Opcode.TEXT else rng.randbytes(rng.randrange(9000))
-            cuts = sorted(rng.sample(range(len(payload) + 1), min(len(payload) + 1, rng.randrange(1, 12))))
-            pieces = [payload[a:b] for a, b in zip([0] + cuts, cuts + [len(payload)])]
-            results = []
-            for assembler in (chat.MessageAssembler(2**20), chat.FastAssembler(2**20)):
-                for n, piece in enumerate(pieces):
-                    assembler.start_frame(Opcode.CONTINUATION if n else opcode, len(piece))
-                    assembler.add(piece)
-                results.append(assembler.finish())
-            self.assertEqual(results[0], results[1])
-            self.assertEqual(results[1], chat.Message(opcode, payload))
-
-    def test_fast_assembler_refuses_what_message_assembler_refuses(self):
-        for bad in (b"ok \xff", b"\xc3", "é".encode()[:1] + b"a", b"a" * 5000 + b"\xed\xa0\x80"):
-            for assembler in (chat.MessageAssembler(2**20), chat.FastAssembler(2**20)):
-                with self.subTest(bad=bad[-4:], assembler=type(assembler).__name__), \
-                        self.assertRaises(chat.InvalidPayload):
-                    assembler.start_frame(Opcode.TEXT, len(bad))
-                    assembler.add(bad)
-                    assembler.finish()
-
-    def test_many_tiny_fragments_cost_no_more_memory_than_the_message(self):
-        # A hostile peer may send a message one byte per frame; keeping each
-        # piece as its own object would cost ~40 bytes of memory per byte.
-        for opcode in (Opcode.TEXT, Opcode.BINARY):
-            with self.subTest(opcode=opcode):
-                assembler = chat.FastAssembler(2**20)
-                tracemalloc.start()
-                assembler.start_frame(opcode, 1)
-                assembler.add(b"x")
-                for _ in range(100_000 - 1):
-                    assembler.start_frame(Opcode.CONTINUATION, 1)
-                    assembler.add(b"x")
-                peak = tracemalloc.get_traced_memory()[1]
-                tracemalloc.stop()
-                self.assertLess(peak, 4 * 100_000)
-                self.assertEqual(len(assembler.finish().payload), 100_000)
-
-
-
-class TestRoomOrder(QuietLogs, unittest.IsolatedAsyncioTestCase):
-    """What one turn of the event loop queues reaches each member in order, in one write."""
-
-    def member(self, room, name, writes=None, deflate=None):
-        reader = asyncio.StreamReader()
-        transport = FakeTransport(reader)
-        conn = chat.FastConnection(reader, FakeWriter(transport), is_client=False,
-                                   path=f"/chat?name={name}", writes=writes, deflate=deflate)
-        room.admit(conn)
-        return conn, transport
-
-    async def test_a_broadcast_to_many_members_schedules_one_write_callback(self):
-        room, writes = chat.BatchedRoom(rate=0), chat.TurnWriter()
-        members = [self.member(room, f"m{i}", writes) for i in range(50)]
-        await within(members[-1][1].next_write())   # the greetings and joins are out
-        loop = asyncio.get_running_loop()
-        with unittest.mock.patch.object(loop, "call_soon", wraps=loop.call_soon) as call_soon:
-            room.broadcast("[m0]: to everyone")
-        self.assertEqual(call_soon.call_count, 1)   # not one per member
-        await within(members[-1][1].next_write())
-        for _, transport in members:
-            self.assertEqual(self.texts(transport)[-1], "[m0]: to everyone")
-
-    async def test_batched_broadcast_delivers_what_the_plain_broadcast_does(self):
-        with unittest.mock.patch("secrets.token_urlsafe", return_value="token"):   # in greetings
-            plain = await self.broadcast_at_random(chat.ChatRoom(rate=0))
-            batched = await self.broadcast_at_random(chat.BatchedRoom(rate=0))
-        self.assertEqual(batched, plain)   # every member's bytes, to the last one
-
-    async def broadcast_at_random(self, room) -> list[bytes]:
-        """30 loop turns of random broadcasts, compressed for some members, and late joins."""
-        rng = random.Random(2026)   # the same script for every room
-        params = chat.check_deflate_answer(chat.SERVER_DEFLATE_ANSWER)
-        members = [self.member(room, f"m{i}", deflate=chat.PerMessageDeflate(params, is_client=False)
-                               if i % 2 else None) for i in range(4)]
-        for _ in range(30):
-            for _ in range(rng.randrange(1, 5)):
-                text = rng.choice([rng.randbytes(rng.randrange(200)).hex(), "a" * rng.randrange(500)])
-                room.broadcast(f"[m{rng.randrange(4)}]: ", text.encode())
-            if rng.random() < 0.2:
-                members.append(self.member(room, f"late{len(members)}"))
-            turn_over = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the writes
-            await within(turn_over)
-        return [bytes(transport.written) for _, transport in members]
-
-    @staticmethod
-    def texts(transport, since=0):
-        data, texts = bytes(transport.written[since:]), []
-        while data:
-            frame, size = parse_frame(data, expect_masked=False)
-            texts.append(frame.payload.decode())
-            data = data[size:]
-        return texts
-
-    async def test_a_reply_a_broadcast_and_a_join_in_one_turn_keep_their_order(self):
-        room = chat.BatchedRoom(rate=0)
-        (alice, alice_out), (bob, bob_out) = self.member(room, "alice"), self.member(room, "bob")
-        await within(bob_out.next_write())   # the greetings and joins so far
-        before = {"alice": len(alice_out.written), "bob": len(bob_out.written)}
-        writes = {"alice": alice_out.writes, "bob": bob_out.writes}
-        # One turn of the loop, as a busy server has them:
-        room.broadcast("[bob]: first")
-        room.tell(alice, "* a reply to alice")
-        room.broadcast("[bob]: second")
-        carol, carol_out = self.member(room, "carol")
-        room.broadcast("[bob]: third")
-        await within(carol_out.next_write())
-        self.assertEqual(self.texts(alice_out, before["alice"]), [
-            "[bob]: first", "* a reply to alice", "[bob]: second", "* carol joined", "[bob]: third"])
-        self.assertEqual(self.texts(bob_out, before["bob"]), [
-            "[bob]: first", "[bob]: second", "* carol joined", "[bob]: third"])
-        greeting, *rest = self.texts(carol_out)
-        self.assertTrue(greeting.startswith("* You are connected as carol!"), greeting)
-        self.assertEqual(rest, ["[bob]: third"])   # nothing said before carol came in
-        self.assertEqual((alice_out.writes - writes["alice"], bob_out.writes - writes["bob"],
-                          carol_out.writes), (1, 1, 1))   # one system call each for the turn
-
-
-# Names, escaping and commands (section 8, pure) ##########################
+# Names and commands (8.2, 8.3): pure functions, tested name by name
 
 # Emoji sequences built from code points, so the test says what is in them.
 TECHNOLOGIST = "\U0001F469\u200d\U0001F4BB"                            # 👩‍💻 woman, ZWJ, laptop
 RAINBOW_FLAG = "\U0001F3F3\ufe0f\u200d\U0001F308"                      # 🏳️‍🌈 flag, VS16, ZWJ, rainbow
 FAMILY = "\U0001F468\u200d\U0001F469\u200d\U0001F467"                  # 👨‍👩‍👧
 SCOTLAND = "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"  # 🏴󠁧󠁢󠁳󠁣󠁴󠁿
-
-
-class TestPrintable(unittest.TestCase):
-    """printable(): escape what drives a terminal or reorders a line, nothing else."""
-
-    def assertUnchanged(self, text):
-        self.assertEqual(printable(text), text)
-
-    def test_plain_text_is_returned_as_is(self):
-        text = "hello, world"
-        self.assertIs(printable(text), text)
-
-    def test_zwj_emoji_sequences_are_unchanged(self):
-        for emoji in (TECHNOLOGIST, RAINBOW_FLAG, FAMILY):
-            with self.subTest(emoji=emoji):
-                self.assertUnchanged(f"[bob]: {emoji}!")
-
-    def test_flag_tag_sequence_is_unchanged(self):
-        self.assertUnchanged(f"go {SCOTLAND} go")
-
-    def test_tag_characters_outside_a_flag_are_escaped(self):
-        # Invisible "tag ASCII" can smuggle text that a terminal doesn't show.
-        self.assertEqual(printable("hi\U000E0041\U000E0042"), "hi\\U000e0041\\U000e0042")
-        self.assertEqual(printable("\U000E0067\U000E007F"), "\\U000e0067\\U000e007f")
-
-    def test_combining_marks_and_variation_selectors_are_unchanged(self):
-        self.assertUnchanged("e\u0301")                  # e + COMBINING ACUTE ACCENT
-        self.assertUnchanged("\u2764\ufe0f")             # ❤️ with VS16
-        self.assertUnchanged("\u845b\U000E0100")         # 葛 with an ideographic variation selector
-
-    def test_zwnj_is_unchanged(self):
-        self.assertUnchanged("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")   # Persian
-
-    def test_non_ascii_spaces_are_unchanged(self):
-        self.assertUnchanged("Quoi\u00a0? \u3042\u3000\u3044")   # no-break, ideographic
-
-    def test_c0_controls_and_del_are_escaped(self):
-        self.assertEqual(printable("a\x1b[2Jb"), "a\\x1b[2Jb")
-        self.assertEqual(printable("one\ntwo\rthree\t"), "one\\ntwo\\rthree\\t")
-        self.assertEqual(printable("\x00\x7f"), "\\x00\\x7f")
-
-    def test_c1_controls_are_escaped(self):
-        self.assertEqual(printable("a\x85b\x9bc"), "a\\x85b\\x9bc")   # NEL, CSI
-
-    def test_bidi_controls_are_escaped(self):
-        for char in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069":
-            with self.subTest(char=f"U+{ord(char):04X}"):
-                self.assertEqual(printable(f"x{char}y"), f"x\\u{ord(char):04x}y")
-
-    def test_line_and_paragraph_separators_are_escaped(self):
-        self.assertEqual(printable("a\u2028b\u2029c"), "a\\u2028b\\u2029c")
-
-    def test_zero_width_space_and_soft_hyphen_are_escaped(self):
-        self.assertEqual(printable("pay\u200bpal\xad"), "pay\\u200bpal\\xad")
-
-    def test_other_format_private_use_and_unassigned_are_escaped(self):
-        self.assertEqual(printable("\ufeff\u2060"), "\\ufeff\\u2060")       # BOM, WORD JOINER
-        self.assertEqual(printable("\ue000"), "\\ue000")                    # private use
-        self.assertEqual(printable("\U0010ffff\u0378"), "\\U0010ffff\\u0378")  # unassigned
-        self.assertEqual(printable("\ud800"), "\\ud800")                    # lone surrogate
-
-    def test_escapes_among_emoji(self):
-        self.assertEqual(printable(f"{TECHNOLOGIST}\u202e{SCOTLAND}\n"),
-                         f"{TECHNOLOGIST}\\u202e{SCOTLAND}\\n")
 
 
 class TestNameKey(unittest.TestCase):
@@ -1867,11 +1556,255 @@ class TestHelpLines(unittest.TestCase):
             self.assertEqual(printable(line), line)
 
 
-if __name__ == "__main__":
-    unittest.main()
+
+# 9. Serving many ###########################################################
+
+class TestFastConnection(TestConnection):
+    """Every TestConnection test again on FastConnection, and what only it does:
+    Incoming's bounded reading, the outbox, the slow-reader cut-off."""
+
+    connection_class = chat.FastConnection
+
+    def unread(self) -> int:
+        return self.transport.protocol.held   # the transport's protocol is now Incoming
+
+    async def test_reading_pauses_while_more_than_the_limit_waits_unread(self):
+        conn = self.connect()
+        incoming = conn.reader
+        half = b"x" * (incoming.limit // 2 - chat.PIECE_OVERHEAD)
+        self.transport.deliver(half)
+        self.transport.deliver(half)
+        self.assertFalse(self.transport.reading_paused)   # exactly the limit
+        self.transport.deliver(b"y")
+        self.assertTrue(self.transport.reading_paused)   # a peer can't make us buffer without bound
+        self.assertEqual(await within(incoming.read()), half + half + b"y")   # all that came, joined
+        self.assertFalse(self.transport.reading_paused)
+
+    async def test_a_peer_sending_a_few_bytes_at_a_time_is_held_to_the_limit_too(self):
+        conn = self.connect()
+        incoming = conn.reader
+        for pieces in range(1, incoming.limit):
+            self.transport.deliver(bytes(2))
+            if self.transport.reading_paused:   # a real transport stops reading here
+                break
+        # Each piece counts what its object costs, not only its 2 bytes.
+        self.assertEqual(pieces, incoming.limit // (2 + chat.PIECE_OVERHEAD) + 1)
+        self.assertEqual(await within(incoming.read()), bytes(2 * pieces))
+
+    async def test_reading_stays_paused_when_the_handshake_reader_is_read(self):
+        reader = asyncio.StreamReader(limit=chat.READ_BUFFER_LIMIT)
+        self.transport = FakeTransport(reader)
+        reader.set_transport(self.transport)
+        reader.feed_data(bytes(3 * chat.READ_BUFFER_LIMIT))   # pipelined behind the handshake
+        self.assertTrue(self.transport.reading_paused)         # by the handshake's reader
+        conn = self.connection_class(reader, FakeWriter(self.transport), is_client=False)
+        self.transport.deliver(bytes(conn.reader.limit + 1))
+        self.assertEqual(await within(conn.reader.read()), bytes(3 * chat.READ_BUFFER_LIMIT))
+        self.assertTrue(self.transport.reading_paused)   # that reader resumed it; we paused again
+        self.assertEqual(await within(conn.reader.read()), bytes(conn.reader.limit + 1))
+        self.assertFalse(self.transport.reading_paused)
+
+    async def test_pings_from_a_peer_that_never_reads_our_pongs_are_bounded(self):
+        conn = self.connect()
+        conn.max_buffer = 1000
+        self.transport.peer_never_reads = True
+        receiving = asyncio.create_task(conn.recv())
+        pings = client_frame(Opcode.PING, bytes(125)) * 20
+        self.transport.deliver(pings)   # one batch, answered at the end of this loop turn
+        await within(self.transport.next_write())
+        self.assertEqual(conn.state, chat.State.CLOSING)   # over max_buffer: dropped
+        self.transport.deliver(pings + client_frame(Opcode.CLOSE, close_frame_payload(1008)))
+        await expect_closed(receiving, CloseCode.POLICY_VIOLATION)
+        # Pongs stop once max_buffer is passed: at most one batch beyond it, of 20 × 127 bytes.
+        self.assertLess(len(self.transport.written), 1000 + 20 * 127 + 130)
+
+    async def test_outbox_keeps_the_order_frames_were_queued_in_one_write_per_turn(self):
+        conn = self.connect()
+        shared = chat.SharedFrames()
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"one"))
+        conn.queue_shared(shared)
+        shared.append(chat.encode_frame(Opcode.TEXT, b"two"))
+        self.assertFalse(shared.sealed)
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"reply"))
+        self.assertTrue(shared.sealed)   # a frame queued behind it: nothing more may join it
+        await within(self.transport.next_write())
+        await within(conn.send("three"))
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"one"), Frame(Opcode.TEXT, b"two"),
+                                              Frame(Opcode.TEXT, b"reply"), Frame(Opcode.TEXT, b"three")])
+        self.assertEqual(self.transport.writes, 2)   # the turn's three frames at once, then send()
+
+    async def test_nothing_queued_for_a_broadcast_follows_our_close_frame(self):
+        conn = self.connect()
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"before"))
+        conn.close_nowait(CloseCode.GOING_AWAY, "bye")
+        conn.write_frame(chat.encode_frame(Opcode.TEXT, b"after"))   # §5.5.1: dropped
+        shared = chat.SharedFrames()
+        conn.queue_shared(shared)
+        shared.append(chat.encode_frame(Opcode.TEXT, b"shared after"))
+        turn_over = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's write
+        await within(turn_over)
+        self.assertEqual(self.sent_frames(), [Frame(Opcode.TEXT, b"before"),
+                                              Frame(Opcode.CLOSE, close_frame_payload(1001, "bye"))])
+
+    async def test_a_message_send_waits_for_is_not_counted_as_a_slow_readers_backlog(self):
+        conn = self.connect(is_client=True)
+        conn.max_buffer = 1000
+        self.transport.peer_never_reads = True
+        self.transport.drain_released = asyncio.Event()
+        sending = asyncio.create_task(conn.send("x" * 5000))   # five times max_buffer
+        await within(self.transport.drain_started.wait())
+        turn_over = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the outbox's check
+        await within(turn_over)
+        self.assertEqual(conn.state, chat.State.OPEN)
+        self.transport.peer_never_reads = False
+        self.transport.drain_released.set()
+        await within(sending)
+        self.assertEqual(self.sent_frames(by_client=True), [Frame(Opcode.TEXT, b"x" * 5000)])
 
 
-# Hardening (RFC 6455 §10) ##################################################
+
+class TestSpeedupsMatchTheirReference(unittest.TestCase):
+    """Each speed-up of section 9 gives what the plain version above it gives, on random data."""
+
+    def test_apply_mask_fast_equals_apply_mask(self):
+        rng = random.Random(6455)
+        for _ in range(300):
+            data = rng.randbytes(rng.randrange(0, 70))
+            key = rng.randbytes(4)
+            start = rng.randrange(0, len(data) + 1)
+            end = rng.randrange(start, len(data) + 1)
+            with self.subTest(data=data, key=key, start=start, end=end):
+                self.assertEqual(chat.apply_mask_fast(data, key, start, end),
+                                 chat.apply_mask(data, key, start, end))
+                self.assertEqual(chat.apply_mask_fast(data, key), chat.apply_mask(data, key))
+
+    def test_fast_assembler_equals_message_assembler(self):
+        rng = random.Random(7692)
+        texts = ["hello", "é" * 3000, "👩‍💻 ok " * 900, "x" * 9000, "ascii then ü"]
+        for _ in range(200):
+            opcode = rng.choice((Opcode.TEXT, Opcode.BINARY))
+            payload = rng.choice(texts).encode() if opcode == Opcode.TEXT else rng.randbytes(rng.randrange(9000))
+            cuts = sorted(rng.sample(range(len(payload) + 1), min(len(payload) + 1, rng.randrange(1, 12))))
+            pieces = [payload[a:b] for a, b in zip([0] + cuts, cuts + [len(payload)])]
+            results = []
+            for assembler in (chat.MessageAssembler(2**20), chat.FastAssembler(2**20)):
+                for n, piece in enumerate(pieces):
+                    assembler.start_frame(Opcode.CONTINUATION if n else opcode, len(piece))
+                    assembler.add(piece)
+                results.append(assembler.finish())
+            self.assertEqual(results[0], results[1])
+            self.assertEqual(results[1], chat.Message(opcode, payload))
+
+    def test_fast_assembler_refuses_what_message_assembler_refuses(self):
+        for bad in (b"ok \xff", b"\xc3", "é".encode()[:1] + b"a", b"a" * 5000 + b"\xed\xa0\x80"):
+            for assembler in (chat.MessageAssembler(2**20), chat.FastAssembler(2**20)):
+                with self.subTest(bad=bad[-4:], assembler=type(assembler).__name__), \
+                        self.assertRaises(chat.InvalidPayload):
+                    assembler.start_frame(Opcode.TEXT, len(bad))
+                    assembler.add(bad)
+                    assembler.finish()
+
+    def test_many_tiny_fragments_cost_no_more_memory_than_the_message(self):
+        # A hostile peer may send a message one byte per frame; keeping each
+        # piece as its own object would cost ~40 bytes of memory per byte.
+        for opcode in (Opcode.TEXT, Opcode.BINARY):
+            with self.subTest(opcode=opcode):
+                assembler = chat.FastAssembler(2**20)
+                tracemalloc.start()
+                assembler.start_frame(opcode, 1)
+                assembler.add(b"x")
+                for _ in range(100_000 - 1):
+                    assembler.start_frame(Opcode.CONTINUATION, 1)
+                    assembler.add(b"x")
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                self.assertLess(peak, 4 * 100_000)
+                self.assertEqual(len(assembler.finish().payload), 100_000)
+
+
+
+class TestRoomOrder(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """What one turn of the event loop queues reaches each member in order, in one write."""
+
+    def member(self, room, name, writes=None, deflate=None):
+        reader = asyncio.StreamReader()
+        transport = FakeTransport(reader)
+        conn = chat.FastConnection(reader, FakeWriter(transport), is_client=False,
+                                   path=f"/chat?name={name}", writes=writes, deflate=deflate)
+        room.admit(conn)
+        return conn, transport
+
+    async def test_a_broadcast_to_many_members_schedules_one_write_callback(self):
+        room, writes = chat.BatchedRoom(rate=0), chat.TurnWriter()
+        members = [self.member(room, f"m{i}", writes) for i in range(50)]
+        await within(members[-1][1].next_write())   # the greetings and joins are out
+        loop = asyncio.get_running_loop()
+        with unittest.mock.patch.object(loop, "call_soon", wraps=loop.call_soon) as call_soon:
+            room.broadcast("[m0]: to everyone")
+        self.assertEqual(call_soon.call_count, 1)   # not one per member
+        await within(members[-1][1].next_write())
+        for _, transport in members:
+            self.assertEqual(self.texts(transport)[-1], "[m0]: to everyone")
+
+    async def test_batched_broadcast_delivers_what_the_plain_broadcast_does(self):
+        with unittest.mock.patch("secrets.token_urlsafe", return_value="token"):   # in greetings
+            plain = await self.broadcast_at_random(chat.ChatRoom(rate=0))
+            batched = await self.broadcast_at_random(chat.BatchedRoom(rate=0))
+        self.assertEqual(batched, plain)   # every member's bytes, to the last one
+
+    async def broadcast_at_random(self, room) -> list[bytes]:
+        """30 loop turns of random broadcasts, compressed for some members, and late joins."""
+        rng = random.Random(2026)   # the same script for every room
+        params = chat.check_deflate_answer(chat.SERVER_DEFLATE_ANSWER)
+        members = [self.member(room, f"m{i}", deflate=chat.PerMessageDeflate(params, is_client=False)
+                               if i % 2 else None) for i in range(4)]
+        for _ in range(30):
+            for _ in range(rng.randrange(1, 5)):
+                text = rng.choice([rng.randbytes(rng.randrange(200)).hex(), "a" * rng.randrange(500)])
+                room.broadcast(f"[m{rng.randrange(4)}]: ", text.encode())
+            if rng.random() < 0.2:
+                members.append(self.member(room, f"late{len(members)}"))
+            turn_over = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(turn_over.set_result, None)   # after the writes
+            await within(turn_over)
+        return [bytes(transport.written) for _, transport in members]
+
+    @staticmethod
+    def texts(transport, since=0):
+        data, texts = bytes(transport.written[since:]), []
+        while data:
+            frame, size = parse_frame(data, expect_masked=False)
+            texts.append(frame.payload.decode())
+            data = data[size:]
+        return texts
+
+    async def test_a_reply_a_broadcast_and_a_join_in_one_turn_keep_their_order(self):
+        room = chat.BatchedRoom(rate=0)
+        (alice, alice_out), (bob, bob_out) = self.member(room, "alice"), self.member(room, "bob")
+        await within(bob_out.next_write())   # the greetings and joins so far
+        before = {"alice": len(alice_out.written), "bob": len(bob_out.written)}
+        writes = {"alice": alice_out.writes, "bob": bob_out.writes}
+        # One turn of the loop, as a busy server has them:
+        room.broadcast("[bob]: first")
+        room.tell(alice, "* a reply to alice")
+        room.broadcast("[bob]: second")
+        carol, carol_out = self.member(room, "carol")
+        room.broadcast("[bob]: third")
+        await within(carol_out.next_write())
+        self.assertEqual(self.texts(alice_out, before["alice"]), [
+            "[bob]: first", "* a reply to alice", "[bob]: second", "* carol joined", "[bob]: third"])
+        self.assertEqual(self.texts(bob_out, before["bob"]), [
+            "[bob]: first", "[bob]: second", "* carol joined", "[bob]: third"])
+        greeting, *rest = self.texts(carol_out)
+        self.assertTrue(greeting.startswith("* You are connected as carol!"), greeting)
+        self.assertEqual(rest, ["[bob]: third"])   # nothing said before carol came in
+        self.assertEqual((alice_out.writes - writes["alice"], bob_out.writes - writes["bob"],
+                          carol_out.writes), (1, 1, 1))   # one system call each for the turn
+
+
+# 10. Running a server in public (RFC 6455 §10) #############################
 
 class TestLimitsAndDefences(ChatTestCase):
     """Each defence refuses the bad peer and leaves a well-behaved member unaffected."""
@@ -2301,7 +2234,238 @@ class TestTLS(ChatTestCase):
         writer.close()
 
 
-# 9. Redis: the RESP protocol ###############################################
+# 11. Showing untrusted text ################################################
+
+class TestPrintable(unittest.TestCase):
+    """printable(): escape what drives a terminal or reorders a line, nothing else."""
+
+    def assertUnchanged(self, text):
+        self.assertEqual(printable(text), text)
+
+    def test_plain_text_is_returned_as_is(self):
+        text = "hello, world"
+        self.assertIs(printable(text), text)
+
+    def test_zwj_emoji_sequences_are_unchanged(self):
+        for emoji in (TECHNOLOGIST, RAINBOW_FLAG, FAMILY):
+            with self.subTest(emoji=emoji):
+                self.assertUnchanged(f"[bob]: {emoji}!")
+
+    def test_flag_tag_sequence_is_unchanged(self):
+        self.assertUnchanged(f"go {SCOTLAND} go")
+
+    def test_tag_characters_outside_a_flag_are_escaped(self):
+        # Invisible "tag ASCII" can smuggle text that a terminal doesn't show.
+        self.assertEqual(printable("hi\U000E0041\U000E0042"), "hi\\U000e0041\\U000e0042")
+        self.assertEqual(printable("\U000E0067\U000E007F"), "\\U000e0067\\U000e007f")
+
+    def test_combining_marks_and_variation_selectors_are_unchanged(self):
+        self.assertUnchanged("e\u0301")                  # e + COMBINING ACUTE ACCENT
+        self.assertUnchanged("\u2764\ufe0f")             # ❤️ with VS16
+        self.assertUnchanged("\u845b\U000E0100")         # 葛 with an ideographic variation selector
+
+    def test_zwnj_is_unchanged(self):
+        self.assertUnchanged("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")   # Persian
+
+    def test_non_ascii_spaces_are_unchanged(self):
+        self.assertUnchanged("Quoi\u00a0? \u3042\u3000\u3044")   # no-break, ideographic
+
+    def test_c0_controls_and_del_are_escaped(self):
+        self.assertEqual(printable("a\x1b[2Jb"), "a\\x1b[2Jb")
+        self.assertEqual(printable("one\ntwo\rthree\t"), "one\\ntwo\\rthree\\t")
+        self.assertEqual(printable("\x00\x7f"), "\\x00\\x7f")
+
+    def test_c1_controls_are_escaped(self):
+        self.assertEqual(printable("a\x85b\x9bc"), "a\\x85b\\x9bc")   # NEL, CSI
+
+    def test_bidi_controls_are_escaped(self):
+        for char in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069":
+            with self.subTest(char=f"U+{ord(char):04X}"):
+                self.assertEqual(printable(f"x{char}y"), f"x\\u{ord(char):04x}y")
+
+    def test_line_and_paragraph_separators_are_escaped(self):
+        self.assertEqual(printable("a\u2028b\u2029c"), "a\\u2028b\\u2029c")
+
+    def test_zero_width_space_and_soft_hyphen_are_escaped(self):
+        self.assertEqual(printable("pay\u200bpal\xad"), "pay\\u200bpal\\xad")
+
+    def test_other_format_private_use_and_unassigned_are_escaped(self):
+        self.assertEqual(printable("\ufeff\u2060"), "\\ufeff\\u2060")       # BOM, WORD JOINER
+        self.assertEqual(printable("\ue000"), "\\ue000")                    # private use
+        self.assertEqual(printable("\U0010ffff\u0378"), "\\U0010ffff\\u0378")  # unassigned
+        self.assertEqual(printable("\ud800"), "\\ud800")                    # lone surrogate
+
+    def test_escapes_among_emoji(self):
+        self.assertEqual(printable(f"{TECHNOLOGIST}\u202e{SCOTLAND}\n"),
+                         f"{TECHNOLOGIST}\\u202e{SCOTLAND}\\n")
+
+
+# 12. Compression ###########################################################
+
+def deflated(payload: bytes) -> bytes:
+    """A message compressed as RFC 7692 §7.2.1 says: raw DEFLATE, sync flush, tail removed."""
+    return chat.deflate_message(chat.new_deflater(15), payload)
+
+
+class TestCompression(ChatTestCase):
+    """RFC 7692: negotiation (§5, §7.1), compressed frames (§6, §7.2), the bomb bound."""
+
+    def test_extension_header_parses_lists_parameters_and_quoted_values(self):
+        self.assertEqual(chat.parse_extensions('permessage-deflate; server_max_window_bits="10", x, '
+                                               'Permessage-Deflate;client_max_window_bits'),
+                         [("permessage-deflate", [("server_max_window_bits", "10")]), ("x", []),
+                          ("permessage-deflate", [("client_max_window_bits", None)])])
+        self.assertEqual(chat.parse_extensions(""), [])
+        for bad in ('a; b="x y"', "a=1", "a; ;", 'a; b="unterminated'):
+            with self.subTest(bad), self.assertRaises(ValueError):
+                chat.parse_extensions(bad)
+
+    def test_server_accepts_the_first_valid_offer_and_declines_the_rest(self):
+        answer = chat.SERVER_DEFLATE_ANSWER
+        cases = {
+            "permessage-deflate": answer,
+            "permessage-deflate; client_max_window_bits": answer,
+            "permessage-deflate; client_max_window_bits=10": answer,
+            "permessage-deflate; server_max_window_bits=10": answer + "; server_max_window_bits=10",
+            "x-other, permessage-deflate; server_no_context_takeover": answer,
+            # §7: an unknown, repeated or invalid parameter declines that offer only.
+            "permessage-deflate; foo, permessage-deflate; server_max_window_bits=9":
+                answer + "; server_max_window_bits=9",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover": None,
+            "permessage-deflate; server_max_window_bits=16": None,
+            "permessage-deflate; server_max_window_bits=08": None,
+            "permessage-deflate; server_max_window_bits": None,
+            "permessage-deflate; client_no_context_takeover=1": None,
+            "x-webkit-deflate-frame": None,
+            "permessage-deflate; a=\"b c\"": None,   # malformed: every extension declined
+        }
+        for offer, expected in cases.items():
+            with self.subTest(offer):
+                self.assertEqual(chat.accept_deflate(offer), expected)
+        self.assertIsNone(chat.accept_deflate(None))
+
+    def test_client_accepts_what_a_server_may_add_and_refuses_the_rest(self):
+        agreed = chat.check_deflate_answer(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
+            "server_max_window_bits=10; client_max_window_bits=9")
+        self.assertEqual(agreed, chat.DeflateParams(True, True, 10, 9))
+        self.assertEqual(chat.check_deflate_answer("permessage-deflate"), chat.DeflateParams())
+        for bad in ("permessage-deflate; client_max_window_bits",   # a value is required here
+                    "permessage-deflate; server_max_window_bits=7", "permessage-deflate; foo",
+                    "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+                    "x-other", "permessage-deflate, permessage-deflate", "permessage-deflate; a=\""):
+            with self.subTest(bad), self.assertRaises(chat.HandshakeError):
+                chat.check_deflate_answer(bad)
+
+    async def test_client_fails_on_an_answer_it_cannot_accept(self):
+        respond = lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate; foo=1\r\n")
+        async with FakeServer(respond) as fake:
+            with self.assertRaises(chat.HandshakeError):
+                await within(chat.connect(f"ws://127.0.0.1:{fake.port}/"))
+        # Not offered, so not to be selected (RFC 6455 §4.1).
+        respond = lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate\r\n")
+        async with FakeServer(respond) as fake:
+            with self.assertRaises(chat.HandshakeError):
+                await within(chat.connect(f"ws://127.0.0.1:{fake.port}/", compression=False))
+
+    async def test_client_and_server_interoperate_in_every_parameter_combination(self):
+        text = "compress me, " * 500
+        answers = ["permessage-deflate", "permessage-deflate; server_no_context_takeover",
+                   "permessage-deflate; client_no_context_takeover",
+                   "permessage-deflate; server_max_window_bits=9; client_max_window_bits=9",
+                   "permessage-deflate; client_max_window_bits=8", chat.SERVER_DEFLATE_ANSWER]
+        for answer in answers:
+            with self.subTest(answer), unittest.mock.patch("chat.accept_deflate", return_value=answer):
+                conn = await self.open(await self.start())
+                self.assertEqual(conn.deflate.params, chat.check_deflate_answer(answer))
+                for message in (text, text.encode(), "short", text + "!"):   # context carried over
+                    await within(conn.send(message))
+                    self.assertEqual(await within(conn.recv()), message)
+
+    async def test_no_compression_on_either_side_means_plain_frames(self):
+        for server_side, client_side in ((True, False), (False, True)):
+            with self.subTest(server=server_side, client=client_side):
+                conn = await self.open(await self.start(compression=server_side), compression=client_side)
+                self.assertIsNone(conn.deflate)
+                await within(conn.send("x" * 1000))
+                self.assertEqual(await within(conn.recv()), "x" * 1000)
+
+    def deflate_connection(self) -> chat.Connection:
+        reader = asyncio.StreamReader()
+        self.transport = FakeTransport(reader)
+        deflate = chat.PerMessageDeflate(chat.check_deflate_answer(chat.SERVER_DEFLATE_ANSWER),
+                                         is_client=False)
+        return chat.Connection(reader, FakeWriter(self.transport), is_client=False,
+                               max_size=10_000, close_timeout=1.0, deflate=deflate)
+
+    async def test_compressed_message_split_over_fragments_with_a_ping_between(self):
+        conn = self.deflate_connection()
+        data = deflated("héllo, wörld ".encode() * 40)
+        self.transport.deliver(client_frame(Opcode.TEXT, data[:10], fin=False, rsv=chat.RSV1)
+                              + client_frame(Opcode.PING, b"p")
+                              + client_frame(Opcode.CONTINUATION, data[10:20], fin=False)
+                              + client_frame(Opcode.CONTINUATION, data[20:]))
+        self.assertEqual(await within(conn.recv()), "héllo, wörld " * 40)
+
+    async def assert_fails_with(self, conn, code: int, data: bytes):
+        self.transport.deliver(data)
+        self.transport.deliver_eof()
+        closed = await expect_closed(conn.recv())
+        self.assertEqual(closed.sent.code, code)
+
+    async def test_rsv1_misuse_fails_the_connection(self):
+        start = client_frame(Opcode.TEXT, deflated(b"a" * 200)[:5], fin=False, rsv=chat.RSV1)
+        cases = {
+            "on a control frame": client_frame(Opcode.PING, b"", rsv=chat.RSV1),
+            "on a continuation": start + client_frame(Opcode.CONTINUATION, b"x", rsv=chat.RSV1),
+            "RSV2": client_frame(Opcode.TEXT, b"x", rsv=2),
+        }
+        for name, wire in cases.items():
+            with self.subTest(name):
+                await self.assert_fails_with(self.deflate_connection(), CloseCode.PROTOCOL_ERROR, wire)
+        with self.subTest("without the extension"), self.assertRaises(chat.ProtocolError):
+            parse_frame(client_frame(Opcode.TEXT, b"x", rsv=chat.RSV1), expect_masked=True)
+
+    async def test_invalid_compressed_data_is_1002(self):
+        await self.assert_fails_with(self.deflate_connection(), CloseCode.PROTOCOL_ERROR,
+                                     client_frame(Opcode.TEXT, b"\xff\xff\xff garbage", rsv=chat.RSV1))
+
+    async def test_a_bomb_is_stopped_at_max_size_with_1009(self):
+        conn = self.deflate_connection()   # max_size 10,000
+        bomb = deflated(bytes(5_000_000))   # 5 MB of zeros in about 5 KB
+        self.assertLess(len(bomb), 6_000)
+        inflated = []
+        real_inflate = chat.PerMessageDeflate.inflate
+
+        def counting_inflate(deflate, chunk, room):
+            data = real_inflate(deflate, chunk, room)
+            inflated.append(len(data))
+            return data
+        with unittest.mock.patch.object(chat.PerMessageDeflate, "inflate", counting_inflate):
+            await self.assert_fails_with(conn, CloseCode.MESSAGE_TOO_BIG,
+                                         client_frame(Opcode.BINARY, bomb, rsv=chat.RSV1))
+        self.assertLessEqual(sum(inflated), 10_000)
+
+    async def test_a_broadcast_no_member_takes_is_not_kept(self):
+        # A --redis server with no members here still broadcasts what others say.
+        room = chat.BatchedRoom(rate=0)
+        for _ in range(3):
+            room.broadcast("[far away]: ", b"x" * 1000)
+        self.assertEqual(room._shared, {})   # nothing was queued to anyone, so nothing is held
+
+    async def test_broadcast_is_compressed_once_for_every_member(self):
+        await self.start_room()
+        members = [await self.join(f"m{i}") for i in range(3)]
+        plain = await self.join("plain", compression=False)
+        line = "[m0]: " + "a long line " * 100
+        with unittest.mock.patch("chat.new_deflater", wraps=chat.new_deflater) as deflaters:
+            self.room.broadcast("[m0]: ", b"a long line " * 100)
+        self.assertEqual(deflaters.call_count, 1)   # one for the three who compress
+        for conn in members + [plain]:
+            while (message := await within(conn.recv())) != line:
+                self.assertTrue(message.startswith("* "), message)   # join notices
+        self.assertIsNone(plain.deflate)
+# 13. Redis: the RESP protocol ##############################################
 
 class TestRespReader(unittest.TestCase):
     """RESP2 (https://redis.io/docs/latest/develop/reference/protocol-spec/): bytes in, replies out."""
@@ -2469,7 +2633,7 @@ class TestRedisConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertNotIn("Traceback", err.getvalue())
 
 
-# 10. One room on many servers ##############################################
+# 14. One room on many servers ##############################################
 
 def redis_server_or_skip() -> str:
     """The redis-server program; skip without one, except in CI, where it must be there."""
@@ -2727,7 +2891,7 @@ class TestSharedRoomFaults(SharedRoomTestCase):
         self.assertEqual(await within(parent.wait()), 0)
 
 
-# 11. Line editor ###########################################################
+# 15. Line editor ###########################################################
 
 ESC = "\x1b"
 CSI_SEQUENCE = re.compile(r"\x1b\[([0-9;?]*)([@-~])")
@@ -3362,11 +3526,8 @@ class TestRendering(unittest.TestCase):
         self.assertEqual(PASTE_END, "\x1b[201~")
 
 
-if __name__ == "__main__":
-    unittest.main()
 
-
-# 12. Client ################################################################
+# 16. Client ################################################################
 
 class TtyStream(io.StringIO):
     """A StringIO that says it is a terminal."""
@@ -3849,7 +4010,7 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
         await until(lambda: self.keyboard.interrupted)
 
 
-# 13. Command line ##########################################################
+# 18. Command line ##########################################################
 
 class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
     """What a person typing commands sees."""
@@ -4055,168 +4216,5 @@ class TestFuzz(ChatTestCase):
         self.assertEqual(list(self.room.members), ["alice"])
 
 
-# 12. Compression ###########################################################
-
-def deflated(payload: bytes) -> bytes:
-    """A message compressed as RFC 7692 §7.2.1 says: raw DEFLATE, sync flush, tail removed."""
-    return chat.deflate_message(chat.new_deflater(15), payload)
-
-
-class TestCompression(ChatTestCase):
-    """RFC 7692: negotiation (§5, §7.1), compressed frames (§6, §7.2), the bomb bound."""
-
-    def test_extension_header_parses_lists_parameters_and_quoted_values(self):
-        self.assertEqual(chat.parse_extensions('permessage-deflate; server_max_window_bits="10", x, '
-                                               'Permessage-Deflate;client_max_window_bits'),
-                         [("permessage-deflate", [("server_max_window_bits", "10")]), ("x", []),
-                          ("permessage-deflate", [("client_max_window_bits", None)])])
-        self.assertEqual(chat.parse_extensions(""), [])
-        for bad in ('a; b="x y"', "a=1", "a; ;", 'a; b="unterminated'):
-            with self.subTest(bad), self.assertRaises(ValueError):
-                chat.parse_extensions(bad)
-
-    def test_server_accepts_the_first_valid_offer_and_declines_the_rest(self):
-        answer = chat.SERVER_DEFLATE_ANSWER
-        cases = {
-            "permessage-deflate": answer,
-            "permessage-deflate; client_max_window_bits": answer,
-            "permessage-deflate; client_max_window_bits=10": answer,
-            "permessage-deflate; server_max_window_bits=10": answer + "; server_max_window_bits=10",
-            "x-other, permessage-deflate; server_no_context_takeover": answer,
-            # §7: an unknown, repeated or invalid parameter declines that offer only.
-            "permessage-deflate; foo, permessage-deflate; server_max_window_bits=9":
-                answer + "; server_max_window_bits=9",
-            "permessage-deflate; server_no_context_takeover; server_no_context_takeover": None,
-            "permessage-deflate; server_max_window_bits=16": None,
-            "permessage-deflate; server_max_window_bits=08": None,
-            "permessage-deflate; server_max_window_bits": None,
-            "permessage-deflate; client_no_context_takeover=1": None,
-            "x-webkit-deflate-frame": None,
-            "permessage-deflate; a=\"b c\"": None,   # malformed: every extension declined
-        }
-        for offer, expected in cases.items():
-            with self.subTest(offer):
-                self.assertEqual(chat.accept_deflate(offer), expected)
-        self.assertIsNone(chat.accept_deflate(None))
-
-    def test_client_accepts_what_a_server_may_add_and_refuses_the_rest(self):
-        agreed = chat.check_deflate_answer(
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
-            "server_max_window_bits=10; client_max_window_bits=9")
-        self.assertEqual(agreed, chat.DeflateParams(True, True, 10, 9))
-        self.assertEqual(chat.check_deflate_answer("permessage-deflate"), chat.DeflateParams())
-        for bad in ("permessage-deflate; client_max_window_bits",   # a value is required here
-                    "permessage-deflate; server_max_window_bits=7", "permessage-deflate; foo",
-                    "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
-                    "x-other", "permessage-deflate, permessage-deflate", "permessage-deflate; a=\""):
-            with self.subTest(bad), self.assertRaises(chat.HandshakeError):
-                chat.check_deflate_answer(bad)
-
-    async def test_client_fails_on_an_answer_it_cannot_accept(self):
-        respond = lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate; foo=1\r\n")
-        async with FakeServer(respond) as fake:
-            with self.assertRaises(chat.HandshakeError):
-                await within(chat.connect(f"ws://127.0.0.1:{fake.port}/"))
-        # Not offered, so not to be selected (RFC 6455 §4.1).
-        respond = lambda key: accept(key, "Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        async with FakeServer(respond) as fake:
-            with self.assertRaises(chat.HandshakeError):
-                await within(chat.connect(f"ws://127.0.0.1:{fake.port}/", compression=False))
-
-    async def test_client_and_server_interoperate_in_every_parameter_combination(self):
-        text = "compress me, " * 500
-        answers = ["permessage-deflate", "permessage-deflate; server_no_context_takeover",
-                   "permessage-deflate; client_no_context_takeover",
-                   "permessage-deflate; server_max_window_bits=9; client_max_window_bits=9",
-                   "permessage-deflate; client_max_window_bits=8", chat.SERVER_DEFLATE_ANSWER]
-        for answer in answers:
-            with self.subTest(answer), unittest.mock.patch("chat.accept_deflate", return_value=answer):
-                conn = await self.open(await self.start())
-                self.assertEqual(conn.deflate.params, chat.check_deflate_answer(answer))
-                for message in (text, text.encode(), "short", text + "!"):   # context carried over
-                    await within(conn.send(message))
-                    self.assertEqual(await within(conn.recv()), message)
-
-    async def test_no_compression_on_either_side_means_plain_frames(self):
-        for server_side, client_side in ((True, False), (False, True)):
-            with self.subTest(server=server_side, client=client_side):
-                conn = await self.open(await self.start(compression=server_side), compression=client_side)
-                self.assertIsNone(conn.deflate)
-                await within(conn.send("x" * 1000))
-                self.assertEqual(await within(conn.recv()), "x" * 1000)
-
-    def deflate_connection(self) -> chat.Connection:
-        reader = asyncio.StreamReader()
-        self.transport = FakeTransport(reader)
-        deflate = chat.PerMessageDeflate(chat.check_deflate_answer(chat.SERVER_DEFLATE_ANSWER),
-                                         is_client=False)
-        return chat.Connection(reader, FakeWriter(self.transport), is_client=False,
-                               max_size=10_000, close_timeout=1.0, deflate=deflate)
-
-    async def test_compressed_message_split_over_fragments_with_a_ping_between(self):
-        conn = self.deflate_connection()
-        data = deflated("héllo, wörld ".encode() * 40)
-        self.transport.deliver(client_frame(Opcode.TEXT, data[:10], fin=False, rsv=chat.RSV1)
-                              + client_frame(Opcode.PING, b"p")
-                              + client_frame(Opcode.CONTINUATION, data[10:20], fin=False)
-                              + client_frame(Opcode.CONTINUATION, data[20:]))
-        self.assertEqual(await within(conn.recv()), "héllo, wörld " * 40)
-
-    async def assert_fails_with(self, conn, code: int, data: bytes):
-        self.transport.deliver(data)
-        self.transport.deliver_eof()
-        closed = await expect_closed(conn.recv())
-        self.assertEqual(closed.sent.code, code)
-
-    async def test_rsv1_misuse_fails_the_connection(self):
-        start = client_frame(Opcode.TEXT, deflated(b"a" * 200)[:5], fin=False, rsv=chat.RSV1)
-        cases = {
-            "on a control frame": client_frame(Opcode.PING, b"", rsv=chat.RSV1),
-            "on a continuation": start + client_frame(Opcode.CONTINUATION, b"x", rsv=chat.RSV1),
-            "RSV2": client_frame(Opcode.TEXT, b"x", rsv=2),
-        }
-        for name, wire in cases.items():
-            with self.subTest(name):
-                await self.assert_fails_with(self.deflate_connection(), CloseCode.PROTOCOL_ERROR, wire)
-        with self.subTest("without the extension"), self.assertRaises(chat.ProtocolError):
-            parse_frame(client_frame(Opcode.TEXT, b"x", rsv=chat.RSV1), expect_masked=True)
-
-    async def test_invalid_compressed_data_is_1002(self):
-        await self.assert_fails_with(self.deflate_connection(), CloseCode.PROTOCOL_ERROR,
-                                     client_frame(Opcode.TEXT, b"\xff\xff\xff garbage", rsv=chat.RSV1))
-
-    async def test_a_bomb_is_stopped_at_max_size_with_1009(self):
-        conn = self.deflate_connection()   # max_size 10,000
-        bomb = deflated(bytes(5_000_000))   # 5 MB of zeros in about 5 KB
-        self.assertLess(len(bomb), 6_000)
-        inflated = []
-        real_inflate = chat.PerMessageDeflate.inflate
-
-        def counting_inflate(deflate, chunk, room):
-            data = real_inflate(deflate, chunk, room)
-            inflated.append(len(data))
-            return data
-        with unittest.mock.patch.object(chat.PerMessageDeflate, "inflate", counting_inflate):
-            await self.assert_fails_with(conn, CloseCode.MESSAGE_TOO_BIG,
-                                         client_frame(Opcode.BINARY, bomb, rsv=chat.RSV1))
-        self.assertLessEqual(sum(inflated), 10_000)
-
-    async def test_a_broadcast_no_member_takes_is_not_kept(self):
-        # A --redis server with no members here still broadcasts what others say.
-        room = chat.BatchedRoom(rate=0)
-        for _ in range(3):
-            room.broadcast("[far away]: ", b"x" * 1000)
-        self.assertEqual(room._shared, {})   # nothing was queued to anyone, so nothing is held
-
-    async def test_broadcast_is_compressed_once_for_every_member(self):
-        await self.start_room()
-        members = [await self.join(f"m{i}") for i in range(3)]
-        plain = await self.join("plain", compression=False)
-        line = "[m0]: " + "a long line " * 100
-        with unittest.mock.patch("chat.new_deflater", wraps=chat.new_deflater) as deflaters:
-            self.room.broadcast("[m0]: ", b"a long line " * 100)
-        self.assertEqual(deflaters.call_count, 1)   # one for the three who compress
-        for conn in members + [plain]:
-            while (message := await within(conn.recv())) != line:
-                self.assertTrue(message.startswith("* "), message)   # join notices
-        self.assertIsNone(plain.deflate)
+if __name__ == "__main__":
+    unittest.main()
