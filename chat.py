@@ -10,9 +10,10 @@ asyncio, with nothing but the Python standard library (3.10 or later):
 
 Read it top to bottom. Sections 1-7 are the protocol path, the lesson, in the
 order a learner needs it; 8 is the chat built on it. The rest is machinery
-that a first reading can skip: each piece is reached from the path through
-one name, and changes nothing on the wire. ``grep '^# [0-9]' chat.py``
-prints this table of contents, sub-sections included:
+that a first reading can skip: 9-11 make the same protocol fast and safe in
+public, each piece reached from the path through one name; 12 is an
+extension the handshake may agree on. ``grep '^# [0-9]' chat.py`` prints
+this table of contents, sub-sections included:
 
     1. Constants      the GUID, opcodes, close codes, the header bits, limits
     2. Errors         each error knows the close code or HTTP status it becomes
@@ -222,7 +223,8 @@ class WebSocketError(Exception):
 
 
 class HandshakeError(WebSocketError):
-    """The opening handshake failed; on the server this becomes an HTTP error."""
+    """The opening handshake failed: the server answers with this HTTP error; a client's
+    carry the status a gateway would report (502 for a wrong answer, 504 for none)."""
 
     def __init__(self, status: http.HTTPStatus, reason: str,
                  headers: tuple[tuple[str, str], ...] = ()) -> None:
@@ -559,7 +561,7 @@ def check_response(headers: dict[str, str], key: str, *, offered_extensions: boo
         raise fail("wrong Sec-WebSocket-Accept")
     # §4.1 steps 5 and 6: the server may select only an extension or a
     # subprotocol we offered: we wouldn't know how to speak another. We offer
-    # no subprotocol, and at most one extension (section 15 checks its answer).
+    # no subprotocol, and at most one extension (section 12 checks its answer).
     if "sec-websocket-extensions" in headers and not offered_extensions:
         raise fail("server selected an extension we did not offer")
     if "sec-websocket-protocol" in headers:
@@ -757,7 +759,7 @@ class FrameReader:
         if self._mask_key is not None:
             chunk = apply_mask_fast(self._data, rotate_mask(self._mask_key, self._offset), start, end)
         else:
-            chunk = self._data[start:end]   # all of the bytes fed: the same object, no copy
+            chunk = self._data[start:end]   # when it is all the bytes fed: no copy
         self._advance(end - start)
         self.remaining -= end - start
         self._offset += end - start
@@ -845,7 +847,7 @@ class MessageAssembler:
             raise InvalidPayload(f"invalid UTF-8 in text message: {error.reason}") from None
 
     @property
-    def room(self) -> int:
+    def size_left(self) -> int:
         """How many more bytes the message may grow by: an inflater's bound (section 12)."""
         return self.max_size - self.added
 
@@ -936,7 +938,7 @@ def unsent_bytes(transport: asyncio.Transport) -> int:
 class Connection:
     """One WebSocket connection after the opening handshake, in either role."""
 
-    message_assembler = MessageAssembler   # FastConnection uses a faster one
+    message_assembler = MessageAssembler   # FastConnection's: FastAssembler (ASCII fast path)
 
     __slots__ = ("reader", "writer", "transport", "is_client", "path", "remote", "deflate",
                  "close_timeout", "state", "close_rcvd", "close_sent", "_frames", "_message",
@@ -1016,10 +1018,10 @@ class Connection:
             self._message.start_frame(header.opcode, 0 if inflate else header.length)
             while self._frames.remaining:
                 chunk = await self._read_payload_chunk()
-                self._message.add(self.deflate.inflate(chunk, self._message.room) if inflate else chunk)
+                self._message.add(self.deflate.inflate(chunk, self._message.size_left) if inflate else chunk)
             if header.fin:
                 if inflate:
-                    self._message.add(self.deflate.end_message(self._message.room))
+                    self._message.add(self.deflate.end_message(self._message.size_left))
                 message = self._message.finish()
                 if self.state is State.OPEN:   # once we sent a close frame, data is dropped
                     return message
@@ -1094,71 +1096,10 @@ class Connection:
         self._finish()
         raise self._closed_error()
 
-    # -- sending ------------------------------------------------------------
-
-    async def send(self, message: str | bytes) -> None:
-        """Send one message: str as a text frame, bytes as a binary frame (§5.6)."""
-        if self.state is not State.OPEN:
-            raise self._closed_error()
-        opcode, payload = ((Opcode.TEXT, message.encode("utf-8")) if isinstance(message, str)
-                           else (Opcode.BINARY, bytes(message)))
-        compressed = self.deflate.deflate(payload) if self.deflate is not None else None
-        if compressed is not None:   # RSV1: "this message is compressed" (section 12)
-            frame = encode_frame(opcode, compressed, mask=self.is_client, rsv=RSV1)
-        else:
-            frame = encode_frame(opcode, payload, mask=self.is_client)
-        self._write(frame)
-        await self._drain(len(frame))
-
-    async def _drain(self, written: int) -> None:
-        """Wait while the peer is slow to read what we wrote (``written`` bytes just now)."""
-        try:
-            await self.writer.drain()
-        except OSError:
-            self.transport.abort()      # the reading side will see the end too
-            raise self._closed_error() from None
-
-    def write_frame(self, frame: bytes) -> None:
-        """Send an already-encoded data frame, never waiting: the broadcast path."""
-        # §5.5.1: no data frame may follow our close frame.
-        if self.close_sent is None:
-            self._write(frame)
-
-    def _send_frame(self, opcode: int, payload: bytes) -> None:
-        self._write(encode_frame(opcode, payload, mask=self.is_client))
-
-    def _write(self, frame: bytes) -> None:
-        """Every frame we send leaves through here, in the order written."""
-        if not self.transport.is_closing():
-            self.transport.write(frame)
-
-    async def ping(self, data: bytes = b"") -> None:
-        """Send a ping and wait for its pong (§5.5.2), which some task in recv() must read."""
-        if self.state is not State.OPEN:
-            raise self._closed_error()
-        waiter = self._pong_waiters.get(data)
-        if waiter is None:
-            waiter = self._pong_waiters[data] = self._loop.create_future()
-            self._send_frame(Opcode.PING, data)
-        await waiter
-
-    def keepalive_tick(self) -> None:
-        """Called every keepalive interval: ping, or drop a peer that missed the last ping.
-
-        1011, as the websockets library does: the connection has become unusable.
-        """
-        if self.state is not State.OPEN:
-            return
-        if self._keepalive_pending:
-            self.fail_nowait(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-        else:
-            self._keepalive_pending = True
-            self._send_frame(Opcode.PING, b"keepalive")
-
     # -- closing ------------------------------------------------------------
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
-        """Run the closing handshake (§7.1.2) and return once TCP is closed."""
+        """Run the closing handshake (§7.1.2) and return once TCP is closing."""
         self.close_nowait(code, reason)
         # A task in recv() reads the peer's close frame; else we read (and drop) what comes first.
         async with self._read_lock:
@@ -1222,6 +1163,67 @@ class Connection:
             if not waiter.done():
                 waiter.set_exception(self._closed_error())
         self._pong_waiters.clear()
+
+    # -- sending, ping and keepalive ----------------------------------------
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one message: str as a text frame, bytes as a binary frame (§5.6)."""
+        if self.state is not State.OPEN:
+            raise self._closed_error()
+        opcode, payload = ((Opcode.TEXT, message.encode("utf-8")) if isinstance(message, str)
+                           else (Opcode.BINARY, bytes(message)))
+        compressed = self.deflate.deflate(payload) if self.deflate is not None else None
+        if compressed is not None:   # RSV1: "this message is compressed" (section 12)
+            frame = encode_frame(opcode, compressed, mask=self.is_client, rsv=RSV1)
+        else:
+            frame = encode_frame(opcode, payload, mask=self.is_client)
+        self._write(frame)
+        await self._drain(len(frame))
+
+    async def _drain(self, written: int) -> None:
+        """Wait while the peer is slow to read what we wrote (``written`` bytes just now)."""
+        try:
+            await self.writer.drain()
+        except OSError:
+            self.transport.abort()      # the reading side will see the end too
+            raise self._closed_error() from None
+
+    def write_frame(self, frame: bytes) -> None:
+        """Send an already-encoded data frame, never waiting: the broadcast path."""
+        # §5.5.1: no data frame may follow our close frame.
+        if self.close_sent is None:
+            self._write(frame)
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        self._write(encode_frame(opcode, payload, mask=self.is_client))
+
+    def _write(self, frame: bytes) -> None:
+        """Every frame we send leaves through here, in the order written."""
+        if not self.transport.is_closing():
+            self.transport.write(frame)
+
+    async def ping(self, data: bytes = b"") -> None:
+        """Send a ping and wait for its pong (§5.5.2), which some task in recv() must read."""
+        if self.state is not State.OPEN:
+            raise self._closed_error()
+        waiter = self._pong_waiters.get(data)
+        if waiter is None:
+            waiter = self._pong_waiters[data] = self._loop.create_future()
+            self._send_frame(Opcode.PING, data)
+        await waiter
+
+    def keepalive_tick(self) -> None:
+        """Called every keepalive interval: ping, or drop a peer that missed the last ping.
+
+        1011, as the websockets library does: the connection has become unusable.
+        """
+        if self.state is not State.OPEN:
+            return
+        if self._keepalive_pending:
+            self.fail_nowait(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        else:
+            self._keepalive_pending = True
+            self._send_frame(Opcode.PING, b"keepalive")
 
     def _closed_error(self) -> ConnectionClosed:
         return ConnectionClosed(self.close_rcvd, self.close_sent,
@@ -1518,9 +1520,6 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
 #   (history 2026-12-02T09:15:00Z) [bob]: earlier   the recent past, its time in UTC
 #   * alice joined                        a notice from the server
 #   * You are connected as bob! ...       the greeting: always the first frame
-#
-# In order: how lines are written and read back, which names are allowed,
-# what commands there are, how a flood is held back, and the room itself.
 
 
 # 8.1 Lines on the wire ######################################################
@@ -2335,6 +2334,8 @@ class ChatRoom:
         compressed bytes). The parts, a name and the text as it arrived, are
         joined only into the frame: a 1 MiB line is copied once. A slow reader
         only fills its own buffer (FastConnection drops it there, section 9).
+        The server runs BatchedRoom's broadcast (section 9): the same bytes,
+        with one system call per member per turn of the event loop.
         """
         payload = [utf8(part) for part in parts]
         frames: dict[int, bytes] = {}   # by deflate window; 0: not compressed
@@ -2349,9 +2350,10 @@ class ChatRoom:
 
 # 9. Serving many ###########################################################
 #
-# Skip this on a first reading: nothing here changes a byte on the wire.
-# Sections 1-8 are the protocol and the chat as plainly as they can be
-# written. This is what makes the same work fast for a room of thousands;
+# Skip this on a first reading: nothing here changes the protocol, only how
+# fast it runs (and a peer that stops reading is dropped with 1008, where
+# the plain Connection would buffer for it). Sections 1-8 are the protocol
+# and the chat as plainly as they can be written. This is what makes the same work fast for a room of thousands;
 # each piece replaces a plain one above through one name, keeps its
 # interface, and is held equal to it by a test. What each gains is measured
 # in the README ("Performance"):
@@ -3143,9 +3145,11 @@ logger.addFilter(EscapeInLogs())
 # 12. Compression ###########################################################
 #
 # permessage-deflate (RFC 7692, https://www.rfc-editor.org/rfc/rfc7692), the
-# one extension (RFC 6455 §9) chat.py speaks. A reader who skips it can
-# ignore every line above that names PerMessageDeflate, a connection's
-# ``deflate`` (None unless agreed) or RSV1. How it works:
+# one extension (RFC 6455 §9) chat.py speaks, on by default. A reader who
+# skips it can ignore every line above that names PerMessageDeflate, a
+# connection's ``deflate`` (None unless agreed), RSV1 or window_bits, and take
+# broadcast_frame (below) with window_bits 0 as a frame header and the
+# payload. How it works:
 #
 #   - The client offers it in Sec-WebSocket-Extensions, perhaps several times
 #     with different parameters; the server accepts the first offer it can
@@ -3373,24 +3377,24 @@ class PerMessageDeflate:
                 self._inflater = zlib.decompressobj(-MAX_WINDOW_BITS)
         return self._inflating
 
-    def inflate(self, chunk: bytes, room: int) -> bytes:
-        """Inflate a piece of the message, never more than ``room`` bytes of output.
+    def inflate(self, chunk: bytes, size_left: int) -> bytes:
+        """Inflate a piece of the message, never more than ``size_left`` bytes of output.
 
         The bound is what stops a "zip bomb", a few bytes that inflate to
         gigabytes: zlib is asked for one byte more than the message may still
         grow by, so it stops there and we fail with 1009 (RFC 6455 §7.4.1).
         """
         try:
-            data = self._inflater.decompress(chunk, room + 1)
+            data = self._inflater.decompress(chunk, size_left + 1)
         except zlib.error as error:
             raise ProtocolError(f"invalid compressed data: {error}") from None
-        if len(data) > room:
-            raise MessageTooBig(f"message inflates to over {room} more bytes")
+        if len(data) > size_left:
+            raise MessageTooBig(f"message inflates to over {size_left} more bytes")
         return data
 
-    def end_message(self, room: int) -> bytes:
+    def end_message(self, size_left: int) -> bytes:
         """The last output of a compressed message, once its tail is put back (§7.2.2)."""
-        data = self.inflate(DEFLATE_TAIL, room)
+        data = self.inflate(DEFLATE_TAIL, size_left)
         if not self.peer_keeps_context or self._inflater.eof:
             self._inflater = None
         self._inflating = False
