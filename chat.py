@@ -112,8 +112,8 @@ check_python_version()
 
 __all__ = [
     "Opcode", "CloseCode", "FrameHeader", "Connection", "ConnectionClosed",
-    "ProtocolError", "HandshakeError", "connect", "serve", "WebSocketServer",
-    "ChatRoom", "SharedRoom", "main",
+    "ProtocolError", "HandshakeError", "connect", "serve", "WebSocketServer", "PublicServer",
+    "FastConnection", "ChatRoom", "BatchedRoom", "SharedRoom", "main",
 ]
 
 logger = logging.getLogger("chat")
@@ -2041,11 +2041,7 @@ def utf8(line: str | bytes) -> bytes:
 
 
 class Gate:
-    """What a request gets before the upgrade: the page, a refusal, or on to the room.
-
-    It answers only to names of this server (DNS rebinding), and lets only
-    pages of this site open the chat (cross-site WebSocket hijacking).
-    """
+    """What a request gets before the upgrade: the page, a refusal, or on to the room."""
 
     def __init__(self, allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
                  secure: bool = False) -> None:
@@ -2072,8 +2068,7 @@ class Gate:
     def origin_allowed(self, origin: str, host: str) -> bool:
         """RFC 6455 §10.2: browsers say which site opened the socket; accept only ours.
 
-        Without this check any web page a member visits could open a socket
-        to the chat with their cookies and speak in their name (cross-site
+        Else any page a member visits could speak in their name (cross-site
         WebSocket hijacking). Non-browser clients send no Origin at all.
         """
         origin = origin.lower().rstrip("/")
@@ -2119,8 +2114,11 @@ class ChatRoom:
         self.max_size = max_size
         self.announce_limit = announce_limit
         self.gate = Gate(allowed_origins, allowed_hosts, secure)
-        self.process_request = self.gate.process_request   # WebSocketServer's hook
         self._guest_number = 0
+
+    def process_request(self, request: Request) -> Response | None:
+        """WebSocketServer's hook, before the upgrade: the Gate decides."""
+        return self.gate.process_request(request)
 
     # -- a member's life ---------------------------------------------------
 
@@ -2934,14 +2932,15 @@ class PublicServer(WebSocketServer):
 
     async def _read_request(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> tuple[Request | None, Response]:
-        """As WebSocketServer's, and an upgrade over the address's limit becomes a 503."""
+        """As WebSocketServer's, but a bad X-Forwarded-For is a 400, and an upgrade
+        over the address's limit a 503."""
         request, response = await super()._read_request(reader, writer)
-        if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS:
-            return request, response
         try:
-            client = self._client_address(writer, request)
+            client = self._client_address(writer, request) if request else ""
         except HandshakeError as error:
             return request, error.as_response()
+        if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            return request, response
         return request, self._over_address_limit(client) or response
 
     def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -1926,6 +1926,28 @@ class TestLimitsAndDefences(ChatTestCase):
         self.assertEqual(messages[-1], "203.0.113.7: at its limit of 1 connection(s); "
                                        "refusing more with 503 until one closes")
 
+    async def test_a_trusted_proxys_bad_x_forwarded_for_is_a_400_whatever_it_asks_for(self):
+        await self.start_room(trusted_proxies=["127.0.0.1"])
+        for request in (upgrade_request("/chat", "X-Forwarded-For: nonsense\r\n"),
+                        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-For: nonsense\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+            self.addCleanup(writer.close)
+            writer.write(request)
+            head = await within(reader.readuntil(b"\r\n\r\n"))
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)   # the page too, as before
+
+    async def test_a_room_subclass_can_answer_requests_itself(self):
+        class Room(chat.ChatRoom):
+            def process_request(self, request):
+                return chat.Response(http.HTTPStatus.IM_A_TEAPOT, "no\n") if request.path == "/tea" else \
+                    super().process_request(request)
+
+        await self.start_room(room=Room(rate=0))
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self.addCleanup(writer.close)
+        writer.write(b"GET /tea HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertTrue((await within(reader.readuntil(b"\r\n\r\n"))).startswith(b"HTTP/1.1 418 "))
+
     async def test_x_forwarded_for_from_anyone_else_is_ignored(self):
         await self.start_room(max_per_address=1, trusted_proxies=["192.0.2.1"])
         first, _ = await self.upgrade_status("203.0.113.7")
