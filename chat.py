@@ -326,6 +326,11 @@ def describe_close_code(code: int) -> str:
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _HTTP_VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+#: RFC 9112 §3.2.1, RFC 3986 §3.3: a path of "pchar" segments, maybe a query.
+_PCHAR = r"(?:[\w\-.~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})"
+_ORIGIN_FORM = re.compile(rf"(?:/{_PCHAR}*)+(?:\?(?:{_PCHAR}|[/?])*)?", re.ASCII)
+#: RFC 9112 §3.2: Host is uri-host[:port], a name or an address; no userinfo, no list.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|(?:[\w\-.~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::\d*)?", re.ASCII)
 
 
 def accept_key(key: str) -> str:
@@ -349,7 +354,7 @@ class Request:
 
     @property
     def path(self) -> str:
-        return urllib.parse.urlsplit(self.target).path
+        return self.target.partition("?")[0]
 
 
 @dataclasses.dataclass
@@ -394,9 +399,12 @@ def parse_request(lines: list[bytes]) -> Request:
     match = _HTTP_VERSION.fullmatch(version)
     if not match or (int(match[1]), int(match[2])) < (1, 1):
         raise bad_request("WebSocket needs HTTP/1.1 or later (RFC 6455 §4.1)")
-    if not target.startswith("/"):
-        raise bad_request("request target must be a path")
-    return Request(method, target, parse_headers(lines[1:]))
+    if not _ORIGIN_FORM.fullmatch(target):
+        raise bad_request("the request target must be a path, and maybe a query (RFC 9112 §3.2.1)")
+    headers = parse_headers(lines[1:])
+    if not _HOST.fullmatch(headers.get("host", "")):   # two Hosts are joined with ", ": refused too
+        raise bad_request("the Host header must be one host[:port] (RFC 9112 §3.2)")
+    return Request(method, target, headers)
 
 
 def header_tokens(headers: dict[str, str], name: str) -> set[str]:

@@ -204,6 +204,26 @@ class TestHandshake(unittest.TestCase):
                     chat.parse_request([line, b"Host: x"])
                 self.assertEqual(caught.exception.status, http.HTTPStatus.BAD_REQUEST)
 
+    def test_a_target_that_is_not_a_path_and_query_is_400(self):
+        for target in ("//[", "//[::1/", "//a]b/chat", "/chat\x00x", "/a b", "/café", "/x#frag", "/%zz"):
+            with self.subTest(target=target), self.assertRaises(chat.HandshakeError) as caught:
+                chat.parse_request([f"GET {target} HTTP/1.1".encode("utf-8"), b"Host: x"])
+            self.assertEqual(caught.exception.status, http.HTTPStatus.BAD_REQUEST)
+        for target in ("/", "/chat?name=bob%20x&resume=a-b_c", "//x/chat", "/a/b;c=d?e=/f?g"):
+            with self.subTest(target=target):
+                self.assertEqual(chat.parse_request([f"GET {target} HTTP/1.1".encode(), b"Host: x"]).target,
+                                 target)
+
+    def test_host_is_one_host_and_port_without_userinfo(self):
+        for hosts in ([b"Host: 127.0.0.1", b"Host: evil.example"], [b"Host: evil.example@127.0.0.1"],
+                      [b"Host: a b"], [b"Host: [::1"]):
+            with self.subTest(hosts=hosts), self.assertRaises(chat.HandshakeError) as caught:
+                chat.parse_request([b"GET /chat HTTP/1.1", *hosts])
+            self.assertEqual(caught.exception.status, http.HTTPStatus.BAD_REQUEST)
+        for host in (b"example.com", b"127.0.0.1:8080", b"[::1]:80", b"xn--bcher-kva.example."):
+            with self.subTest(host=host):
+                chat.parse_request([b"GET /chat HTTP/1.1", b"Host: " + host])
+
     def test_parse_headers_joins_repeats_and_rejects_malformed_lines(self):
         headers = chat.parse_headers([b"Connection: keep-alive", b"connection:  Upgrade "])
         self.assertEqual(headers["connection"], "keep-alive, Upgrade")
@@ -896,6 +916,8 @@ class TestEchoRoundTrips(ServerTestCase):
             (b"nonsense\r\n\r\n", b"400", b"malformed request line"),
             (upgrade_request(version="8"), b"426", b"unsupported WebSocket version 8"),
             (upgrade_request().replace(b"Host: 127.0.0.1\r\n", b""), b"400", b"missing Host header"),
+            (b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"must be a path"),
+            (upgrade_request(extra="Host: evil.example\r\n"), b"400", b"Host header must be one"),
             (upgrade_request(extra="X-Big: " + "a" * 9000 + "\r\n"), b"431", b"request head"),
             (upgrade_request(extra="".join(f"X-{i}: 1\r\n" for i in range(101))), b"431",
              b"100 lines"),
