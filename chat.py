@@ -1303,7 +1303,7 @@ class WebSocketServer:
         self.keepalive_interval = keepalive_interval
         self.compression = compression        # accept permessage-deflate (section 12)
         self.connections: set[Connection] = set()
-        self._tasks: dict[asyncio.Task, Connection | None] = {}
+        self._tasks: dict[asyncio.Task, Connection | asyncio.StreamWriter] = {}   # writer: handshaking
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task | None = None
 
@@ -1325,7 +1325,7 @@ class WebSocketServer:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One TCP connection, from the first byte to the last."""
         task = asyncio.current_task()
-        self._tasks[task] = None
+        self._tasks[task] = writer
         try:
             conn = await self._handshake(reader, writer)
             if conn is not None:
@@ -1423,11 +1423,11 @@ class WebSocketServer:
             self._server.close()
         if self._keepalive is not None:
             self._keepalive.cancel()
-        for task, conn in list(self._tasks.items()):
-            if conn is None:
-                task.cancel()             # still in its handshake
-            else:
-                conn.close_nowait(code, reason)
+        for held in list(self._tasks.values()):
+            if isinstance(held, Connection):
+                held.close_nowait(code, reason)
+            else:   # still in its handshake: its read ends (a cancelled task would log a
+                held.transport.abort()   # traceback on Python 3.11-3.12)
         tasks = list(self._tasks)
         if tasks:
             # Each close frame carries its own abort timer, so this wait is

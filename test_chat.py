@@ -907,6 +907,22 @@ class TestEchoRoundTrips(ServerTestCase):
         for task in receiving:
             await expect_closed(task, CloseCode.GOING_AWAY)
 
+    async def test_shutdown_with_handshakes_half_sent_reports_no_error(self):
+        loop, errors = asyncio.get_running_loop(), []
+        loop.set_exception_handler(lambda _, context: errors.append(context))   # before serve()
+        self.addCleanup(loop.set_exception_handler, None)
+        server = await self.start()
+        member = await self.open(server)
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            self.addCleanup(writer.close)
+            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # and no more
+        await until(lambda: len(server._tasks) == 21)
+        receiving = asyncio.create_task(member.recv())
+        await within(server.close())
+        await expect_closed(receiving, CloseCode.GOING_AWAY)
+        self.assertEqual(errors, [])   # Python 3.11-3.12 logged one per cancelled handshake
+
     async def test_http_errors_for_bad_handshakes(self):
         server = await self.start()
         cases = [   # (request, status, the reason the body gives)
