@@ -1581,6 +1581,10 @@ def describe_rate(rate: float, burst: int) -> str:
 UTC_STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
+#: 9999-12-31T23:59:59Z: the last time RFC 3339 (and utc_stamp) can write.
+LAST_RFC3339_TIME = 253402300799.0
+
+
 def utc_stamp(when: float) -> str:
     """'2026-12-02T09:15:00Z': an unambiguous time on the wire (RFC 3339)."""
     return time.strftime(UTC_STAMP_FORMAT, time.gmtime(when))
@@ -2165,9 +2169,8 @@ class ChatRoom:
         """The member is in: the others hear of it, it gets the greeting and the history."""
         if announce and len(self.members) < self.announce_limit:
             self.notice(f"* {member.name} joined")
-        self.members[name_key(member.name)] = member
+        self.seat(member, len(self.members) + 1 if count is None else count)
         logger.info("%s: %s joined (%d here)", member.conn.remote, member.name, len(self.members))
-        self.greet(member, len(self.members) if count is None else count)
         return member
 
     def resume(self, held: Member, conn: Connection, token: str) -> Member:
@@ -2176,10 +2179,18 @@ class ChatRoom:
             raise ValueError(name_taken(held.name))
         held.conn.close_nowait(CloseCode.NORMAL_CLOSURE, REPLACED_REASON)
         member = dataclasses.replace(held, conn=conn, pacer=None)
-        self.members[name_key(member.name)] = member
+        self.seat(member, len(self.members))
         logger.info("%s: %s came back", conn.remote, member.name)
-        self.greet(member, len(self.members))
         return member
+
+    def seat(self, member: Member, count: int) -> None:
+        """The member is in the room, and greeted: a greeting that fails leaves nothing behind."""
+        self.members[name_key(member.name)] = member
+        try:
+            self.greet(member, count)
+        except BaseException:
+            self.leave(member)
+            raise
 
     def greet(self, member: Member, count: int) -> None:
         there = f"{'is' if count == 1 else 'are'} {plural(count, 'user')} here"
@@ -3949,7 +3960,10 @@ def decode_event(data: bytes) -> Event:
     if len(fields) != 6 or fields[2] not in ("say", "notice", "tell", "replace"):
         raise ValueError(f"not an event: {data[:40]!r}")
     origin, seq, kind, when, to, text = fields
-    return Event(origin, int(seq), kind, float(when), text, "" if to == "-" else urllib.parse.unquote(to))
+    stamp = float(when)
+    if not 0 <= stamp <= LAST_RFC3339_TIME:   # NaN fails this too; utc_stamp() can't write it
+        raise ValueError(f"an event's time out of range: {when[:20]!r}")
+    return Event(origin, int(seq), kind, stamp, text, "" if to == "-" else urllib.parse.unquote(to))
 
 
 def stream_entries(reply: Reply) -> list[tuple[bytes, bytes]]:
@@ -3992,11 +4006,16 @@ class EventStream:
             last, history = transaction
             if last:
                 self.last_id = last[0][0]
-            if not isinstance(self.last_id, bytes):
+            if not isinstance(self.last_id, bytes) or not isinstance(history, list):
                 raise TypeError
-            events = [decode_event(data) for data in history]
-        except (TypeError, ValueError, IndexError, AttributeError):
+        except (TypeError, ValueError, IndexError):
             raise RespError("the stream or the history is not what chat.py writes") from None
+        events = []
+        for data in history:
+            try:
+                events.append(decode_event(data))
+            except (ValueError, AttributeError) as error:   # AttributeError: not even bytes
+                logger.warning("skipped a history entry: %s", error)
         # A line sent again after a dropped connection is in the list twice: keep one.
         once = {(event.origin, event.seq): event for event in events}.values()
         self.history.extend((event.when, (event.text,)) for event in once)

@@ -1291,6 +1291,14 @@ class TestChatRoom(ChatTestCase):
         await bob.send("/quit")
         await expect_closed(bob, CloseCode.NORMAL_CLOSURE)
 
+    async def test_a_join_whose_greeting_fails_leaves_nothing_behind(self):
+        await self.start_room()
+        with unittest.mock.patch.object(self.room, "greet", side_effect=ValueError("cannot greet")):
+            refused = await self.open(self.server, "/chat?name=alice")
+            await expect_closed(refused, CloseCode.POLICY_VIOLATION)
+        self.assertEqual(self.room.members, {})   # no ghost: counted, its name taken
+        await self.join("alice")
+
     async def test_shutdown_sends_1001_to_every_member(self):
         await self.start_room()
         members = [await self.join(name) for name in ("a", "b", "c")]
@@ -2589,7 +2597,8 @@ class TestRespReader(unittest.TestCase):
     def test_events_round_trip_and_garbage_is_refused(self):
         event = chat.Event("12-ab", 7, "tell", 1796000000.5, "[a → b c]: hi  there", " \u0308b")
         self.assertEqual(chat.decode_event(chat.encode_event(event)), event)
-        for garbage in (b"", b"x 1 say 0 -", b"x 1 shout 0 - hi", b"x one say 0 - hi", b"\xff 1 say 0 - hi"):
+        for garbage in (b"", b"x 1 say 0 -", b"x 1 shout 0 - hi", b"x one say 0 - hi", b"\xff 1 say 0 - hi",
+                        b"x 1 say nan - hi", b"x 1 say inf - hi", b"x 1 say -1 - hi", b"x 1 say 1e20 - hi"):
             with self.subTest(garbage=garbage), self.assertRaises(ValueError):
                 chat.decode_event(garbage)
         with self.assertRaises(chat.RespError):
@@ -2773,6 +2782,16 @@ class SharedRoomTestCase(ChatTestCase):
 
 class TestSharedRoom(SharedRoomTestCase):
     """Two servers, one room: lines, notices, /who, /msg, names and history across servers."""
+
+    async def test_history_entries_redis_holds_that_chat_py_cant_show_are_skipped(self):
+        link = await within(chat.RedisConnection.open(self.redis.url))
+        for seq, when in enumerate(("nan", "inf", "1796000000.000"), 1):
+            await within(link.command("RPUSH", "chat.py:history", f"x {seq} say {when} - [x]: at {when}"))
+        link.close()
+        _, server = await self.start_shared()
+        alice = await self.join_at(server, "alice")
+        self.assertEqual(self.greeting(alice).history, 1)
+        self.assertTrue((await within(alice.recv())).endswith("[x]: at 1796000000.000"))
 
     async def test_every_line_reaches_every_member_once_and_in_order(self):
         (_, one), (_, two) = await self.start_shared(), await self.start_shared()
