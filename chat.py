@@ -2902,9 +2902,10 @@ def peer_address(writer: asyncio.StreamWriter) -> str:
 class PublicServer(WebSocketServer):
     """WebSocketServer with the defences above, and FastConnections (section 9); serve() runs it.
 
-    One address may hold ``max_per_address`` connections (None: no limit);
-    behind a reverse proxy in ``trusted_proxies``, the address it forwards in
-    X-Forwarded-For counts instead of its own.
+    One address may hold ``max_per_address`` connections (None: no limit),
+    counted from the moment TCP connects; behind a reverse proxy in
+    ``trusted_proxies``, the address it forwards in X-Forwarded-For counts
+    instead of its own, from its request on.
     """
 
     def __init__(self, handler: Handler, *, max_buffer: int = MAX_OUTGOING_BUFFER,
@@ -2915,7 +2916,7 @@ class PublicServer(WebSocketServer):
         self.max_per_address = max_per_address
         self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
         self._per_address: collections.Counter[str] = collections.Counter()
-        self._address_of: dict[Connection, str] = {}
+        self._address_of: dict[asyncio.StreamWriter, str] = {}   # what each is counted against
         self._refused_at_limit: collections.Counter[str] = collections.Counter()
         self._writes = TurnWriter()   # one end-of-turn write callback for all connections
         self._loop_errors: LoopErrorLog | None = None
@@ -2937,11 +2938,29 @@ class PublicServer(WebSocketServer):
         now = asyncio.get_running_loop().time()
         if self._loop_errors is not None:
             self._loop_errors.accepted(now)
+        peer = peer_address(writer)
+        refusal = None if peer in self.trusted_proxies else self._count(writer, peer)
+        if refusal is not None:
+            await self._refuse_soon(reader, writer, refusal)
+            return None
         self._handshaking[writer] = now
+        conn = None
         try:
-            return await super()._handshake(reader, writer)
+            conn = await super()._handshake(reader, writer)
+            return conn
         finally:
             del self._handshaking[writer]
+            if conn is None:
+                self._uncount(writer)
+
+    async def _refuse_soon(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           refusal: Response) -> None:
+        """Answer an address over its limit once its request is read (closing on unread
+        bytes could reset the connection before our answer), or drop it after a second."""
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.IncompleteReadError, OSError,
+                                 HandshakeError):
+            await asyncio.wait_for(read_http_head(reader), SILENT_WHEN_SHORT)
+            writer.write(serialize_response(refusal))
 
     async def read_head(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[bytes]:
         lines = await read_request_head(reader)
@@ -2958,9 +2977,9 @@ class PublicServer(WebSocketServer):
             client = self._client_address(writer, request) if request else ""
         except HandshakeError as error:
             return request, error.as_response()
-        if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS:
-            return request, response
-        return request, self._over_address_limit(client) or response
+        if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS or client == peer_address(writer):
+            return request, response   # the peer's own address was counted when it connected
+        return request, self._count(writer, client) or response
 
     def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  request: Request, response: Response) -> Connection:
@@ -2971,9 +2990,6 @@ class PublicServer(WebSocketServer):
         client = self._client_address(writer, request)   # it passed in _read_request
         if client != peer_address(writer):
             conn.remote = f"{client} via {conn.remote}"   # the address a trusted proxy forwarded
-        if self.max_per_address is not None:   # counted only where there is a limit
-            self._address_of[conn] = client
-            self._per_address[client] += 1
         return conn
 
     def new_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -2994,9 +3010,13 @@ class PublicServer(WebSocketServer):
             raise bad_request("X-Forwarded-For from the trusted proxy ends in no address")
         return client
 
-    def _over_address_limit(self, client: str) -> Response | None:
-        """503 for one connection too many from one address, before the upgrade."""
-        if self.max_per_address is None or self._per_address[client] < self.max_per_address:
+    def _count(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
+        """Count the connection against its address; 503 for one too many."""
+        if self.max_per_address is None:
+            return None   # nothing counted where there is no limit
+        if self._per_address[client] < self.max_per_address:
+            self._address_of[writer] = client
+            self._per_address[client] += 1
             return None
         # One line when the address reaches its limit and one when it drops below
         # (in _release), not one per refusal: a script may try thousands of times.
@@ -3009,7 +3029,10 @@ class PublicServer(WebSocketServer):
                         "per address); try again later\n", (("Retry-After", "30"),), logged=True)
 
     def _release(self, conn: Connection) -> None:
-        client = self._address_of.pop(conn, None)
+        self._uncount(conn.writer)
+
+    def _uncount(self, writer: asyncio.StreamWriter) -> None:
+        client = self._address_of.pop(writer, None)
         if client is None:
             return
         self._per_address[client] -= 1

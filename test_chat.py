@@ -8,6 +8,7 @@ sockets on 127.0.0.1 with port 0, and every await runs under a timeout.
 
 import asyncio
 import base64
+import collections
 import contextlib
 import glob
 import http
@@ -1954,6 +1955,24 @@ class TestLimitsAndDefences(ChatTestCase):
         await self.join("carol")   # bob's place is free again
         messages = [(await within(logged.next())).getMessage() for _ in range(2)]
         self.assertEqual(messages[1], "127.0.0.1: below its limit again; 2 connection(s) refused meanwhile")
+
+    async def test_simultaneous_handshakes_from_one_address_get_no_more_than_its_limit(self):
+        await self.start_room(max_per_address=5)
+        heads = await within(asyncio.gather(*(self.upgrade_status() for _ in range(30))))
+        statuses = collections.Counter(head.split(b" ")[1] for head, _ in heads)
+        self.assertEqual(statuses, {b"101": 5, b"503": 25})   # counted from the first byte, not the 101
+
+    async def test_connections_silent_in_their_handshake_count_against_their_address(self):
+        await self.start_room(max_per_address=3)
+        silent = []
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+            self.addCleanup(writer.close)
+            silent.append(reader)
+        for reader in silent[3:]:   # past the limit: dropped within a second, not held for 10 s
+            self.assertEqual(await within(reader.read()), b"")
+        head, _ = await self.upgrade_status()   # the three silent ones still hold the places
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
 
     async def test_trusted_proxy_makes_limits_and_logs_use_x_forwarded_for(self):
         logged = LogCatcher(logging.INFO)
