@@ -2431,11 +2431,19 @@ class FastAssembler(MessageAssembler):
 
     SMALL_PIECE = 4096
 
-    __slots__ = ("small",)
+    __slots__ = ("small", "max_frames", "frames")
 
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)
         self.small = bytearray()   # small pieces, copied together
+        self.max_frames = 0        # frames one message may take (0: any number); see FrameFlood
+        self.frames = 0            # taken by the message in progress
+
+    def start_frame(self, opcode: int, length: int) -> None:
+        super().start_frame(opcode, length)
+        self.frames = self.frames + 1 if opcode == Opcode.CONTINUATION else 1
+        if self.max_frames and self.frames > self.max_frames:
+            raise FrameFlood(f"a message in over {self.max_frames} frames")
 
     def add(self, chunk: bytes) -> None:
         if self.decoder is not None and not (chunk.isascii() and not self.decoder.buffer):
@@ -2641,6 +2649,19 @@ class TurnWriter:
             conn._write_queued()
 
 
+#: Control frames a client may send a second, in a burst of as many: keepalive
+#: needs one in 20 s, and a flood of pongs nobody asked for costs a call each.
+MAX_CONTROL_RATE = 100.0
+
+
+class FrameFlood(ProtocolError):
+    """Frames that cost us work and carry nothing (empty fragments, pongs nobody
+    asked for): past a limit, the peer is dropped with 1008, so the event loop
+    stays free for everyone else (``--max-frames``, ``--max-control-rate``)."""
+
+    close_code = CloseCode.POLICY_VIOLATION
+
+
 class FastConnection(Connection):
     """Connection (section 6) as serve() and connect() make it: the same protocol, faster I/O.
 
@@ -2652,19 +2673,28 @@ class FastConnection(Connection):
 
     message_assembler = FastAssembler
 
-    __slots__ = ("max_buffer", "_outbox", "_writes", "_awaited_bytes")
+    __slots__ = ("max_buffer", "_outbox", "_writes", "_awaited_bytes", "_control_budget")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  max_buffer: int = MAX_OUTGOING_BUFFER, writes: TurnWriter | None = None,
-                 **options: typing.Any) -> None:
+                 max_frames: int = 0, max_control_rate: float = 0, **options: typing.Any) -> None:
         super().__init__(Incoming(reader, writer.transport, FRAME_BUFFER_LIMIT), writer, **options)
         self.max_buffer = max_buffer
+        self._message.max_frames = max_frames
+        # Control frames a second, in bursts of as many (0: no limit).
+        self._control_budget = (TokenBucket(max_control_rate, max(1, int(max_control_rate)))
+                                if max_control_rate else None)
         self._outbox: list[bytes | SharedFrames] = []   # queued in this turn of the loop
         self._writes = writes or TurnWriter()   # shared with the server's other connections
         self._awaited_bytes = 0                # of frames that send() waits to drain
         if logger.isEnabledFor(logging.DEBUG):
             self._frames = TracedFrameReader(self, expect_masked=not self.is_client,
                                              extension_rsv=self._frames.extension_rsv)
+
+    async def _on_control(self, opcode: int, payload: bytes) -> None:
+        if self._control_budget is not None and not self._control_budget.take():
+            raise FrameFlood(f"over {self._control_budget.rate:g} control frames a second")
+        await super()._on_control(opcode, payload)
 
     def queue_shared(self, frames: SharedFrames) -> None:
         """Queue this turn's broadcasts (BatchedRoom): written with whatever else is queued."""
@@ -2910,9 +2940,10 @@ class PublicServer(WebSocketServer):
 
     def __init__(self, handler: Handler, *, max_buffer: int = MAX_OUTGOING_BUFFER,
                  max_per_address: int | None = None, trusted_proxies: Collection[str] = (),
-                 **options: typing.Any) -> None:
+                 max_frames: int = 0, max_control_rate: float = 0, **options: typing.Any) -> None:
         super().__init__(handler, **options)
         self.max_buffer = max_buffer
+        self.frame_limits = dict(max_frames=max_frames, max_control_rate=max_control_rate)
         self.max_per_address = max_per_address
         self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
         self._per_address: collections.Counter[str] = collections.Counter()
@@ -2995,7 +3026,7 @@ class PublicServer(WebSocketServer):
     def new_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        **options: typing.Any) -> Connection:
         return FastConnection(reader, writer, max_buffer=self.max_buffer, writes=self._writes,
-                              **options)
+                              **self.frame_limits, **options)
 
     def _client_address(self, writer: asyncio.StreamWriter, request: Request) -> str:
         """The client's IP address: the peer's, or behind a trusted proxy, the one it forwards."""
@@ -5912,6 +5943,8 @@ async def run_server(args: argparse.Namespace) -> int:
                           process_request=room.process_request, max_size=args.max_size,
                           max_buffer=args.max_buffer, max_clients=max_clients,
                           max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy,
+                          max_control_rate=args.max_control_rate,
+                          max_frames=args.max_size // 1024 if args.max_frames is None else args.max_frames,
                           reuse_port=args.worker, compression=not args.no_compression)
     if args.worker:
         stop_with_parent()
@@ -6190,6 +6223,12 @@ def add_server_access_flags(server: argparse.ArgumentParser) -> None:
                         help="connections one IP address may hold at once; more get HTTP 503. "
                              "A classroom behind one NAT shares one address: raise it there; "
                              "0 means no limit (default: %(default)s)")
+    server.add_argument("--max-frames", type=whole_number(0), metavar="N",
+                        help="frames one message may take; more close with 1008 (default: one "
+                             "per KiB of --max-size, 1024; 0 means no limit)")
+    server.add_argument("--max-control-rate", type=rate, default=MAX_CONTROL_RATE, metavar="N",
+                        help="pings, pongs and closes a client may send a second; more close "
+                             "with 1008; 0 means no limit (default: %(default)s)")
     server.add_argument("--trusted-proxy", action="append", default=[], type=ip_address,
                         metavar="ADDR",
                         help="a reverse proxy in front of the server: for connections from ADDR "

@@ -1712,6 +1712,22 @@ class TestFastConnection(TestConnection):
 
 
 
+    async def test_a_message_in_more_frames_than_its_limit_closes_with_1008(self):
+        self.connect()
+        conn = self.connection_class(self.reader, FakeWriter(self.transport), is_client=False,
+                                     close_timeout=1.0, max_frames=4)
+        frames = client_frame(Opcode.TEXT, b"a", fin=False) + client_frame(Opcode.CONTINUATION, fin=False) * 4
+        await self.assert_fails_with(conn, CloseCode.POLICY_VIOLATION, frames)
+
+    async def test_control_frames_past_their_rate_close_with_1008(self):
+        self.connect()
+        conn = self.connection_class(self.reader, FakeWriter(self.transport), is_client=False,
+                                     close_timeout=1.0, max_control_rate=10)
+        self.transport.deliver(client_frame(Opcode.PONG) * 10 + client_frame(Opcode.TEXT, b"ok"))
+        self.assertEqual(await within(conn.recv()), "ok")   # a burst of 10 is allowed
+        await self.assert_fails_with(conn, CloseCode.POLICY_VIOLATION, client_frame(Opcode.PONG) * 5)
+
+
 class TestSpeedupsMatchTheirReference(unittest.TestCase):
     """Each speed-up of section 9 gives what the plain version above it gives, on random data."""
 
@@ -1860,6 +1876,24 @@ class TestLimitsAndDefences(ChatTestCase):
         await conn.send("still here")
         while await within(conn.recv()) != f"[{name}]: still here":
             pass   # notices about others may come first
+
+    async def test_a_flood_of_empty_frames_closes_the_flooder_and_others_chat_on(self):
+        await self.start_room(max_frames=1024, max_control_rate=100)
+        alice = await self.join("alice")
+        for flood in (client_frame(Opcode.PONG) * 50_000,
+                      client_frame(Opcode.TEXT, fin=False) + client_frame(Opcode.CONTINUATION, fin=False) * 50_000):
+            with self.subTest(flood=flood[:8]):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+                self.addCleanup(writer.close)
+                writer.write(upgrade_request("/chat?name=flooder"))
+                await within(reader.readuntil(b"\r\n\r\n"))
+                writer.write(flood)
+                data = b""
+                while not re.search(rb"\x88.\x03\xf0", data, re.DOTALL):   # a close frame with 1008
+                    chunk = await within(reader.read(65536))
+                    self.assertTrue(chunk, data[-60:])
+                    data += chunk
+                await self.assert_still_served(alice)
 
     async def test_foreign_origin_gets_403_and_own_origin_is_accepted(self):
         room = chat.ChatRoom(rate=0, allowed_origins=["https://friend.example"])
