@@ -94,7 +94,7 @@ import unicodedata
 import urllib.parse
 import weakref
 import zlib
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 
 
 def check_python_version(version_info: tuple = sys.version_info) -> None:
@@ -1534,8 +1534,10 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 CHAT_PATH = "/chat"
 
-#: A newcomer sees the last 50 lines.
+#: A newcomer sees the last 50 lines, and at most 1 MiB of them: a few huge
+#: lines must not make every newcomer's replay a flood (--history-bytes).
 HISTORY_SIZE = 50
+HISTORY_BYTES = 2**20
 
 #: Announcing each arrival to every member costs N² writes while a room
 #: fills; past this size joins and leaves are not announced, as in big IRC
@@ -2110,18 +2112,45 @@ class Gate:
         return True
 
 
+class History:
+    """What a newcomer is shown of the recent past: (time, parts) of the latest lines,
+    at most ``maxlen`` of them and ``max_bytes`` bytes in all (0: any), the oldest
+    dropped first."""
+
+    def __init__(self, maxlen: int, max_bytes: int) -> None:
+        self.maxlen, self.max_bytes = maxlen, max_bytes
+        self.lines: collections.deque[tuple[float, tuple[str | bytes, ...]]] = collections.deque()
+        self.size = 0   # bytes of the lines kept: a running sum, since adding them up costs
+
+    def append(self, line: tuple[float, tuple[str | bytes, ...]]) -> None:
+        self.lines.append(line)
+        self.size += sum(len(utf8(part)) for part in line[1])
+        while len(self.lines) > self.maxlen or (self.max_bytes and self.size > self.max_bytes):
+            self.size -= sum(len(utf8(part)) for part in self.lines.popleft()[1])
+
+    def extend(self, lines: Iterable[tuple[float, tuple[str | bytes, ...]]]) -> None:
+        for line in lines:
+            self.append(line)
+
+    def __iter__(self) -> Iterator[tuple[float, tuple[str | bytes, ...]]]:
+        return iter(self.lines)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
 class ChatRoom:
     """Who is here, what they said lately, and relaying it to everyone."""
 
-    def __init__(self, *, history_size: int = HISTORY_SIZE, rate: float = RATE_PER_SECOND,
+    def __init__(self, *, history_size: int = HISTORY_SIZE, history_bytes: int = HISTORY_BYTES,
+                 rate: float = RATE_PER_SECOND,
                  burst: int = RATE_BURST, max_held: int = MAX_HELD_LINES,
                  max_size: int = MAX_MESSAGE_SIZE, announce_limit: int = ANNOUNCE_LIMIT,
                  allowed_origins: Collection[str] = (), allowed_hosts: Collection[str] = (),
                  secure: bool = False) -> None:
         self.members: dict[str, Member] = {}   # by name_key(name): names as people read them
         # (time, parts): a line is kept in the parts it was broadcast in (see say)
-        self.history: collections.deque[tuple[float, tuple[str | bytes, ...]]] = \
-            collections.deque(maxlen=history_size)
+        self.history = History(history_size, history_bytes)
         self.rate, self.burst, self.max_held = rate, burst, max_held
         self.max_size = max_size
         self.announce_limit = announce_limit
@@ -4037,7 +4066,7 @@ def stream_entries(reply: Reply) -> list[tuple[bytes, bytes]]:
 class EventStream:
     """This server's end of the stream: its events go out in order, the others' come in once."""
 
-    def __init__(self, prefix: str, server_id: str, history: collections.deque,
+    def __init__(self, prefix: str, server_id: str, history: History,
                  deliver: Callable[[Event], None]) -> None:
         self.stream_key, self.history_key = f"{prefix}:events", f"{prefix}:history"
         self.server_id, self.deliver = server_id, deliver
@@ -5930,8 +5959,11 @@ async def run_server(args: argparse.Namespace) -> int:
         return await run_workers(args)
     ssl_context = server_ssl_context(args.certfile, args.keyfile)
     max_clients = clients_descriptors_allow(args.max_clients)
+    # Under half the send bound: a newcomer's replay must never look like a slow reader.
+    history_bytes = min(args.history_bytes, args.max_buffer // 2) if args.history_bytes else 0
     options = dict(rate=args.rate, burst=args.burst, max_size=args.max_size,
-                   announce_limit=args.announce_limit, allowed_origins=args.allow_origin,
+                   history_bytes=history_bytes, announce_limit=args.announce_limit,
+                   allowed_origins=args.allow_origin,
                    allowed_hosts=args.allow_host, secure=ssl_context is not None)
     room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else BatchedRoom(**options)
     if isinstance(room, SharedRoom):
@@ -6180,6 +6212,9 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
                              "flood control off (default: %(default)s)")
     server.add_argument("--burst", type=whole_number(1), default=RATE_BURST,
                         help="messages a client may send at once (default: %(default)s)")
+    server.add_argument("--history-bytes", type=whole_number(0), default=HISTORY_BYTES, metavar="N",
+                        help="bytes of history a newcomer is shown, at most half of --max-buffer; "
+                             "older lines go first; 0 means no limit (default: %(default)s)")
     server.add_argument("--announce-limit", type=whole_number(0), default=ANNOUNCE_LIMIT,
                         help="stop announcing joins and leaves past this many members "
                              "(default: %(default)s)")

@@ -1292,6 +1292,34 @@ class TestChatRoom(ChatTestCase):
         await bob.send("/quit")
         await expect_closed(bob, CloseCode.NORMAL_CLOSURE)
 
+    def test_history_keeps_the_latest_lines_within_its_byte_budget(self):
+        history = chat.History(50, 1000)
+        for n in range(8):
+            history.append((n, ("[bob]: ", bytes(300))))
+        self.assertEqual([when for when, _ in history], [5, 6, 7])   # 3 × 307 bytes fit
+        self.assertEqual(history.size, 3 * 307)
+        history.extend((n, ("x",)) for n in range(100))
+        self.assertEqual(len(history), 50)
+
+    async def test_a_newcomer_that_does_not_read_the_history_is_not_taken_for_slow(self):
+        big = 2**20
+        await self.start_room(room=chat.BatchedRoom(rate=0, max_size=big, history_bytes=big),
+                              max_size=big, max_buffer=4 * big)
+        alice = await self.join("alice", max_size=2 * big)
+        for n in range(8):   # 4 MiB of lines: twice what a newcomer is now shown
+            await alice.send(f"{n} " + "x" * (big // 2))
+            await within(alice.recv())
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self.addCleanup(writer.close)
+        writer.write(upgrade_request("/chat?name=slowpoke"))   # and never read
+        await self.expect(alice, "* slowpoke joined")
+        await alice.send("one more turn")
+        await self.expect(alice, "[alice]: one more turn")
+        self.assertIn("slowpoke", self.room.members)   # not closed as "too slow"
+        carol = await self.join("carol", max_size=2 * big)   # the greeting was read by join()
+        shown = [(await within(carol.recv())).split(") ", 1)[1][:14] for _ in self.room.history]
+        self.assertEqual(shown, ["[alice]: 7 xxx", "[alice]: one m"])   # 1 MiB of the latest
+
     async def test_a_join_whose_greeting_fails_leaves_nothing_behind(self):
         await self.start_room()
         with unittest.mock.patch.object(self.room, "greet", side_effect=ValueError("cannot greet")):
