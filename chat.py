@@ -2858,6 +2858,16 @@ FD_RESERVE = 64
 MAX_PER_ADDRESS = 50
 
 
+#: New connections one address may open: a burst of 20, then 30 a minute. A
+#: script that connects and leaves in a loop would fill every screen with
+#: joins and leaves (2,000 a second were seen); refusing the connections, as
+#: IRC servers throttle connect floods, stops it at the door, before any
+#: notice, while a class of 30 behind one NAT still gets in within a minute
+#: (the last ten retrying, as 503 with Retry-After asks). --connects-per-minute.
+CONNECT_BURST = 20
+CONNECTS_PER_MINUTE = 30.0
+
+
 #: RFC 8446 §5.1: the first byte of a TLS record that carries a handshake
 #: message. A request that starts with it is a wss:// client's ClientHello.
 TLS_HANDSHAKE_RECORD = 0x16
@@ -2969,9 +2979,12 @@ class PublicServer(WebSocketServer):
 
     def __init__(self, handler: Handler, *, max_buffer: int = MAX_OUTGOING_BUFFER,
                  max_per_address: int | None = None, trusted_proxies: Collection[str] = (),
-                 max_frames: int = 0, max_control_rate: float = 0, **options: typing.Any) -> None:
+                 max_frames: int = 0, max_control_rate: float = 0, connects_per_minute: float = 0,
+                 **options: typing.Any) -> None:
         super().__init__(handler, **options)
         self.max_buffer = max_buffer
+        self.connects_per_minute = connects_per_minute   # 0: no limit
+        self._connects: dict[str, TokenBucket] = {}      # by address, while it has connected lately
         self.frame_limits = dict(max_frames=max_frames, max_control_rate=max_control_rate)
         self.max_per_address = max_per_address
         self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
@@ -2999,7 +3012,7 @@ class PublicServer(WebSocketServer):
         if self._loop_errors is not None:
             self._loop_errors.accepted(now)
         peer = peer_address(writer)
-        refusal = None if peer in self.trusted_proxies else self._count(writer, peer)
+        refusal = None if peer in self.trusted_proxies else self._admit(writer, peer)
         if refusal is not None:
             await self._refuse_soon(reader, writer, refusal)
             return None
@@ -3039,7 +3052,7 @@ class PublicServer(WebSocketServer):
             return request, error.as_response()
         if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS or client == peer_address(writer):
             return request, response   # the peer's own address was counted when it connected
-        return request, self._count(writer, client) or response
+        return request, self._admit(writer, client) or response
 
     def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  request: Request, response: Response) -> Connection:
@@ -3069,6 +3082,28 @@ class PublicServer(WebSocketServer):
         if client is None:
             raise bad_request("X-Forwarded-For from the trusted proxy ends in no address")
         return client
+
+    def _admit(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
+        """A refusal if the address connects too often or holds too many connections; else None."""
+        return self._too_often(client) or self._count(writer, client)
+
+    def _too_often(self, client: str) -> Response | None:
+        """503 for a connection over the address's rate (CONNECTS_PER_MINUTE)."""
+        if not self.connects_per_minute:
+            return None
+        bucket = self._connects.get(client)
+        if bucket is None:
+            if len(self._connects) >= 10_000:   # forget the addresses whose buckets are full again
+                self._connects = {address: b for address, b in self._connects.items()
+                                  if b.wait_time() or b.tokens < b.burst}
+            bucket = self._connects[client] = TokenBucket(self.connects_per_minute / 60, CONNECT_BURST)
+        if bucket.take():
+            return None
+        wait = math.ceil(bucket.wait_time())
+        return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                        f"too many new connections from {client} (at most "
+                        f"{self.connects_per_minute:g} a minute); try again in {wait} s\n",
+                        (("Retry-After", str(wait)),))
 
     def _count(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
         """Count the connection against its address; 503 for one too many."""
@@ -5342,6 +5377,11 @@ def with_query(url: str, **params: str | None) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
+def is_try_later(error: BaseException) -> bool:
+    """Did the server refuse the connection for now (503: full, or too many from us)?"""
+    return isinstance(error, InvalidStatus) and error.status == http.HTTPStatus.SERVICE_UNAVAILABLE
+
+
 def is_name_refusal(closed: ConnectionClosed) -> bool:
     """Did the room refuse our name (taken, or not a valid name)? Then another may do."""
     return closed.code == CloseCode.POLICY_VIOLATION and closed.reason.startswith(
@@ -5476,7 +5516,7 @@ class ChatClient:
             try:
                 conn = await self.connect_unless_interrupted(url)
             except (OSError, HandshakeError, ValueError) as error:
-                if not (connected_before and self.reconnect):
+                if not (self.reconnect and (connected_before or is_try_later(error))):
                     self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}",
                                      "error")
                     return self.finish(1)
@@ -5976,6 +6016,7 @@ async def run_server(args: argparse.Namespace) -> int:
                           max_buffer=args.max_buffer, max_clients=max_clients,
                           max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy,
                           max_control_rate=args.max_control_rate,
+                          connects_per_minute=args.connects_per_minute,
                           max_frames=args.max_size // 1024 if args.max_frames is None else args.max_frames,
                           reuse_port=args.worker, compression=not args.no_compression)
     if args.worker:
@@ -6258,6 +6299,10 @@ def add_server_access_flags(server: argparse.ArgumentParser) -> None:
                         help="connections one IP address may hold at once; more get HTTP 503. "
                              "A classroom behind one NAT shares one address: raise it there; "
                              "0 means no limit (default: %(default)s)")
+    server.add_argument("--connects-per-minute", type=rate, default=CONNECTS_PER_MINUTE, metavar="N",
+                        help=f"new connections one IP address may open a minute, after a burst "
+                             f"of {CONNECT_BURST}; more get HTTP 503 with Retry-After; 0 means "
+                             "no limit (default: %(default)s)")
     server.add_argument("--max-frames", type=whole_number(0), metavar="N",
                         help="frames one message may take; more close with 1008 (default: one "
                              "per KiB of --max-size, 1024; 0 means no limit)")

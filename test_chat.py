@@ -1923,6 +1923,30 @@ class TestLimitsAndDefences(ChatTestCase):
                     data += chunk
                 await self.assert_still_served(alice)
 
+    async def test_an_address_connecting_too_often_gets_503_and_a_class_still_gets_in(self):
+        await self.start_room(connects_per_minute=30)
+        heads = await within(asyncio.gather(*(self.upgrade_status() for _ in range(30))))
+        statuses = collections.Counter(head.split(b" ")[1] for head, _ in heads)
+        self.assertEqual(statuses, {b"101": chat.CONNECT_BURST, b"503": 30 - chat.CONNECT_BURST})
+        refused = next(head for head, _ in heads if b" 503 " in head)
+        self.assertRegex(refused, rb"\r\nRetry-After: [12]\r\n")   # 30 a minute: one every 2 s
+
+    async def test_a_connect_and_leave_loop_reaches_the_room_only_up_to_its_burst(self):
+        await self.start_room(connects_per_minute=30)
+        watcher = await self.join("watcher")
+        for n in range(200):
+            try:
+                conn = await within(chat.connect(f"{self.url}?name=spam{n}"))
+            except chat.InvalidStatus as refusal:
+                self.assertEqual(refusal.status, 503)
+                continue
+            await conn.close(reason="x" * 100)
+        await watcher.send("done")
+        notices = []
+        while (line := await within(watcher.recv())) != "[watcher]: done":
+            notices.append(line)
+        self.assertEqual(len(notices), 2 * (chat.CONNECT_BURST - 1))   # the watcher was the first
+
     async def test_foreign_origin_gets_403_and_own_origin_is_accepted(self):
         room = chat.ChatRoom(rate=0, allowed_origins=["https://friend.example"])
         await self.start_room(room=room)
@@ -2237,7 +2261,7 @@ class TestOutOfDescriptors(QuietLogs, unittest.IsolatedAsyncioTestCase):
             self.skipTest("no resource module (Windows)")
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-c", self.CHILD, "server", "--port", "0", "--max-clients", "20",
-            "--max-per-ip", "0", cwd=os.path.dirname(os.path.abspath(chat.__file__)),
+            "--max-per-ip", "0", "--connects-per-minute", "0", cwd=os.path.dirname(os.path.abspath(chat.__file__)),
             stderr=asyncio.subprocess.PIPE)
         self.addAsyncCleanup(self.stop, child)
         return child
@@ -3923,6 +3947,15 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(self.url, io.StringIO("/who\n"), "asker")
         self.assertEqual(await within(client.run()), 0)
         self.assertIn("* 2 here: asker, watcher", out.getvalue().splitlines())
+
+    async def test_a_server_that_says_try_later_is_retried_with_backoff(self):
+        await self.start_room(connects_per_minute=60)
+        for n in range(chat.CONNECT_BURST):   # use up the burst: the next connection gets 503
+            await self.join(f"m{n}")
+        client, out = self.client(self.url, io.StringIO("hello\n"), "late", first_backoff=0.05)
+        self.assertEqual(await within(client.run()), 0, out.getvalue())
+        self.assertIn("* reconnecting in 0.05 s (", out.getvalue())
+        self.assertIn("[late]: hello", out.getvalue())
 
     async def test_unknown_commands_and_lines_over_the_limit_are_refused_before_sending(self):
         await self.start_room(room=chat.ChatRoom(rate=0, max_size=100))
