@@ -1313,7 +1313,8 @@ class WebSocketServer:
         # queue (1024, not asyncio's 100) instead of being refused.
         self._server = await asyncio.start_server(
             self._serve_tcp, host, port, ssl=ssl_context, limit=READ_BUFFER_LIMIT, backlog=1024,
-            reuse_port=reuse_port or None)
+            reuse_port=reuse_port or None,   # and TLS's handshake bounded like ours (not 60 s):
+            ssl_handshake_timeout=self.handshake_timeout if ssl_context else None)
         if self.keepalive_interval:
             self._keepalive = asyncio.create_task(keepalive(self.connections, self.keepalive_interval))
 

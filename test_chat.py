@@ -2331,6 +2331,14 @@ class TestTLS(ChatTestCase):
         await self.start_room(ssl_context=context)
         return f"wss://localhost:{self.server.port}/chat"
 
+    async def test_a_silent_tls_connection_is_dropped_at_the_handshake_timeout(self):
+        context = chat.server_ssl_context(self.files["cert"], self.files["key"])
+        await self.start_room(ssl_context=context, handshake_timeout=0.5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self.addCleanup(writer.close)
+        writer.write(b"\x16\x03\x01")   # half a ClientHello, then nothing
+        self.assertEqual(await within(reader.read(), 5), b"")   # asyncio's own bound is 60 s
+
     async def test_ws_to_a_tls_server_suggests_wss(self):
         url = (await self.start_tls_room()).replace("wss://", "ws://")
         with self.assertRaises(chat.HandshakeError) as caught:
