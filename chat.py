@@ -2028,7 +2028,7 @@ class Member:
     token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
     pacer: Pacer | None = None
     quit_reason: str = ""
-    lines: int = 0   # relayed from this member: what its receipts count (see ChatClient)
+    lines: int = 0   # relayed from this member: what its receipts count (see DeliveryLedger)
 
 
 def host_name(host: str) -> str | None:
@@ -5026,6 +5026,9 @@ CONFIRM_TIMEOUT = 10.0
 #: Marks a line sent again that the others may have seen (see DeliveryLedger.greeted).
 RESENT_MARK = "(resent) "
 
+#: Confirmed lines kept, to send again if the room turns out to have lost them.
+MAX_KEPT_CONFIRMED = 1000
+
 #: At most this many of our lines on their way are listed under the room's; the rest are counted.
 MAX_WAITING_SHOWN = 5
 
@@ -5067,6 +5070,9 @@ class DeliveryLedger:
     def __init__(self) -> None:
         self.unconfirmed: collections.deque[str] = collections.deque()   # oldest first
         self.delivered = 0   # of ours the room confirmed: what its greeting counts too
+        # The latest confirmed, in case the room loses them (see greeted).
+        self.confirmed: collections.deque[str] = collections.deque(maxlen=MAX_KEPT_CONFIRMED)
+        self.lost = 0        # confirmed lines the room lost that were no longer kept
 
     def sent(self, line: str) -> bool:
         """``line`` went out, or may have; False if no copy will come back (a command's reply)."""
@@ -5080,7 +5086,7 @@ class DeliveryLedger:
         # Worked out with our name now: after a /nick, what was on its way comes back under it.
         if not self.unconfirmed or line != echo_of(self.unconfirmed[0], name):
             return False
-        self.unconfirmed.popleft()
+        self.confirmed.append(self.unconfirmed.popleft())
         self.delivered += 1
         return True
 
@@ -5092,12 +5098,23 @@ class DeliveryLedger:
         dropped (only their copies were lost); the rest are sent again as they
         were. A room that doesn't know us (the server restarted) can't say, and
         the old one may have relayed some to people who are here again: all
-        are sent again, marked as possible repeats.
+        are sent again, marked as possible repeats. So is everything when the
+        count can't be reconciled: a room that has fewer than it confirmed lost
+        lines (with --redis, a server crashed before sharing them), and those
+        confirmed lines go again too, as far as they were kept.
         """
         lines, arrived = list(self.unconfirmed), has - self.delivered
         self.unconfirmed.clear()
+        if same_room and 0 <= arrived <= len(lines):
+            self.delivered = has
+            return lines[arrived:]
+        if same_room and arrived < 0:
+            kept = list(self.confirmed)[max(0, len(self.confirmed) + arrived):]
+            self.lost += -arrived - len(kept)
+            lines = kept + lines
+        self.confirmed.clear()
         self.delivered = has
-        return lines[arrived:] if same_room else [mark_resent(line) for line in lines]
+        return [mark_resent(line) for line in lines]
 
 
 def line_style(line: str, name: str) -> str:
@@ -5616,7 +5633,10 @@ class ChatClient:
                 *(line for line in self.keyboard.lines if not is_quit_command(line))]
         for line in lost:
             self.screen.show(f"* not sent: {line}", "error")
-        return 1 if lost or self.sender.refused else status
+        if self.ledger.lost:
+            self.screen.show(f"* lost: {plural(self.ledger.lost, 'line')} the room confirmed, "
+                             "then lost in a crash, too many to send again", "error")
+        return 1 if lost or self.ledger.lost or self.sender.refused else status
 
     # -- receiving ---------------------------------------------------------
 
@@ -5785,8 +5805,11 @@ function greeting(line) {
   const has = parseInt(field(line, "delivered")) || 0;
   // Back in the same room (it gave our token back): it says how many of our
   // lines it has, so the first of the unconfirmed ones arrived; the rest are
-  // sent again. A room that doesn't know us can't say: all go again, marked.
-  const arrived = token !== "" && resume === token ? has - delivered : null;
+  // sent again. A room that doesn't know us can't say: all go again, marked;
+  // so do they when its count can't be reconciled (DeliveryLedger in chat.py).
+  let arrived = token !== "" && resume === token ? has - delivered : null;
+  if (arrived < 0) show("* lost: " + -arrived + " of your lines the room had confirmed", null, "error");
+  if (arrived < 0 || arrived > pending.filter((p) => p.sent).length) arrived = null;
   if (name) { myName = name; token = resume || ""; }
   delivered = has;
   const burst = parseInt(field(line, "burst")) || 1;

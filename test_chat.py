@@ -3827,13 +3827,31 @@ class TestDelivery(unittest.TestCase):
         self.assertEqual(self.ledger("one", "two", "three").greeted(2, same_room=True), ["three"])
         self.assertEqual(self.ledger("ok", "ok").greeted(1, same_room=True), ["ok"])   # counted, not matched
 
+    def test_confirmed_lines_a_room_lost_in_a_crash_are_sent_again_marked(self):
+        ledger = self.ledger("B1", "B2", "B3", "B4", "B5")
+        for line in ("B1", "B2", "B3", "B4"):
+            self.assertTrue(ledger.confirms(f"[bob]: {line}", "bob"))
+        # Another server of the room says it has 2: two confirmed lines never reached it.
+        self.assertEqual(ledger.greeted(2, same_room=True),
+                         ["(resent) B3", "(resent) B4", "(resent) B5"])
+        self.assertEqual((ledger.delivered, ledger.lost), (2, 0))
+
+    def test_confirmed_lines_lost_beyond_those_kept_are_counted(self):
+        with unittest.mock.patch.object(chat, "MAX_KEPT_CONFIRMED", 1):
+            ledger = self.ledger("B1", "B2", "B3")
+        for line in ("B1", "B2", "B3"):
+            ledger.confirms(f"[bob]: {line}", "bob")
+        self.assertEqual(ledger.greeted(0, same_room=True), ["(resent) B3"])
+        self.assertEqual(ledger.lost, 2)   # finish() reports them, and the exit status is 1
+
     def test_a_room_that_does_not_know_us_gets_them_all_marked_as_possible_repeats(self):
         self.assertEqual(self.ledger("one", "/me waves", "//etc").greeted(0, same_room=False),
                          ["(resent) one", "/me (resent) waves", "(resent) /etc"])
 
     def test_the_greeting_count_is_where_the_next_reconnect_counts_from(self):
         ledger = self.ledger("one", "two")
-        self.assertEqual(ledger.greeted(5, same_room=True), [])   # the room had both, and 3 before
+        # More than we ever sent: a count we can't reconcile, so both go again, marked.
+        self.assertEqual(ledger.greeted(5, same_room=True), ["(resent) one", "(resent) two"])
         self.assertEqual((list(ledger.unconfirmed), ledger.delivered), ([], 5))
         for line in ("three", "four"):
             ledger.sent(line)
