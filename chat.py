@@ -326,9 +326,10 @@ def describe_close_code(code: int) -> str:
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _HTTP_VERSION = re.compile(r"HTTP/(\d)\.(\d)")
-#: RFC 9112 §3.2.1, RFC 3986 §3.3: a path of "pchar" segments, maybe a query.
+#: RFC 9112 §3.2.1, RFC 3986 §3.3: a path of "pchar" segments, maybe a query;
+#: the query as browsers send it (they leave | { } ^ ` [ ] unencoded there).
 _PCHAR = r"(?:[\w\-.~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})"
-_ORIGIN_FORM = re.compile(rf"(?:/{_PCHAR}*)+(?:\?(?:{_PCHAR}|[/?])*)?", re.ASCII)
+_ORIGIN_FORM = re.compile(rf"(?:/{_PCHAR}*)+(?:\?[!\"$-~]*)?", re.ASCII)
 #: RFC 9112 §3.2: Host is uri-host[:port], a name or an address; no userinfo, no list.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|(?:[\w\-.~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::\d*)?", re.ASCII)
 
@@ -2985,7 +2986,8 @@ class PublicServer(WebSocketServer):
         super().__init__(handler, **options)
         self.max_buffer = max_buffer
         self.connects_per_minute = connects_per_minute   # 0: no limit
-        self._connects: dict[str, TokenBucket] = {}      # by address, while it has connected lately
+        self._connects: dict[str, TokenBucket] = {}      # by address, least recently seen first
+        self._throttled: collections.Counter[str] = collections.Counter()   # refused this episode
         self.frame_limits = dict(max_frames=max_frames, max_control_rate=max_control_rate)
         self.max_per_address = max_per_address
         self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
@@ -3013,7 +3015,7 @@ class PublicServer(WebSocketServer):
         if self._loop_errors is not None:
             self._loop_errors.accepted(now)
         peer = peer_address(writer)
-        refusal = None if peer in self.trusted_proxies else self._admit(writer, peer)
+        refusal = None if peer in self.trusted_proxies else self._count(writer, peer)
         if refusal is not None:
             await self._refuse_soon(reader, writer, refusal)
             return None
@@ -3045,15 +3047,18 @@ class PublicServer(WebSocketServer):
     async def _read_request(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> tuple[Request | None, Response]:
         """As WebSocketServer's, but a bad X-Forwarded-For is a 400, and an upgrade
-        over the address's limit a 503."""
+        too many or too often for the address a 503."""
         request, response = await super()._read_request(reader, writer)
         try:
             client = self._client_address(writer, request) if request else ""
         except HandshakeError as error:
             return request, error.as_response()
-        if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS or client == peer_address(writer):
-            return request, response   # the peer's own address was counted when it connected
-        return request, self._admit(writer, client) or response
+        if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            return request, response   # a page or a refusal: no upgrade to charge
+        refusal = self._too_often(client)
+        if refusal is None and peer_address(writer) in self.trusted_proxies:
+            refusal = self._count(writer, client)   # not counted when the proxy connected
+        return request, refusal or response
 
     def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  request: Request, response: Response) -> Connection:
@@ -3084,27 +3089,31 @@ class PublicServer(WebSocketServer):
             raise bad_request("X-Forwarded-For from the trusted proxy ends in no address")
         return client
 
-    def _admit(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
-        """A refusal if the address connects too often or holds too many connections; else None."""
-        return self._too_often(client) or self._count(writer, client)
-
     def _too_often(self, client: str) -> Response | None:
         """503 for a connection over the address's rate (CONNECTS_PER_MINUTE)."""
         if not self.connects_per_minute:
             return None
-        bucket = self._connects.get(client)
-        if bucket is None:
-            if len(self._connects) >= 10_000:   # forget the addresses whose buckets are full again
-                self._connects = {address: b for address, b in self._connects.items()
-                                  if b.wait_time() or b.tokens < b.burst}
-            bucket = self._connects[client] = TokenBucket(self.connects_per_minute / 60, CONNECT_BURST)
+        # Least recently seen first: the oldest buckets are the ones full again, so
+        # forgetting them loses nothing, and costs one step a connection at most.
+        bucket = self._connects.pop(client, None) or TokenBucket(self.connects_per_minute / 60,
+                                                                 CONNECT_BURST)
+        self._connects[client] = bucket
+        oldest = next(iter(self._connects.values()))
+        if len(self._connects) > 10_000 and (oldest.wait_time() == 0 or len(self._connects) > 100_000):
+            del self._connects[next(iter(self._connects))]
         if bucket.take():
+            refused = self._throttled.pop(client, 0)
+            if refused:
+                logger.info("%s: connecting again; %d refused meanwhile", client, refused)
             return None
+        if not self._throttled[client]:   # one line an episode, not one a refusal
+            logger.info("%s: connecting too often; refusing with 503 for now", client)
+        self._throttled[client] += 1
         wait = math.ceil(bucket.wait_time())
         return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
                         f"too many new connections from {client} (at most "
                         f"{self.connects_per_minute:g} a minute); try again in {wait} s\n",
-                        (("Retry-After", str(wait)),))
+                        (("Retry-After", str(wait)),), logged=True)
 
     def _count(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
         """Count the connection against its address; 503 for one too many."""
@@ -6041,7 +6050,7 @@ async def run_server(args: argparse.Namespace) -> int:
                           max_per_address=args.max_per_ip or None, trusted_proxies=args.trusted_proxy,
                           max_control_rate=args.max_control_rate,
                           connects_per_minute=args.connects_per_minute,
-                          max_frames=args.max_size // 1024 if args.max_frames is None else args.max_frames,
+                          max_frames=max(1, args.max_size // 1024) if args.max_frames is None else args.max_frames,
                           reuse_port=args.worker, compression=not args.no_compression)
     if args.worker:
         stop_with_parent()

@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 import typing
 import unicodedata
@@ -210,7 +211,8 @@ class TestHandshake(unittest.TestCase):
             with self.subTest(target=target), self.assertRaises(chat.HandshakeError) as caught:
                 chat.parse_request([f"GET {target} HTTP/1.1".encode("utf-8"), b"Host: x"])
             self.assertEqual(caught.exception.status, http.HTTPStatus.BAD_REQUEST)
-        for target in ("/", "/chat?name=bob%20x&resume=a-b_c", "//x/chat", "/a/b;c=d?e=/f?g"):
+        for target in ("/", "/chat?name=bob%20x&resume=a-b_c", "//x/chat", "/a/b;c=d?e=/f?g",
+                       "/chat?name=a|b{c}^`[]"):   # as browsers send a query
             with self.subTest(target=target):
                 self.assertEqual(chat.parse_request([f"GET {target} HTTP/1.1".encode(), b"Host: x"]).target,
                                  target)
@@ -1930,6 +1932,35 @@ class TestLimitsAndDefences(ChatTestCase):
         self.assertEqual(statuses, {b"101": chat.CONNECT_BURST, b"503": 30 - chat.CONNECT_BURST})
         refused = next(head for head, _ in heads if b" 503 " in head)
         self.assertRegex(refused, rb"\r\nRetry-After: [12]\r\n")   # 30 a minute: one every 2 s
+
+    async def test_page_loads_are_not_charged_to_the_connect_rate(self):
+        await self.start_room(connects_per_minute=30)
+        for _ in range(chat.CONNECT_BURST + 5):   # a class loading the page, and its favicon
+            response = await raw_exchange(self.server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:40])
+        await self.join("alice")
+
+    async def test_a_trusted_proxys_own_upgrades_count_and_a_throttled_address_is_logged_once(self):
+        logged = LogCatcher(logging.INFO)
+        self.addCleanup(logged.remove)
+        await self.start_room(max_per_address=2, trusted_proxies=["127.0.0.1"], connects_per_minute=60)
+        heads = [(await self.upgrade_status())[0][:12] for _ in range(3)]   # no X-Forwarded-For
+        self.assertEqual(heads, [b"HTTP/1.1 101", b"HTTP/1.1 101", b"HTTP/1.1 503"])
+        for _ in range(chat.CONNECT_BURST + 3):
+            await self.upgrade_status("203.0.113.9")
+        messages = []
+        while not any("connecting too often" in message for message in messages):
+            messages.append((await within(logged.next())).getMessage())
+        await self.upgrade_status("203.0.113.9")
+        self.assertFalse(any("refused handshake" in message for message in messages))
+
+    def test_the_connect_rate_table_stays_bounded_and_cheap(self):
+        server = chat.PublicServer(chat.echo, connects_per_minute=30)
+        started = time.monotonic()
+        for n in range(100_100):
+            server._too_often(f"2001:db8::{n:x}")
+        self.assertLessEqual(len(server._connects), 100_000)
+        self.assertLess(time.monotonic() - started, 10)   # each connect costs one step, not a sweep
 
     async def test_a_connect_and_leave_loop_reaches_the_room_only_up_to_its_burst(self):
         await self.start_room(connects_per_minute=30)
