@@ -4173,9 +4173,7 @@ class EventStream:
             logger.warning("%s said here while the room was split stayed here (over %d bytes)",
                            plural(self.not_shared, "event"), MAX_UNSHARED_BYTES)
             self.not_shared = 0
-        while True:
-            await self._wake_sharer.wait()
-            self._wake_sharer.clear()
+        while True:   # what waits first: a batch in flight when the link broke is still queued
             while self.unshared:
                 batch = list(itertools.islice(self.unshared, READ_COUNT))
                 replies = await link.pipeline([cmd for _, queued in batch for cmd in queued])
@@ -4185,6 +4183,8 @@ class EventStream:
                     self.unshared.popleft()
                     self.unshared_bytes -= len(event)
             self.drained.set()
+            await self._wake_sharer.wait()
+            self._wake_sharer.clear()
 
     async def follower(self, link: RedisConnection) -> None:
         """Read the other servers' events as they enter the stream; deliver each once."""

@@ -2792,6 +2792,27 @@ def free_port() -> int:
 class TestRedisConnection(QuietLogs, unittest.IsolatedAsyncioTestCase):
     """The client side of RESP: setup from the URL, pipelining, and a peer that talks nonsense."""
 
+    async def test_events_in_flight_when_the_link_broke_are_shared_on_the_next_link(self):
+        class Link:
+            def __init__(self, fails):
+                self.fails, self.sent = fails, []
+
+            async def pipeline(self, commands):
+                if self.fails:
+                    raise chat.RedisUnavailable("the link broke")
+                self.sent += commands
+                return [b"OK"] * len(commands)
+
+        stream = chat.EventStream("p", "s1", chat.History(50, 0), deliver=lambda event: None)
+        stream.share("say", "[a]: hello")
+        with self.assertRaises(chat.RedisUnavailable):
+            await within(stream.sharer(Link(fails=True)))
+        link = Link(fails=False)
+        sharing = asyncio.create_task(stream.sharer(link))
+        self.addCleanup(sharing.cancel)
+        await within(stream.drained.wait())
+        self.assertEqual([command[0] for command in link.sent], ["XADD", "RPUSH", "LTRIM"])
+
     async def test_auth_and_select_come_from_the_url_and_replies_match_in_order(self):
         async with FakeRedis(b"+OK\r\n", b"+OK\r\n", b":1\r\n", b"$1\r\nx\r\n") as fake:
             url = fake.url._replace(password="pw", username="me", db=3)
