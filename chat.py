@@ -2970,13 +2970,84 @@ def peer_address(writer: asyncio.StreamWriter) -> str:
 
 
 
+class AddressLimits:
+    """What one IP address may hold and open: connections at once, new ones a minute.
+
+    Each refusal is a 503 a client can act on; the log gets one line when an
+    address starts being refused and one when it is let in again, not one per
+    refusal: a script may try thousands of times.
+    """
+
+    def __init__(self, max_per_address: int | None, connects_per_minute: float) -> None:
+        self.max_per_address = max_per_address           # None: no limit, nothing counted
+        self.connects_per_minute = connects_per_minute   # 0: no limit
+        self.held: collections.Counter[str] = collections.Counter()   # connections per address
+        self.address_of: dict[asyncio.StreamWriter, str] = {}   # what each is counted against
+        self.connects: dict[str, TokenBucket] = {}       # by address, least recently seen first
+        # Refusals in the current episode, by (limit, address): "rate" or "held".
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def too_often(self, client: str) -> Response | None:
+        """503 for a connection over the address's rate (CONNECTS_PER_MINUTE)."""
+        if not self.connects_per_minute:
+            return None
+        # Least recently seen first: the oldest buckets are the ones full again, so
+        # forgetting them loses nothing, and costs one step a connection at most.
+        bucket = self.connects.pop(client, None) or TokenBucket(self.connects_per_minute / 60,
+                                                                CONNECT_BURST)
+        self.connects[client] = bucket
+        oldest = next(iter(self.connects.values()))
+        if len(self.connects) > 10_000 and (oldest.wait_time() == 0 or len(self.connects) > 100_000):
+            del self.connects[next(iter(self.connects))]
+        if bucket.take():
+            self._let_in("rate", client, "connecting again")
+            return None
+        wait = math.ceil(bucket.wait_time())
+        return self._refuse("rate", client, "connecting too often; refusing with 503 for now",
+                            f"too many new connections from {client} (at most "
+                            f"{self.connects_per_minute:g} a minute); try again in {wait} s", wait)
+
+    def count(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
+        """Count the connection against its address; 503 for one too many."""
+        if self.max_per_address is None:
+            return None
+        if self.held[client] >= self.max_per_address:
+            return self._refuse("held", client, f"at its limit of {self.max_per_address} connection(s); "
+                                "refusing more with 503 until one closes",
+                                f"too many connections from {client} (at most "
+                                f"{self.max_per_address} per address); try again later", 30)
+        self.address_of[writer] = client
+        self.held[client] += 1
+        return None
+
+    def uncount(self, writer: asyncio.StreamWriter) -> None:
+        """The connection is over (or never got in): it no longer counts."""
+        client = self.address_of.pop(writer, None)
+        if client is not None:
+            self.held[client] -= 1
+            if not self.held[client]:
+                del self.held[client]   # don't keep every address ever seen
+            self._let_in("held", client, "below its limit again")
+
+    def _refuse(self, limit: str, client: str, why: str, reason: str, retry_after: int) -> Response:
+        if not self.refused[limit, client]:
+            logger.info("%s: %s", client, why)
+        self.refused[limit, client] += 1
+        return Response(http.HTTPStatus.SERVICE_UNAVAILABLE, reason + "\n",
+                        (("Retry-After", str(retry_after)),), logged=True)
+
+    def _let_in(self, limit: str, client: str, how: str) -> None:
+        refused = self.refused.pop((limit, client), 0)
+        if refused:
+            logger.info("%s: %s; %d connection(s) refused meanwhile", client, how, refused)
+
+
 class PublicServer(WebSocketServer):
     """WebSocketServer with the defences above, and FastConnections (section 9); serve() runs it.
 
-    One address may hold ``max_per_address`` connections (None: no limit),
-    counted from the moment TCP connects; behind a reverse proxy in
-    ``trusted_proxies``, the address it forwards in X-Forwarded-For counts
-    instead of its own, from its request on.
+    A connection counts against its address (AddressLimits) from the moment
+    TCP connects; behind a reverse proxy in ``trusted_proxies``, the address
+    it forwards in X-Forwarded-For counts instead, from its request on.
     """
 
     def __init__(self, handler: Handler, *, max_buffer: int = MAX_OUTGOING_BUFFER,
@@ -2985,15 +3056,9 @@ class PublicServer(WebSocketServer):
                  **options: typing.Any) -> None:
         super().__init__(handler, **options)
         self.max_buffer = max_buffer
-        self.connects_per_minute = connects_per_minute   # 0: no limit
-        self._connects: dict[str, TokenBucket] = {}      # by address, least recently seen first
-        self._throttled: collections.Counter[str] = collections.Counter()   # refused this episode
         self.frame_limits = dict(max_frames=max_frames, max_control_rate=max_control_rate)
-        self.max_per_address = max_per_address
+        self.limits = AddressLimits(max_per_address, connects_per_minute)
         self.trusted_proxies = {canonical_address(proxy) for proxy in trusted_proxies}
-        self._per_address: collections.Counter[str] = collections.Counter()
-        self._address_of: dict[asyncio.StreamWriter, str] = {}   # what each is counted against
-        self._refused_at_limit: collections.Counter[str] = collections.Counter()
         self._writes = TurnWriter()   # one end-of-turn write callback for all connections
         self._loop_errors: LoopErrorLog | None = None
         self._handshaking: dict[asyncio.StreamWriter, float] = {}   # when each began
@@ -3015,7 +3080,7 @@ class PublicServer(WebSocketServer):
         if self._loop_errors is not None:
             self._loop_errors.accepted(now)
         peer = peer_address(writer)
-        refusal = None if peer in self.trusted_proxies else self._count(writer, peer)
+        refusal = None if peer in self.trusted_proxies else self.limits.count(writer, peer)
         if refusal is not None:
             await self._refuse_soon(reader, writer, refusal)
             return None
@@ -3027,7 +3092,7 @@ class PublicServer(WebSocketServer):
         finally:
             del self._handshaking[writer]
             if conn is None:
-                self._uncount(writer)
+                self.limits.uncount(writer)
 
     async def _refuse_soon(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            refusal: Response) -> None:
@@ -3055,9 +3120,9 @@ class PublicServer(WebSocketServer):
             return request, error.as_response()
         if response.status != http.HTTPStatus.SWITCHING_PROTOCOLS:
             return request, response   # a page or a refusal: no upgrade to charge
-        refusal = self._too_often(client)
+        refusal = self.limits.too_often(client)
         if refusal is None and peer_address(writer) in self.trusted_proxies:
-            refusal = self._count(writer, client)   # not counted when the proxy connected
+            refusal = self.limits.count(writer, client)   # not counted when the proxy connected
         return request, refusal or response
 
     def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -3089,63 +3154,8 @@ class PublicServer(WebSocketServer):
             raise bad_request("X-Forwarded-For from the trusted proxy ends in no address")
         return client
 
-    def _too_often(self, client: str) -> Response | None:
-        """503 for a connection over the address's rate (CONNECTS_PER_MINUTE)."""
-        if not self.connects_per_minute:
-            return None
-        # Least recently seen first: the oldest buckets are the ones full again, so
-        # forgetting them loses nothing, and costs one step a connection at most.
-        bucket = self._connects.pop(client, None) or TokenBucket(self.connects_per_minute / 60,
-                                                                 CONNECT_BURST)
-        self._connects[client] = bucket
-        oldest = next(iter(self._connects.values()))
-        if len(self._connects) > 10_000 and (oldest.wait_time() == 0 or len(self._connects) > 100_000):
-            del self._connects[next(iter(self._connects))]
-        if bucket.take():
-            refused = self._throttled.pop(client, 0)
-            if refused:
-                logger.info("%s: connecting again; %d refused meanwhile", client, refused)
-            return None
-        if not self._throttled[client]:   # one line an episode, not one a refusal
-            logger.info("%s: connecting too often; refusing with 503 for now", client)
-        self._throttled[client] += 1
-        wait = math.ceil(bucket.wait_time())
-        return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                        f"too many new connections from {client} (at most "
-                        f"{self.connects_per_minute:g} a minute); try again in {wait} s\n",
-                        (("Retry-After", str(wait)),), logged=True)
-
-    def _count(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
-        """Count the connection against its address; 503 for one too many."""
-        if self.max_per_address is None:
-            return None   # nothing counted where there is no limit
-        if self._per_address[client] < self.max_per_address:
-            self._address_of[writer] = client
-            self._per_address[client] += 1
-            return None
-        # One line when the address reaches its limit and one when it drops below
-        # (in _release), not one per refusal: a script may try thousands of times.
-        if not self._refused_at_limit[client]:
-            logger.info("%s: at its limit of %d connection(s); refusing more with 503 until "
-                        "one closes", client, self.max_per_address)
-        self._refused_at_limit[client] += 1
-        return Response(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                        f"too many connections from {client} (at most {self.max_per_address} "
-                        "per address); try again later\n", (("Retry-After", "30"),), logged=True)
-
     def _release(self, conn: Connection) -> None:
-        self._uncount(conn.writer)
-
-    def _uncount(self, writer: asyncio.StreamWriter) -> None:
-        client = self._address_of.pop(writer, None)
-        if client is None:
-            return
-        self._per_address[client] -= 1
-        if not self._per_address[client]:
-            del self._per_address[client]   # don't keep every address ever seen
-        refused = self._refused_at_limit.pop(client, 0)
-        if refused:
-            logger.info("%s: below its limit again; %d connection(s) refused meanwhile", client, refused)
+        self.limits.uncount(conn.writer)
 
     def drop_silent_handshakes(self, now: float) -> int:
         """Out of descriptors: abort the connections silent in their handshake for a second."""

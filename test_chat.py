@@ -1958,8 +1958,8 @@ class TestLimitsAndDefences(ChatTestCase):
         server = chat.PublicServer(chat.echo, connects_per_minute=30)
         started = time.monotonic()
         for n in range(100_100):
-            server._too_often(f"2001:db8::{n:x}")
-        self.assertLessEqual(len(server._connects), 100_000)
+            server.limits.too_often(f"2001:db8::{n:x}")
+        self.assertLessEqual(len(server.limits.connects), 100_000)
         self.assertLess(time.monotonic() - started, 10)   # each connect costs one step, not a sweep
 
     async def test_a_connect_and_leave_loop_reaches_the_room_only_up_to_its_burst(self):
