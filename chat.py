@@ -5057,6 +5057,13 @@ MAX_REPAINTED_LINES = 200
 #: Colour codes (Select Graphic Rendition), which take no room on the screen.
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 
+#: How a client marks what it shows, so that no member can pass for anyone
+#: else: the server's notices and the client's own ("-!- bob left: bye")
+#: apart from actions ("* bob waves"), which any member can write, as irssi
+#: draws them. Only the display; the wire keeps LINES. The page uses them too.
+NOTICE_MARK = "-!- "
+ACTION_MARK = "* "
+
 STYLES = {"mine": "1;32", "private": "35", "notice": "33", "history": "2", "error": "31",
           "action": "36"}
 
