@@ -2010,6 +2010,21 @@ def requested_name(conn: Connection) -> tuple[str | None, str]:
     return name, query.get("resume", [""])[0]
 
 
+def requested_history(path: str) -> int | None:
+    """How many lines of history a newcomer asked for (?history=N; 0: none), or None: all kept.
+
+    A script that joins to send lines, or to ask /who, has no use for the
+    past, and would have to tell it from the answers it waits for.
+    """
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+    if "history" not in query:
+        return None
+    text = query["history"][0]
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise ValueError(f"history={text} is not a number of lines (0 or more)")
+    return int(text)
+
+
 def name_taken(name: str) -> str:
     """The refusal of a name someone else has; clients recognise it (is_name_refusal)."""
     return f"the name {name} is taken; pick another"
@@ -2076,6 +2091,10 @@ class Gate:
             return Response(http.HTTPStatus.OK, PAGE, content_type="text/html; charset=utf-8")
         if request.path != CHAT_PATH:
             return Response(http.HTTPStatus.NOT_FOUND, "not found: the chat is at /chat, the page at /\n")
+        try:
+            requested_history(request.target)
+        except ValueError as error:
+            return Response(http.HTTPStatus.BAD_REQUEST, f"{error}\n")
         origin = request.headers.get("origin")
         if origin is not None and not self.origin_allowed(origin, request.headers.get("host", "")):
             return Response(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed here\n")
@@ -2225,11 +2244,14 @@ class ChatRoom:
 
     def greet(self, member: Member, count: int) -> None:
         there = f"{'is' if count == 1 else 'are'} {plural(count, 'user')} here"
+        history, wanted = list(self.history), requested_history(member.conn.path)   # the Gate checked it
+        if wanted is not None:
+            history = history[max(0, len(history) - wanted):]   # the latest, as many as asked for
         self.tell(member.conn, GREETING.format(
             name=member.name, count=there, max_size=self.max_size, token=member.token,
             rate=describe_rate(self.rate, self.burst), delivered=plural(member.lines, "line"),
-            history=plural(len(self.history), "line")))
-        for when, parts in self.history:
+            history=plural(len(history), "line")))
+        for when, parts in history:
             self.tell(member.conn, LINES["history"].head(utc_stamp(when)), *parts)
 
     def leave(self, member: Member) -> None:

@@ -3007,6 +3007,19 @@ class TestSharedRoom(SharedRoomTestCase):
         self.assertEqual(self.greeting(carol).history, 1)
         self.assertRegex(await within(carol.recv()), r"^\(history \S+Z\) \[alice\]: before you came$")
 
+    async def test_a_newcomer_that_asks_for_no_history_gets_none_from_a_shared_room(self):
+        (_, one), (_, two) = await self.start_shared(), await self.start_shared()
+        alice = await self.join_at(one, "alice")
+        await alice.send("before you came")
+        await self.expect(alice, "[alice]: before you came")
+        bob = await self.join_at(two, "bob&history=0")
+        self.assertEqual(self.greeting(bob).history, 0)
+        await bob.send("hi")
+        await self.expect(bob, "[bob]: hi")
+        carol = await self.join_at(two, "carol&history=1")
+        self.assertEqual(self.greeting(carol).history, 1)
+        self.assertTrue((await within(carol.recv())).endswith("[bob]: hi"))
+
     async def test_a_resume_token_takes_the_name_back_at_once_on_another_server(self):
         (_, one), (_, two) = await self.start_shared(), await self.start_shared()
         alice = await self.join_at(one, "alice")
@@ -3979,6 +3992,44 @@ class TestReconnectBackoff(unittest.TestCase):
         self.assertIn(f'"FIRST_BACKOFF": {chat.FIRST_BACKOFF}, "MAX_BACKOFF": {chat.MAX_BACKOFF}}}',
                       given[1])
         self.assertNotRegex(chat.PAGE, r"@[A-Z_]+@")   # every placeholder filled in
+
+
+class TestHistoryRequest(ChatTestCase):
+    """?history=N: a newcomer asks for the latest N lines of history, or none; the greeting counts them."""
+
+    async def room_that_said(self, *lines):
+        await self.start_room()
+        speaker = await self.join("speaker")
+        for line in lines:
+            await speaker.send(line)
+            await self.expect(speaker, f"[speaker]: {line}")
+
+    async def test_a_newcomer_gets_as_many_history_lines_as_it_asks_for(self):
+        await self.room_that_said("one", "two", "three")
+        for asked, expected in (("", ["one", "two", "three"]), ("history=2", ["two", "three"]),
+                                ("history=9", ["one", "two", "three"])):
+            with self.subTest(asked=asked):
+                conn = await self.open(self.server, f"/chat?{asked}")
+                greeting = chat.parse_greeting(await within(conn.recv()))
+                self.assertEqual(greeting.history, len(expected))
+                got = [await within(conn.recv()) for _ in expected]
+                self.assertEqual([line.rpartition(": ")[2] for line in got], expected)
+
+    async def test_history_0_sends_none_and_the_greeting_says_so(self):
+        await self.room_that_said("before you came")
+        conn = await self.open(self.server, "/chat?name=script&history=0")
+        greeting = await within(conn.recv())
+        self.assertIn(" 0 lines of history follow.", greeting)
+        await conn.send("hello")
+        await self.expect(conn, "[script]: hello")   # the first thing after the greeting
+
+    async def test_a_history_that_is_not_a_number_is_a_400(self):
+        await self.start_room()
+        for value in ("all", "-1", "1.5", "٣"):   # the last: an Arabic-Indic 3
+            with self.subTest(value=value), self.assertRaises(chat.InvalidStatus) as caught:
+                await within(chat.connect(self.url + "?" + chat.urllib.parse.urlencode({"history": value})))
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIn("is not a number of lines", caught.exception.reason)
 
 
 class TestChatClient(ChatTestCase):
