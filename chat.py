@@ -2192,7 +2192,7 @@ class ChatRoom:
             # Refused after the upgrade, with a close reason, rather than with
             # an HTTP error: browsers never show a page the body of a failed
             # handshake, but they do show a close frame's reason.
-            logger.info("%s: refused: %s", conn.remote, refusal)
+            self.log_refusal(conn, refusal)
             # A plain ValueError (a name refused) is a policy violation.
             code = getattr(refusal, "close_code", CloseCode.POLICY_VIOLATION)
             await conn.close(code, str(refusal))
@@ -2201,6 +2201,10 @@ class ChatRoom:
             await self.relay_messages(member)
         finally:
             self.leave(member)
+
+    def log_refusal(self, conn: Connection, refusal: ValueError) -> None:
+        """One line a newcomer turned away (a shared room logs its 1013s by the episode)."""
+        logger.info("%s: refused: %s", conn.remote, refusal)
 
     async def enter(self, conn: Connection) -> Member:
         """Admit the newcomer; a room shared with other servers checks the name there first."""
@@ -2992,12 +2996,32 @@ def peer_address(writer: asyncio.StreamWriter) -> str:
 
 
 
+class RefusalLog:
+    """Refusals logged by the episode: a line when something starts being refused, and one
+    when it is let in again, with the count; not one per refusal, since a script (or a
+    client that retries) may try thousands of times."""
+
+    def __init__(self) -> None:
+        # Refusals in the current episode, by what is refused; none: no episode.
+        self.refused: collections.Counter[typing.Hashable] = collections.Counter()
+
+    def refuse(self, what: typing.Hashable, message: str, *args: object) -> None:
+        """One more refusal of ``what``; the first of an episode is logged."""
+        if not self.refused[what]:
+            logger.info(message, *args)
+        self.refused[what] += 1
+
+    def let_in(self, what: typing.Hashable, message: str, *args: object) -> None:
+        """``what`` is let in: an episode of refusals, if there was one, ends, and is counted."""
+        refused = self.refused.pop(what, 0)
+        if refused:
+            logger.info(message + "; %d connection(s) refused meanwhile", *args, refused)
+
+
 class AddressLimits:
     """What one IP address may hold and open: connections at once, new ones a minute.
 
-    Each refusal is a 503 a client can act on; the log gets one line when an
-    address starts being refused and one when it is let in again, not one per
-    refusal: a script may try thousands of times.
+    Each refusal is a 503 a client can act on, logged by the episode (RefusalLog).
     """
 
     def __init__(self, max_per_address: int | None, connects_per_minute: float) -> None:
@@ -3006,8 +3030,7 @@ class AddressLimits:
         self.held: collections.Counter[str] = collections.Counter()   # connections per address
         self.address_of: dict[asyncio.StreamWriter, str] = {}   # what each is counted against
         self.connects: dict[str, TokenBucket] = {}       # by address, least recently seen first
-        # Refusals in the current episode, by (limit, address): "rate" or "held".
-        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.refusals = RefusalLog()   # by (limit, address); the limit is "rate" or "held"
 
     def too_often(self, client: str) -> Response | None:
         """503 for a connection over the address's rate (CONNECTS_PER_MINUTE)."""
@@ -3052,16 +3075,12 @@ class AddressLimits:
             self._let_in("held", client, "below its limit again")
 
     def _refuse(self, limit: str, client: str, why: str, reason: str, retry_after: int) -> Response:
-        if not self.refused[limit, client]:
-            logger.info("%s: %s", client, why)
-        self.refused[limit, client] += 1
+        self.refusals.refuse((limit, client), "%s: %s", client, why)
         return Response(http.HTTPStatus.SERVICE_UNAVAILABLE, reason + "\n",
                         (("Retry-After", str(retry_after)),), logged=True)
 
     def _let_in(self, limit: str, client: str, how: str) -> None:
-        refused = self.refused.pop((limit, client), 0)
-        if refused:
-            logger.info("%s: %s; %d connection(s) refused meanwhile", client, how, refused)
+        self.refusals.let_in((limit, client), "%s: %s", client, how)
 
 
 class PublicServer(WebSocketServer):
@@ -4408,6 +4427,7 @@ class SharedRoom(BatchedRoom):
         self.events = EventStream(prefix, server_id, self.history, deliver=self.on_event)
         self.names = NameRegistry(self.redis, self.members, prefix, server_id, name_ttl)
         self._busy: dict[Member, collections.deque[bytes]] = {}   # lines held behind a Redis command
+        self.refusals = RefusalLog()   # newcomers told 1013 (TryLater): clients retry those
 
     async def connect(self) -> None:
         """Connect to Redis and read the recent past; RedisUnavailable if Redis can't be used."""
@@ -4463,6 +4483,7 @@ class SharedRoom(BatchedRoom):
             if asked:
                 raise ValueError(name_taken(asked))
             raise TryLater("no free guest name; pick a name")
+        self.refusals.let_in(TryLater, "letting newcomers in again")   # Redis answered a claim
         held, lines = claimed
         if held:   # a resume: its old connection, on another server, is closed there
             member.token, member.lines = offered, lines
@@ -4470,6 +4491,13 @@ class SharedRoom(BatchedRoom):
         elif count is not None:
             count += 1   # the newcomer
         return self.add_member(member, announce=not held, count=count)
+
+    def log_refusal(self, conn: Connection, refusal: ValueError) -> None:
+        """A 1013 is logged by the episode (it ends when a claim succeeds again); others, each."""
+        if isinstance(refusal, TryLater):
+            self.refusals.refuse(TryLater, "refusing newcomers with 1013 for now: %s", refusal)
+        else:
+            super().log_refusal(conn, refusal)
 
     def leave(self, member: Member) -> None:
         here = self.members.get(name_key(member.name)) is member

@@ -3090,6 +3090,26 @@ class TestSharedRoomFaults(SharedRoomTestCase):
         await self.expect(bob, "* 3 here: alice, amy, bob")   # the heartbeat set the names again
         self.assertEqual(room_one.events.unshared_bytes, 0)
 
+    async def test_newcomers_refused_while_the_room_is_split_are_logged_once_an_episode(self):
+        _, one = await self.start_shared()
+        alice = await self.join_at(one, "alice")
+        logged = LogCatcher(logging.INFO)
+        self.addCleanup(logged.remove)
+        await self.redis.kill()
+        await self.expect(alice, chat.SPLIT_NOTICE)
+        for name in ("carol", "dave", "erin"):
+            self.assertEqual((await self.refused(one, name)).code, CloseCode.TRY_AGAIN_LATER)
+        await self.redis.start()
+        await self.expect(alice, chat.WHOLE_NOTICE)
+        await self.join_at(one, "frank")
+        messages = []
+        while not any("joined" in message for message in messages):
+            messages.append((await within(logged.next())).getMessage())
+        refusals = [message for message in messages if "refus" in message or "letting" in message]
+        self.assertEqual(len(refusals), 2, messages)
+        self.assertRegex(refusals[0], r"^refusing newcomers with 1013 for now: the room is split")
+        self.assertEqual(refusals[1], "letting newcomers in again; 3 connection(s) refused meanwhile")
+
     async def test_a_killed_servers_names_are_free_within_the_ttl(self):
         _, one = await self.start_shared()
         server = await asyncio.create_subprocess_exec(
