@@ -5535,7 +5535,9 @@ class Sender:
         sending = False
         try:
             while self.bucket is not None and not self.bucket.take():   # the room's pace
-                await asyncio.sleep(self.bucket.wait_time())   # cancelled if the connection ends
+                if await self.interrupted_within(self.bucket.wait_time()):
+                    self.keyboard.unget(line)   # Ctrl-C: leave now, without it
+                    return
             if conn.state is not State.OPEN:
                 raise ConnectionClosed(conn.close_rcvd, conn.close_sent, tcp_closed=False)
             sending = True
@@ -5548,6 +5550,15 @@ class Sender:
             raise
         self.ledger.sent(line)
         self.keyboard.changed()
+
+    async def interrupted_within(self, delay: float) -> bool:
+        """Wait ``delay`` seconds, unless Ctrl-C comes first; True if it did.
+
+        Cancelled, like the send it paces, if the connection ends meanwhile.
+        """
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.keyboard.wait_until(lambda: self.keyboard.interrupted), delay)
+        return self.keyboard.interrupted
 
     def check_typed(self, line: str) -> Command | ChatLine | None:
         """What a typed line means, or None if it is not to be sent (and the screen says why).
@@ -5704,15 +5715,22 @@ class ChatClient:
         return not receiving.done()
 
     def finish(self, status: int) -> int:
-        """At exit: list every line that never reached the room; 1 if there was any."""
-        lost = [*self.ledger.unconfirmed,
-                *(line for line in self.keyboard.lines if not is_quit_command(line))]
-        for line in lost:
+        """At exit: list every line the room did not confirm; 1 if there was any, or a refusal.
+
+        A line handed to the connection may have arrived although no copy came
+        back (a frozen server relays it once it runs again): only one never
+        handed to it was surely not sent.
+        """
+        unsent = [line for line in self.keyboard.lines if not is_quit_command(line)]
+        for line in self.ledger.unconfirmed:
+            self.screen.show(f"* not confirmed (it may have arrived): {line}", "error")
+        for line in unsent:
             self.screen.show(f"* not sent: {line}", "error")
         if self.ledger.lost:
             self.screen.show(f"* lost: {plural(self.ledger.lost, 'line')} the room confirmed, "
                              "then lost in a crash, too many to send again", "error")
-        return 1 if lost or self.ledger.lost or self.sender.refused else status
+        failed = self.ledger.unconfirmed or unsent or self.ledger.lost or self.sender.refused
+        return 1 if failed else status
 
     # -- receiving ---------------------------------------------------------
 

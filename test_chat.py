@@ -4116,7 +4116,7 @@ class TestChatClient(ChatTestCase):
         self.assertIn("* not sent: the line is 101 bytes; the room takes lines of up to 100",
                       out.getvalue())
 
-    async def test_lines_the_room_never_confirms_are_listed_and_the_exit_status_is_1(self):
+    async def test_lines_sent_but_never_confirmed_may_have_arrived_and_the_exit_status_is_1(self):
         async def deaf_room(conn):   # greets, then reads everything and relays nothing
             await conn.send("* You are connected as bot! Your resume token is T (keep it). "
                             "0 lines of history follow.")
@@ -4127,7 +4127,31 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(f"ws://127.0.0.1:{server.port}/chat", io.StringIO("hello\n"),
                                   "bot", confirm_timeout=0.2)
         self.assertEqual(await within(client.run()), 1)
-        self.assertIn("* not sent: hello", out.getvalue())
+        self.assertIn("not confirmed (it may have arrived): hello", out.getvalue())
+        self.assertNotIn("not sent", out.getvalue())   # it was: the room may relay it yet
+
+    async def test_ctrl_c_lists_lines_sent_as_not_confirmed_and_the_rest_as_not_sent(self):
+        received = []
+
+        async def slow_deaf_room(conn):   # one line, then one a minute; relays nothing
+            await conn.send("* You are connected as bot! Limits: lines of up to 99 bytes; bursts of "
+                            "1 lines, then 0.01 per second. Your resume token is T (keep it). "
+                            "0 lines of history follow.")
+            async for line in conn:
+                received.append(line)
+
+        server = await self.start(slow_deaf_room)
+        stdin, feed = self.pipe()
+        client, out = self.client(f"ws://127.0.0.1:{server.port}/chat", stdin, "bot")
+        running = asyncio.create_task(client.run())
+        feed.write("one\ntwo\n")   # "two" waits for the room's pace
+        await until(lambda: received == ["one"] and list(client.keyboard.lines) == [])
+        client.keyboard.interrupt()   # Ctrl-C: at once, not when the pace allows "two"
+        self.assertEqual(await within(running), 1)
+        shown = out.getvalue().splitlines()
+        self.assertIn("* not confirmed (it may have arrived): one", shown)   # it did
+        self.assertIn("* not sent: two", shown)
+        self.assertEqual(received, ["one"])
 
     async def test_quit_command_exits_0_and_sends_nothing_after_it(self):
         await self.start_room()
