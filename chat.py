@@ -5230,11 +5230,21 @@ class Keyboard:
         self.lines: collections.deque[str] = collections.deque()
         self.ended = False          # end of input (Ctrl-D, or the end of a pipe)
         self.interrupted = False    # Ctrl-C or SIGTERM: leave now
+        self.after_quit: int | None = None   # lines typed after /quit, counted, not kept
         self.on_change: Callable[[], None] = lambda: None   # e.g. redraw what is waiting
         self._changed = asyncio.Event()
 
     def put(self, line: str) -> None:
+        if self.after_quit is not None:
+            self.after_quit += 1
+            return
         self.lines.append(line)
+        self.changed()
+
+    def close(self) -> None:
+        """/quit: what was typed after it, and what is typed from now on, is not for the room."""
+        self.after_quit = (self.after_quit or 0) + len(self.lines)
+        self.lines.clear()
         self.changed()
 
     def end(self) -> None:
@@ -5424,13 +5434,25 @@ class Terminal:
 
 
 class Screen:
-    """Where the room's lines go: escaped, stamped, coloured if wanted, above what is typed."""
+    """Where lines go: escaped, stamped, coloured if wanted, above what is typed.
 
-    def __init__(self, out: typing.TextIO, *, color: bool, timestamps: bool = True) -> None:
+    At a terminal, everything is drawn there. Piped, the room's lines (and
+    its answers to commands) go to ``out``, and the client's own words
+    (connecting, not sent, an unknown command) to ``err``, so that a
+    script reading stdout reads the room and nothing else.
+    """
+
+    def __init__(self, out: typing.TextIO, *, color: bool, timestamps: bool = True,
+                 err: typing.TextIO | None = None) -> None:
         self.out, self.color, self.timestamps = out, color, timestamps
+        self.err = out if err is None else err
         self.terminal: Terminal | None = None   # None: plain lines, as for a pipe
 
-    def show(self, line: str, style: str | None = None, *, name: str = "") -> None:
+    def note(self, text: str, style: str = "notice") -> None:
+        """The client's own word, not the room's: to ``err`` unless at the terminal."""
+        self.show(text, style, own=True)
+
+    def show(self, line: str, style: str | None = None, *, name: str = "", own: bool = False) -> None:
         """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine")."""
         text, found_style = display_line(line, name=name, timestamps=self.timestamps,
                                          now=time.time())
@@ -5440,8 +5462,9 @@ class Screen:
         if self.terminal is not None:
             self.terminal.show([text])
         else:
-            self.out.write(text + "\n")
-            self.out.flush()
+            out = self.err if own else self.out
+            out.write(text + "\n")
+            out.flush()
 
 
 def wants_color(out: typing.TextIO, environ: typing.Mapping[str, str]) -> bool:
@@ -5492,7 +5515,7 @@ class Sender:
         self.max_size: int | None = None           # the room's limits, from its greeting
         self.bucket: TokenBucket | None = None
         self.quit_reason: str | None = None        # /quit REASON, kept across reconnects
-        self.refused = 0                           # lines too long for the room
+        self.refused = 0                           # lines refused here: see check_typed
 
     def obey(self, greeting: Greeting | None) -> None:
         """Keep to the limits in a new connection's greeting (None: it announced none)."""
@@ -5528,7 +5551,7 @@ class Sender:
         if parsed is None:
             return
         if isinstance(parsed, Command) and parsed.name == "quit":
-            self.keyboard.lines.clear()   # what was typed after /quit is not for the room
+            self.keyboard.close()
             self.on_leaving()
             self.quit_reason = parsed.argument or "bye"
             return
@@ -5564,16 +5587,18 @@ class Sender:
         """What a typed line means, or None if it is not to be sent (and the screen says why).
 
         An unknown command, and a line longer than the room takes, would only
-        be refused: they are refused here, before they are sent.
+        be refused: they are refused here, before they are sent, and counted
+        (the exit status is then 1).
         """
         try:
             parsed = parse_line(line)
         except ValueError as reply:
-            self.screen.show(f"* {reply}", "error")
+            self.screen.note(f"* {reply}", "error")
+            self.refused += 1
             return None
         size = len(line.encode("utf-8"))
         if parsed is not None and self.max_size is not None and size > self.max_size:
-            self.screen.show(f"* not sent: the line is {size} bytes; "
+            self.screen.note(f"* not sent: the line is {size} bytes; "
                              f"the room takes lines of up to {self.max_size}", "error")
             self.refused += 1
             return None
@@ -5584,7 +5609,7 @@ class ChatClient:
     """The session: connects, shows the room, reconnects when the server goes away."""
 
     def __init__(self, url: str, screen: Screen, keyboard: Keyboard, *, name: str | None = None,
-                 reconnect: bool = True, interactive: bool = False,
+                 history: int | None = None, reconnect: bool = True, interactive: bool = False,
                  ssl_context: ssl.SSLContext | None = None,
                  max_size: int = MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
                  first_backoff: float = FIRST_BACKOFF, confirm_timeout: float = CONFIRM_TIMEOUT,
@@ -5592,6 +5617,7 @@ class ChatClient:
                  on_connected: Callable[[], None] = lambda: None, compression: bool = True) -> None:
         self.url, self.screen, self.keyboard = url, screen, keyboard
         self.name = name or ""      # asked for, then the one the room gave us
+        self.history_asked = history   # lines of history to be sent on joining; None: all
         self.reconnect, self.interactive = reconnect, interactive
         self.connect_options = dict(ssl_context=ssl_context, max_size=max_size,   # for connect()
                                     compression=compression)   # offer permessage-deflate (12)
@@ -5617,12 +5643,13 @@ class ChatClient:
         """The whole session; returns the exit status."""
         backoff, connected_before = self.first_backoff, False
         while True:
-            url = with_query(self.url, name=self.name or None, resume=self.token)
+            url = with_query(self.url, name=self.name or None, resume=self.token,
+                             history=None if self.history_asked is None else str(self.history_asked))
             try:
                 conn = await self.connect_unless_interrupted(url)
             except (OSError, HandshakeError, ValueError) as error:
                 if not (self.reconnect and (connected_before or is_try_later(error))):
-                    self.screen.show(f"cannot connect to {self.url}: {explain_connect_error(error)}",
+                    self.screen.note(f"cannot connect to {self.url}: {explain_connect_error(error)}",
                                      "error")
                     return self.finish(1)
                 why = f" ({explain_connect_error(error)})"
@@ -5633,7 +5660,7 @@ class ChatClient:
                 closed = await self.session(conn)
                 if closed is None:
                     return self.finish(0)
-                self.screen.show(f"* disconnected: {closed}", "error")
+                self.screen.note(f"* disconnected: {closed}", "error")
                 self.reconnected = True
                 if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
                     continue
@@ -5642,14 +5669,14 @@ class ChatClient:
                 why = ""
             if self.leave_by is not None and time.monotonic() > self.leave_by:
                 return self.finish(0)   # gave up delivering: 1 if anything was lost
-            self.screen.show(f"* reconnecting in {backoff:g} s{why}", "notice")
+            self.screen.note(f"* reconnecting in {backoff:g} s{why}")
             if await self.wants_out_within(backoff):
                 return self.finish(0)
             backoff = next_backoff(backoff)
 
     async def connect_unless_interrupted(self, url: str) -> Connection | None:
         """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
-        self.screen.show(f"* connecting to {self.url} …", "notice")
+        self.screen.note(f"* connecting to {self.url} …")
         connecting = asyncio.create_task(connect(url, **self.connect_options))
         interrupted = asyncio.create_task(self.keyboard.wait_until(lambda: self.keyboard.interrupted))
         await asyncio.wait({connecting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
@@ -5719,16 +5746,18 @@ class ChatClient:
 
         A line handed to the connection may have arrived although no copy came
         back (a frozen server relays it once it runs again): only one never
-        handed to it was surely not sent.
+        handed to it was surely not sent. Lines after /quit are only counted.
         """
         unsent = [line for line in self.keyboard.lines if not is_quit_command(line)]
         for line in self.ledger.unconfirmed:
-            self.screen.show(f"* not confirmed (it may have arrived): {line}", "error")
+            self.screen.note(f"* not confirmed (it may have arrived): {line}", "error")
         for line in unsent:
-            self.screen.show(f"* not sent: {line}", "error")
+            self.screen.note(f"* not sent: {line}", "error")
         if self.ledger.lost:
-            self.screen.show(f"* lost: {plural(self.ledger.lost, 'line')} the room confirmed, "
+            self.screen.note(f"* lost: {plural(self.ledger.lost, 'line')} the room confirmed, "
                              "then lost in a crash, too many to send again", "error")
+        if self.keyboard.after_quit:   # /quit was meant: they don't change the status
+            self.screen.note(f"* {plural(self.keyboard.after_quit, 'line')} after /quit not sent")
         failed = self.ledger.unconfirmed or unsent or self.ledger.lost or self.sender.refused
         return 1 if failed else status
 
@@ -6224,12 +6253,15 @@ async def run_client(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     keyboard = Keyboard()
     screen = Screen(sys.stdout, color=wants_color(sys.stdout, os.environ),
-                    timestamps=not args.no_timestamps)
+                    timestamps=not args.no_timestamps,
+                    err=sys.stdout if sys.stdout.isatty() else sys.stderr)   # stdout: the room's alone
     ssl_context = client_ssl_context(args.cafile, args.insecure) if args.url.startswith("wss:") else None
     if args.insecure:
-        screen.show("* --insecure: the server's certificate is NOT checked", "error")
+        screen.note("* --insecure: the server's certificate is NOT checked", "error")
+    # A script gets no history unless it asks (--history): it would read the past as if said now.
+    history = args.history if args.history is not None or interactive else 0
     client = ChatClient(args.url, screen, keyboard, name=args.name, interactive=interactive,
-                        reconnect=not args.no_reconnect, ssl_context=ssl_context,
+                        history=history, reconnect=not args.no_reconnect, ssl_context=ssl_context,
                         max_size=args.max_size, compression=not args.no_compression,
                         on_connected=lambda: start_keyboard(keyboard, screen, client, interactive))
     loop = asyncio.get_running_loop()
@@ -6250,7 +6282,7 @@ def start_keyboard(keyboard: Keyboard, screen: Screen, client: ChatClient, inter
     try:
         import termios  # noqa: F401  (POSIX only)
     except ImportError:
-        screen.show("* no termios here: plain line input, without the line editor", "notice")
+        screen.note("* no termios here: plain line input, without the line editor")
         read_lines_in_thread(keyboard, sys.stdin, "> ")
         return
     screen.terminal = Terminal(keyboard, sys.stdin.fileno(), sys.stdout, client.waiting)
@@ -6447,8 +6479,10 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
         description="Join the chat. Type a line and Enter to send it; /help lists the commands "
                     "(/who, /msg NAME TEXT, /me, /nick, /quit). A line is shown dimmed until the "
                     "room has it. /quit, Ctrl-D or Ctrl-C leave; lines the room never confirmed "
-                    "are listed, and the exit status is then 1. Piped input is sent at the "
-                    "room's pace, and the client exits once every line is confirmed. If the "
+                    "are listed, and the exit status is then 1, as it is after a line refused "
+                    "(an unknown command). Piped input is sent at the room's pace, and the "
+                    "client exits once every line is confirmed; piped output has the room's "
+                    "lines on stdout, the client's own on stderr. If the "
                     f"server goes away the client reconnects, waiting {FIRST_BACKOFF:g}, "
                     f"{2 * FIRST_BACKOFF:g}, {4 * FIRST_BACKOFF:g} ... up to {MAX_BACKOFF:g} "
                     "seconds, and gets its name back.")
@@ -6458,6 +6492,10 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                         help="the chat's WebSocket URL (default: %(default)s)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
+    client.add_argument("--history", type=whole_number(0), metavar="N",
+                        help="lines of the room's history to be shown on joining, 0 for none "
+                             "(default: all the room keeps at a terminal; none when stdin or "
+                             "stdout is not a terminal)")
     client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")

@@ -4055,9 +4055,9 @@ class TestHistoryRequest(ChatTestCase):
 class TestChatClient(ChatTestCase):
     """The terminal client against a real room, with piped stdin and captured stdout."""
 
-    def client(self, url, stdin, name=None, **options):
+    def client(self, url, stdin, name=None, err=None, **options):
         out = io.StringIO()
-        screen = chat.Screen(out, color=False, timestamps=False)
+        screen = chat.Screen(out, color=False, timestamps=False, err=err)
         keyboard = chat.Keyboard()
         chat.read_lines_in_thread(keyboard, stdin, None)
         return chat.ChatClient(url, screen, keyboard, name=name, **options), out
@@ -4096,6 +4096,52 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(self.url, io.StringIO("/who\n"), "asker")
         self.assertEqual(await within(client.run()), 0)
         self.assertIn("* 2 here: asker, watcher", out.getvalue().splitlines())
+
+    async def test_piped_the_room_is_on_stdout_and_the_clients_own_words_on_stderr(self):
+        await self.start_room()
+        await self.join("watcher")
+        err = io.StringIO()
+        client, out = self.client(self.url, io.StringIO("/who\n/dance\n"), "asker", err=err)
+        self.assertEqual(await within(client.run()), 1)   # /dance was refused
+        self.assertEqual(out.getvalue().splitlines()[1:], ["* 2 here: asker, watcher"])
+        self.assertTrue(out.getvalue().startswith("* You are connected as asker!"))
+        self.assertEqual(err.getvalue().splitlines(), [f"* connecting to {self.url} …",
+                                                       "* unknown command /dance — /help lists them"])
+
+    async def test_a_line_refused_here_makes_the_exit_status_1_and_the_rest_is_sent(self):
+        await self.start_room()
+        alice = await self.join("alice")
+        client, out = self.client(self.url, io.StringIO("/dance\nhello\n"), "bot")
+        self.assertEqual(await within(client.run()), 1)
+        await self.expect(alice, "* bot joined", "[bot]: hello", "* bot left")
+
+    async def test_lines_after_quit_are_counted_and_the_exit_status_stays_0(self):
+        await self.start_room()
+        alice = await self.join("alice")
+        err = io.StringIO()
+        client, out = self.client(self.url, io.StringIO("hi\n/quit\none\ntwo\n"), "bot", err=err)
+        self.assertEqual(await within(client.run()), 0)
+        await self.expect(alice, "* bot joined", "[bot]: hi", "* bot left: bye")
+        self.assertIn("* 2 lines after /quit not sent", err.getvalue().splitlines())
+
+    async def test_a_piped_client_shows_no_history_unless_asked_and_exits_0(self):
+        await self.start_room()
+        speaker = await self.join("speaker")
+        await speaker.send("said before")
+        await self.expect(speaker, "[speaker]: said before")
+        for extra, shown in (([], []), (["--history", "1"], ["[speaker]: said before"])):
+            with self.subTest(extra=extra):
+                done = await asyncio.create_subprocess_exec(
+                    sys.executable, chat.__file__, "client", "--url", self.url, "--name", "asker",
+                    "--no-timestamps", *extra, stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                self.addCleanup(lambda: done.returncode is None and done.kill())
+                out, err = await within(done.communicate(b"/who\n"))
+                self.assertEqual(done.returncode, 0, err)
+                lines = out.decode().splitlines()
+                self.assertTrue(lines[0].startswith("* You are connected as asker! "), lines)
+                self.assertEqual(lines[1:], [*shown, "* 2 here: asker, speaker"])
+                self.assertEqual(err.decode(), f"* connecting to {self.url} …\n")
 
     async def test_a_server_that_says_try_later_is_retried_with_backoff(self):
         await self.start_room(connects_per_minute=60)
@@ -4160,6 +4206,7 @@ class TestChatClient(ChatTestCase):
         self.assertEqual(await within(client.run()), 0)
         # Neither "/quit" nor the line after it reached the room: bot came and went.
         await self.expect(alice, "* bot joined", "* bot left: see you")
+        self.assertIn("1 line after /quit not sent", out.getvalue())
 
     async def test_a_line_typed_while_the_connection_closes_is_kept_not_retried(self):
         class ClosingConnection:
@@ -4222,10 +4269,10 @@ class TestChatClient(ChatTestCase):
         port, accepted = await self.silent_listener()
         client = await asyncio.create_subprocess_exec(
             sys.executable, chat.__file__, "client", "--url", f"ws://127.0.0.1:{port}/chat",
-            "--no-timestamps",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            "--no-timestamps", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)   # piped: the client's own words on stderr
         self.addCleanup(lambda: client.returncode is None and client.kill())
-        self.assertEqual(await within(client.stdout.readline()),
+        self.assertEqual(await within(client.stderr.readline()),
                          f"* connecting to ws://127.0.0.1:{port}/chat …\n".encode())
         await within(accepted.wait())
         client.send_signal(signal.SIGINT)
