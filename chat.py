@@ -5084,6 +5084,59 @@ def next_backoff(delay: float) -> float:
     return min(delay * 2, MAX_BACKOFF)
 
 
+#: A refusal that will pass (1013 after the upgrade, 503 before it), in a person's words.
+ROOM_BUSY = "the room can't take you just now"
+
+
+class Reconnecting:
+    """A spell of tries to get back into the room, and what to say of it: no I/O.
+
+    It begins when a connection ends or a try fails, and ends only when the
+    room greets us. Not when a connection opens: a room that can't take us
+    (1013) opens it and closes it at once, and starting again from a 1 s
+    wait after each such close made clients retry every second for as long
+    as the room was split. At a terminal, the spell is one status line that
+    changes (status); piped, a line when it begins and one when it ends.
+    """
+
+    def __init__(self, first_backoff: float = FIRST_BACKOFF) -> None:
+        self.first_backoff = first_backoff
+        self.tries = 0               # in this spell, the one under way or next included; 0: none
+        self.delay = first_backoff   # the wait before that try
+        self.why = ""                # why the connection ended, or the last try failed
+        self.trying = False          # that try is under way (else we wait for it)
+        self._since = 0.0            # when the spell began (time.monotonic())
+
+    def failed(self, why: str) -> None:
+        """The connection ended, or a try failed: wait longer than the last time, then try."""
+        if not self.tries:
+            self._since = time.monotonic()
+        self.delay = next_backoff(self.delay) if self.tries else self.first_backoff
+        self.tries += 1
+        self.why, self.trying = why, False
+
+    def status(self) -> list[str]:
+        """The terminal's status line for the spell (none outside one)."""
+        if not self.tries:
+            return []
+        when = "now" if self.trying else f"in {self.delay:g} s"
+        return [f"{NOTICE_MARK}reconnecting {when} (attempt {self.tries}: {self.why})"]
+
+    def begun(self) -> str:
+        """The one line a pipe gets when the spell begins."""
+        return (f"* reconnecting ({self.why}): trying again in {self.delay:g} s, then waiting "
+                f"longer each time, up to {MAX_BACKOFF:g} s")
+
+    def over(self) -> str | None:
+        """The room greeted us: the spell is over; its last line (None: there was no spell)."""
+        if not self.tries:
+            return None
+        said = (f"* reconnected after {plural(self.tries, 'attempt')} "
+                f"({time.monotonic() - self._since:.0f} s)")
+        self.tries, self.trying = 0, False
+        return said
+
+
 #: The client pings every 5 s: a link that died silently (a frozen network)
 #: is noticed within 15 s, the 5 s close timeout included, not the server's 40.
 CLIENT_KEEPALIVE_INTERVAL = 5.0
@@ -5621,7 +5674,8 @@ class ChatClient:
         self.reconnect, self.interactive = reconnect, interactive
         self.connect_options = dict(ssl_context=ssl_context, max_size=max_size,   # for connect()
                                     compression=compression)   # offer permessage-deflate (12)
-        self.first_backoff, self.confirm_timeout = first_backoff, confirm_timeout
+        self.confirm_timeout = confirm_timeout
+        self.reconnecting = Reconnecting(first_backoff)
         self.keepalive_interval = keepalive_interval
         self.on_connected = on_connected               # once, at the first connection
         self.token: str | None = None                  # gets our name back on a reconnect
@@ -5629,54 +5683,71 @@ class ChatClient:
         self.sender = Sender(keyboard, screen, self.ledger, on_leaving=self.start_leaving)
         self.leave_by: float | None = None             # once the user asked to leave
         self.reconnected = False                       # then the history repeats what we saw
+        self.greeted = asyncio.Event()                 # on the latest connection (see session)
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
 
     def waiting(self) -> list[str]:
-        """Our lines still on their way, for the screen: sent ones first, then typed ones."""
+        """The terminal's status under the room's lines: a reconnection under way, then our
+        lines still on their way, sent ones first, then typed ones."""
         lines = [*self.ledger.unconfirmed, *self.keyboard.lines]
         shown = [f"… {printable(line)}" for line in lines[:MAX_WAITING_SHOWN]]
         if len(lines) > MAX_WAITING_SHOWN:
             shown.append(f"… and {plural(len(lines) - MAX_WAITING_SHOWN, 'more line')} waiting")
-        return shown
+        return self.reconnecting.status() + shown
 
     async def run(self) -> int:
         """The whole session; returns the exit status."""
-        backoff, connected_before = self.first_backoff, False
         while True:
-            url = with_query(self.url, name=self.name or None, resume=self.token,
-                             history=None if self.history_asked is None else str(self.history_asked))
-            try:
-                conn = await self.connect_unless_interrupted(url)
-            except (OSError, HandshakeError, ValueError) as error:
-                if not (self.reconnect and (connected_before or is_try_later(error))):
-                    self.screen.note(f"cannot connect to {self.url}: {explain_connect_error(error)}",
-                                     "error")
-                    return self.finish(1)
-                why = f" ({explain_connect_error(error)})"
-            else:
-                if conn is None:
-                    return self.finish(0)   # Ctrl-C while connecting
-                connected_before, backoff = True, self.first_backoff
-                closed = await self.session(conn)
-                if closed is None:
-                    return self.finish(0)
-                self.screen.note(f"* disconnected: {closed}", "error")
-                self.reconnected = True
-                if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
-                    continue
-                if not self.reconnect or closed.code not in RECONNECT_CODES:
-                    return self.finish(1)
-                why = ""
+            outcome = await self.attempt()
+            if isinstance(outcome, int):
+                return self.finish(outcome)
+            if outcome is None:
+                continue   # a new name, tried at once
             if self.leave_by is not None and time.monotonic() > self.leave_by:
                 return self.finish(0)   # gave up delivering: 1 if anything was lost
-            self.screen.note(f"* reconnecting in {backoff:g} s{why}")
-            if await self.wants_out_within(backoff):
+            self.reconnecting.failed(outcome)
+            if self.screen.terminal is not None:
+                self.keyboard.changed()   # the status line says it (see waiting)
+            elif self.reconnecting.tries == 1:
+                self.screen.note(self.reconnecting.begun())
+            if await self.wants_out_within(self.reconnecting.delay):
                 return self.finish(0)
-            backoff = next_backoff(backoff)
+
+    async def attempt(self) -> int | str | None:
+        """One connection, to its end: an exit status, why to try again later, or None: now."""
+        url = with_query(self.url, name=self.name or None, resume=self.token,
+                         history=None if self.history_asked is None else str(self.history_asked))
+        try:
+            conn = await self.connect_unless_interrupted(url)
+        except (OSError, HandshakeError, ValueError) as error:
+            # A server we were in may come back; one never reached is likely a wrong URL.
+            if not (self.reconnect and (self.reconnected or is_try_later(error))):
+                self.screen.note(f"cannot connect to {self.url}: {explain_connect_error(error)}",
+                                 "error")
+                return 1
+            return ROOM_BUSY if is_try_later(error) else explain_connect_error(error)
+        if conn is None:
+            return 0   # Ctrl-C while connecting
+        closed = await self.session(conn)
+        if closed is None:
+            return 0
+        retrying = self.reconnect and closed.code in RECONNECT_CODES
+        if self.greeted.is_set() or not retrying:   # else a refusal, said by the spell
+            self.screen.note(f"* disconnected: {closed}", "error")
+        self.reconnected = True
+        if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
+            return None
+        if not retrying:
+            return 1
+        return ROOM_BUSY if closed.code == CloseCode.TRY_AGAIN_LATER else str(closed)
 
     async def connect_unless_interrupted(self, url: str) -> Connection | None:
         """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
-        self.screen.note(f"* connecting to {self.url} …")
+        if not self.reconnecting.tries:
+            self.screen.note(f"* connecting to {self.url} …")
+        else:
+            self.reconnecting.trying = True
+            self.keyboard.changed()   # at a terminal, the status line says so
         connecting = asyncio.create_task(connect(url, **self.connect_options))
         interrupted = asyncio.create_task(self.keyboard.wait_until(lambda: self.keyboard.interrupted))
         await asyncio.wait({connecting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
@@ -5692,7 +5763,7 @@ class ChatClient:
 
     async def session(self, conn: Connection) -> ConnectionClosed | None:
         """One connection: None once the user has left, else how the connection ended."""
-        greeted = asyncio.Event()
+        greeted = self.greeted = asyncio.Event()
         receiving = asyncio.create_task(self.receive(conn, greeted))
         sending = asyncio.create_task(self.sender.send_typed(conn, greeted))
         pinging = asyncio.create_task(keepalive({conn}, self.keepalive_interval))
@@ -5779,6 +5850,9 @@ class ChatClient:
             self.on_line(message)
 
     def on_greeting(self, line: str) -> None:
+        spell = self.reconnecting.over()   # in the room again: the next wait is the first
+        if spell:
+            self.screen.note(spell)
         greeting = parse_greeting(line)
         self.sender.obey(greeting)
         if greeting is None:

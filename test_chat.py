@@ -4007,6 +4007,20 @@ class TestReconnectBackoff(unittest.TestCase):
         self.assertEqual(waits, [1, 2, 4, 8, 16, 30])
         self.assertEqual(chat.next_backoff(chat.MAX_BACKOFF), chat.MAX_BACKOFF)
 
+    def test_a_spell_of_tries_waits_longer_each_time_until_the_room_greets_us(self):
+        spell = chat.Reconnecting()
+        waits = []
+        for _ in range(7):
+            spell.failed("the room can't take you just now")
+            waits.append(spell.delay)
+        self.assertEqual(waits, [1, 2, 4, 8, 16, 30, 30])
+        self.assertEqual(spell.status(), ["-!- reconnecting in 30 s (attempt 7: the room can't "
+                                          "take you just now)"])
+        self.assertRegex(spell.over(), r"^\* reconnected after 7 attempts \(0 s\)$")
+        self.assertEqual((spell.status(), spell.over()), ([], None))   # no spell, nothing to say
+        spell.failed("1001 (going away)")
+        self.assertEqual(spell.delay, 1)   # a new spell starts from the first wait
+
     def test_the_page_is_given_the_same_numbers(self):
         given = re.search(r"const \{PATTERNS, .*\} = (\{.*\});\n", chat.PAGE)
         self.assertIn(f'"FIRST_BACKOFF": {chat.FIRST_BACKOFF}, "MAX_BACKOFF": {chat.MAX_BACKOFF}}}',
@@ -4147,10 +4161,62 @@ class TestChatClient(ChatTestCase):
         await self.start_room(connects_per_minute=60)
         for n in range(chat.CONNECT_BURST):   # use up the burst: the next connection gets 503
             await self.join(f"m{n}")
-        client, out = self.client(self.url, io.StringIO("hello\n"), "late", first_backoff=0.05)
-        self.assertEqual(await within(client.run()), 0, out.getvalue())
-        self.assertIn("* reconnecting in 0.05 s (", out.getvalue())
+        err = io.StringIO()
+        client, out = self.client(self.url, io.StringIO("hello\n"), "late", err=err,
+                                  first_backoff=0.05)
+        self.assertEqual(await within(client.run()), 0, err.getvalue())
+        said = err.getvalue().splitlines()   # piped: one line as the spell begins, one as it ends
+        self.assertEqual(said[1], "* reconnecting (the room can't take you just now): trying "
+                                  "again in 0.05 s, then waiting longer each time, up to 30 s")
+        self.assertRegex(said[2], r"^\* reconnected after \d+ attempts \(\d+ s\)$")
+        self.assertEqual(len(said), 3, said)
         self.assertIn("[late]: hello", out.getvalue())
+
+    async def test_a_room_that_refuses_with_1013_is_retried_ever_more_slowly_and_quietly(self):
+        for at_a_terminal in (False, True):
+            with self.subTest(at_a_terminal=at_a_terminal):
+                tries, said = await self.refused_four_times(at_a_terminal)
+                waits = [later[0] - earlier[0] for earlier, later in zip(tries, tries[1:])]
+                for wait, backoff in zip(waits, (0.05, 0.1, 0.2, 0.4)):
+                    self.assertGreater(wait, backoff - 0.01, waits)   # not 0.05 each time
+                self.assertEqual([status for _, status in tries], [
+                    ["… hello"], *([f"-!- reconnecting now (attempt {n}: the room can't take you "
+                                    "just now)", "… hello"] for n in range(1, 5))])
+                if at_a_terminal:   # the status line changed; no line was added per try
+                    self.assertEqual(said[:2], [f"* connecting to {self.url} …",
+                                                "* reconnected after 4 attempts (1 s)"])
+                else:
+                    self.assertEqual(len([line for line in said if "reconnect" in line]), 2, said)
+                self.assertFalse([line for line in said if "disconnected" in line], said)
+
+    async def refused_four_times(self, at_a_terminal):
+        """A client whose first four tries get 1013: when each came, the status it showed, and what it said."""
+        tries = []
+
+        class BusyRoom(chat.ChatRoom):
+            async def enter(self, conn):
+                tries.append((asyncio.get_running_loop().time(), client.waiting()))
+                if len(tries) <= 4:
+                    raise chat.TryLater("the room is split; try again soon")
+                return await super().enter(conn)
+
+        class Shown(list):   # a terminal, as far as the Screen can tell
+            def show(self, lines):
+                self.extend(lines)
+
+        await self.start_room(room=BusyRoom(rate=0))
+        err = io.StringIO()
+        stdin, feed = self.pipe()
+        client, out = self.client(self.url, stdin, "late", err=err, first_backoff=0.05)
+        if at_a_terminal:
+            client.screen.terminal = Shown()
+        feed.write("hello\n")
+        await until(lambda: list(client.keyboard.lines) == ["hello"])
+        running = asyncio.create_task(client.run())
+        await until(lambda: not client.waiting() and len(tries) == 5)   # delivered
+        feed.close()
+        self.assertEqual(await within(running), 0)
+        return tries, client.screen.terminal if at_a_terminal else err.getvalue().splitlines()
 
     async def test_unknown_commands_and_lines_over_the_limit_are_refused_before_sending(self):
         await self.start_room(room=chat.ChatRoom(rate=0, max_size=100))
@@ -4350,7 +4416,8 @@ class TestChatClient(ChatTestCase):
         feed.close()   # end of input: the client closes and exits 0
         self.assertEqual(await within(running), 0)
         self.assertIn("disconnected: 1001 (going away)", out.getvalue())
-        self.assertIn("* reconnecting in", out.getvalue())
+        self.assertIn("* reconnecting (1001 (going away): server shutting down): trying again in "
+                      "0.05 s", out.getvalue())
 
 
 @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal (POSIX)")
