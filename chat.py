@@ -3042,6 +3042,15 @@ class AddressLimits:
             logger.info("%s: %s; %d connection(s) refused meanwhile", client, how, refused)
 
 
+def tls_failure_words(error: OSError) -> str:
+    """Why a client's TLS handshake failed, for the log."""
+    if isinstance(error, ssl.SSLError):
+        return ssl_error_words(error)
+    if isinstance(error, ConnectionResetError):   # what a client that rejects our certificate does
+        return "the client hung up (did it reject our certificate?)"
+    return str(error) or type(error).__name__     # "SSL handshake is taking longer than 10 seconds…"
+
+
 class PublicServer(WebSocketServer):
     """WebSocketServer with the defences above, and FastConnections (section 9); serve() runs it.
 
@@ -3062,6 +3071,7 @@ class PublicServer(WebSocketServer):
         self._writes = TurnWriter()   # one end-of-turn write callback for all connections
         self._loop_errors: LoopErrorLog | None = None
         self._handshaking: dict[asyncio.StreamWriter, float] = {}   # when each began
+        self._tls: ssl.SSLContext | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> None:
@@ -3072,7 +3082,56 @@ class PublicServer(WebSocketServer):
         if isinstance(handler, LoopErrorLog):
             self._loop_errors = handler
             handler.servers.add(self)
-        await super().start(host, port, ssl_context, reuse_port)
+        if ssl_context is not None:   # TLS is done here, not by asyncio: see _serve_tls
+            self._tls, self._serve_tcp = ssl_context, self._serve_tls
+        await super().start(host, port, None, reuse_port)
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TLS connection: the TLS handshake, then everything as over plain TCP.
+
+        asyncio's own TLS (start_server(ssl=...)) hides a connection until its
+        TLS handshake is done: it could not be counted against its address,
+        dropped when descriptors run out, or logged when it fails (a client
+        that rejects our certificate). Done here, it is all of these, as a
+        plain connection is from its first byte.
+        """
+        writer.transport.pause_reading()   # before a byte reaches the plain reader: TLS first
+        task = asyncio.current_task()
+        self._tasks[task] = writer         # server.close() aborts it too
+        try:
+            tls = await self._tls_handshake(writer)
+        finally:
+            del self._tasks[task]
+        if tls is None:
+            writer.close()
+        else:
+            await super()._serve_tcp(*tls)
+
+    async def _tls_handshake(self, writer: asyncio.StreamWriter) -> tuple[asyncio.StreamReader,
+                                                                          asyncio.StreamWriter] | None:
+        """Reader and writer over TLS, or None (logged) if the TLS handshake failed."""
+        loop = asyncio.get_running_loop()
+        if self._loop_errors is not None:
+            self._loop_errors.accepted(loop.time())
+        peer = peer_address(writer)
+        over = None if peer in self.trusted_proxies else self.limits.count(writer, peer)
+        self._handshaking[writer] = loop.time()
+        reader = asyncio.StreamReader(limit=READ_BUFFER_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:   # over its address's limit: a second for TLS, then the 503 (_handshake)
+            transport = await loop.start_tls(
+                writer.transport, protocol, self._tls, server_side=True,
+                ssl_handshake_timeout=SILENT_WHEN_SHORT if over else self.handshake_timeout)
+        except OSError as error:   # ssl.SSLError, a reset, a timeout (ConnectionAbortedError)
+            logger.info("%s: TLS handshake failed: %s", format_peer(writer), tls_failure_words(error))
+            return None
+        finally:
+            del self._handshaking[writer]
+            self.limits.uncount(writer)   # counted again over TLS, from its request (_handshake)
+        if transport is None:   # aborted: out of descriptors, or the server closing
+            return None
+        protocol.connection_made(transport)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _handshake(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> Connection | None:

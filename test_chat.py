@@ -2370,6 +2370,28 @@ class TestTLS(ChatTestCase):
         writer.write(b"\x16\x03\x01")   # half a ClientHello, then nothing
         self.assertEqual(await within(reader.read(), 5), b"")   # asyncio's own bound is 60 s
 
+    async def test_connections_in_their_tls_handshake_count_against_their_address(self):
+        context = chat.server_ssl_context(self.files["cert"], self.files["key"])
+        await self.start_room(ssl_context=context, max_per_address=2)
+        for _ in range(2):   # TCP connected, not a byte of TLS
+            writer = (await asyncio.open_connection("127.0.0.1", self.server.port))[1]
+            self.addCleanup(writer.close)
+        await until(lambda: len(self.server._handshaking) == 2)
+        client_context = chat.client_ssl_context(self.files["ca"], False)
+        with self.assertRaises(chat.InvalidStatus) as caught:
+            await within(chat.connect(f"wss://localhost:{self.server.port}/chat", ssl_context=client_context))
+        self.assertEqual(caught.exception.status, 503)
+
+    async def test_out_of_descriptors_a_silent_tls_handshake_is_dropped(self):
+        context = chat.server_ssl_context(self.files["cert"], self.files["key"])
+        await self.start_room(ssl_context=context)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self.addCleanup(writer.close)
+        await until(lambda: self.server._handshaking)
+        later = asyncio.get_running_loop().time() + 2 * chat.SILENT_WHEN_SHORT
+        self.assertEqual(self.server.drop_silent_handshakes(later), 1)   # as LoopErrorLog does
+        self.assertEqual(await within(reader.read()), b"")
+
     async def test_ws_to_a_tls_server_suggests_wss(self):
         url = (await self.start_tls_room()).replace("wss://", "ws://")
         with self.assertRaises(chat.HandshakeError) as caught:
@@ -2431,7 +2453,8 @@ class TestTLS(ChatTestCase):
         with self.assertRaises(ssl.SSLCertVerificationError):
             await within(chat.connect(url))   # the system's CAs don't know ours
         record = await within(logged.next())  # the server logs one line, not a traceback
-        self.assertIn("Error on transport creation", record.getMessage())
+        self.assertRegex(record.getMessage(), r"^127\.0\.0\.1:\d+: TLS handshake failed: "
+                                              r"the client hung up \(did it reject our certificate\?\)$")
         self.assertIsNone(record.exc_info)
         conn = await within(chat.connect(url, ssl_context=chat.client_ssl_context(None, True)))
         self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
