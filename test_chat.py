@@ -3565,6 +3565,84 @@ class TestLineEditor(unittest.TestCase):
         self.assertEqual((editor.buffer, editor.cursor), ("d" + TAB_SPACES + "D", 6))
 
 
+class TestGraphemeClusters(unittest.TestCase):
+    """next_boundary and previous_boundary: user-perceived characters (UAX #29)."""
+
+    def clusters(self, text: str) -> list[str]:
+        """text cut by next_boundary, after checking that previous_boundary cuts it alike."""
+        ends = [0]
+        while ends[-1] < len(text):
+            ends.append(chat.next_boundary(text, ends[-1]))
+        starts = [len(text)]
+        while starts[-1] > 0:
+            starts.append(chat.previous_boundary(text, starts[-1]))
+        self.assertEqual(starts[::-1], ends, f"backwards differs for {text!r}")
+        return [text[start:end] for start, end in zip(ends, ends[1:])]
+
+    def test_what_a_reader_sees_as_one_character(self) -> None:
+        cases = {
+            "e\u0301x": ["e\u0301", "x"],                                   # é as e + accent
+            "\U0001f44b\U0001f3fd!": ["\U0001f44b\U0001f3fd", "!"],         # 👋🏽: a skin tone
+            "\U0001f1eb\U0001f1f7\U0001f1e9\U0001f1ea": ["\U0001f1eb\U0001f1f7", "\U0001f1e9\U0001f1ea"],
+            "\U0001f1eb\U0001f1f7\U0001f1e9": ["\U0001f1eb\U0001f1f7", "\U0001f1e9"],   # 🇫🇷 and half
+            "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f.":  # 🏴󠁧󠁢󠁳󠁣󠁴󠁿
+                ["\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", "."],
+            "1\ufe0f\u20e3#": ["1\ufe0f\u20e3", "#"],                      # 1️⃣: a keycap
+            "\u1100\u1161\u11a8\ud55c": ["\u1100\u1161\u11a8", "\ud55c"],   # 각 in jamo L V T, then 한
+            "a\u200db": ["a\u200d", "b"],                                   # ZWJ joins emoji only
+            "\U0001f469\u200d\U0001f4bb\u200d": ["\U0001f469\u200d\U0001f4bb\u200d"],   # 👩‍💻 and a ZWJ
+            "\U0001f3f3\ufe0f\u200d\U0001f308?": ["\U0001f3f3\ufe0f\u200d\U0001f308", "?"],   # 🏳️‍🌈
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(self.clusters(text), expected)
+
+    #: Lines of GraphemeBreakTest.txt, Unicode 15.1.0 (ucd/auxiliary), with
+    #: ÷ where a boundary is and × where none is; one or more for each rule.
+    #: Chosen from characters that Python 3.10's Unicode 13 knows alike, and
+    #: none for GB9c, which the segmenter leaves out.
+    BREAK_TEST = """
+        ÷ 0020 ÷ 0020 ÷
+        ÷ 0061 × 0308 ÷ 0062 ÷
+        ÷ 000D × 000A ÷ 0061 ÷ 000A ÷ 0308 ÷
+        ÷ 0001 ÷ 0308 ÷ 0020 ÷
+        ÷ 0378 × 0308 ÷ 0378 ÷
+        ÷ 0020 × 200D ÷ 0646 ÷
+        ÷ 0061 × 0903 ÷ 0062 ÷
+        ÷ 0061 ÷ 0600 × 0062 ÷
+        ÷ 0600 × 0020 ÷
+        ÷ 0600 ÷ 000A ÷
+        ÷ 1100 × 1160 ÷
+        ÷ 1100 × AC01 ÷
+        ÷ AC00 × 1160 ÷
+        ÷ 1160 × 11A8 ÷
+        ÷ 11A8 ÷ 1160 ÷
+        ÷ AC00 × 11A8 ÷ 1100 ÷
+        ÷ AC01 × 11A8 ÷ 1100 ÷
+        ÷ 1F1E6 × 0308 ÷ 1F1E6 ÷
+        ÷ 1F1E6 × 1F1E7 ÷ 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 1F1E7 ÷ 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 1F1E7 × 200D ÷ 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 200D ÷ 1F1E7 × 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 1F1E7 ÷ 1F1E8 × 1F1E9 ÷ 0062 ÷
+        ÷ 231A ÷ 0020 ÷
+        ÷ 200D ÷ 231A ÷
+        ÷ 1F476 × 1F3FF ÷ 1F476 ÷
+        ÷ 0061 × 1F3FF ÷ 1F476 × 200D × 1F6D1 ÷
+        ÷ 1F476 × 1F3FF × 0308 × 200D × 1F476 × 1F3FF ÷
+        ÷ 1F6D1 × 200D × 1F6D1 ÷
+        ÷ 0061 × 200D ÷ 1F6D1 ÷
+    """
+
+    def test_unicode_grapheme_break_test_lines(self) -> None:
+        for line in self.BREAK_TEST.strip().splitlines():
+            expected = [cluster.split() for cluster in line.strip(" ÷").split("÷")]
+            expected = ["".join(chr(int(code, 16)) for code in cluster if code != "×")
+                        for cluster in expected]
+            with self.subTest(line=line.strip()):
+                self.assertEqual(self.clusters("".join(expected)), expected)
+
+
 class TestLayout(unittest.TestCase):
     """layout and visible_rows, the arithmetic behind InputView."""
 
