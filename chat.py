@@ -4894,8 +4894,8 @@ def previous_boundary(text: str, i: int) -> int:
     return start
 
 
-# Editing, with the keys of Emacs and readline. A combining mark travels with
-# the character before it, so the cursor never stops between an "e" and its accent.
+# Editing, with the keys of Emacs and readline. The cursor steps over and deletes
+# whole grapheme clusters: it never stops between an "e" and its accent, or inside 👩‍💻.
 
 class Action(enum.Enum):
     """What the client must do, besides sending lines and redrawing."""
@@ -4915,7 +4915,7 @@ class LineEditor:
 
     def __init__(self, history_size: int = INPUT_HISTORY_SIZE) -> None:
         self.buffer = ""
-        self.cursor = 0               # 0 .. len(buffer), in characters
+        self.cursor = 0               # 0 .. len(buffer): a code point index, at a cluster boundary
         self.history: list[str] = []  # sent lines, oldest first
         self.history_size = history_size
         self._recalled = 0            # how many lines back Up has gone; 0: the new line
@@ -4942,17 +4942,17 @@ class LineEditor:
         """Move the cursor, delete, or browse the history, as key says."""
         # Not a match statement: Python 3.7-3.9 must parse this file to say it needs 3.10.
         if key in (Key.LEFT, Key.CTRL_B):
-            self.cursor = self._step(self.cursor, -1)
+            self.cursor = previous_boundary(self.buffer, self.cursor)
         elif key in (Key.RIGHT, Key.CTRL_F):
-            self.cursor = self._step(self.cursor, +1)
+            self.cursor = next_boundary(self.buffer, self.cursor)
         elif key in (Key.HOME, Key.CTRL_A):
             self.cursor = 0
         elif key in (Key.END, Key.CTRL_E):
             self.cursor = len(self.buffer)
         elif key is Key.BACKSPACE:
-            self._delete(self._step(self.cursor, -1), self.cursor)
+            self._delete(previous_boundary(self.buffer, self.cursor), self.cursor)
         elif key in (Key.DELETE, Key.CTRL_D):
-            self._delete(self.cursor, self._step(self.cursor, +1))
+            self._delete(self.cursor, next_boundary(self.buffer, self.cursor))
         elif key is Key.CTRL_K:
             self._delete(self.cursor, len(self.buffer))
         elif key is Key.CTRL_U:
@@ -4970,7 +4970,7 @@ class LineEditor:
         """Type text at the cursor: tabs as spaces, other control characters dropped."""
         text = "".join(ch for ch in text.replace("\t", TAB_SPACES) if not is_control(ch))
         self.buffer = self.buffer[:self.cursor] + text + self.buffer[self.cursor:]
-        self.cursor += len(text)
+        self.cursor = self._boundary_from(self.cursor + len(text))
 
     def paste(self, text: str) -> list[str | Action]:
         """A pasted block, as if typed: each complete line is sent on its own."""
@@ -5004,14 +5004,12 @@ class LineEditor:
 
     def _delete(self, start: int, end: int) -> None:
         self.buffer = self.buffer[:start] + self.buffer[end:]
-        self.cursor = start
+        self.cursor = self._boundary_from(start)
 
-    def _step(self, i: int, by: int) -> int:
-        """The index one character left (by -1) or right (+1) of i, over combining marks too."""
-        i = min(max(i + by, 0), len(self.buffer))
-        while 0 < i < len(self.buffer) and char_width(self.buffer[i]) == 0:
-            i += by
-        return i
+    def _boundary_from(self, i: int) -> int:
+        """i, or the end of the cluster i is inside: an edit can join what was apart
+        (an "e" typed before an accent, a regional indicator before another)."""
+        return next_boundary(self.buffer, previous_boundary(self.buffer, i)) if i else 0
 
     def _word_start(self) -> int:
         """Where the word before the cursor starts (Ctrl-W: spaces, then the word)."""

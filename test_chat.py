@@ -3564,6 +3564,48 @@ class TestLineEditor(unittest.TestCase):
         self.assertEqual(results, ["<a>", "b", "c"])
         self.assertEqual((editor.buffer, editor.cursor), ("d" + TAB_SPACES + "D", 6))
 
+    # The issue's examples: 👩‍💻, 🏳️‍🌈 and 👨‍👩‍👧‍👦, each one grapheme cluster of 3 to 7 code points.
+    CODER = "\U0001f469\u200d\U0001f4bb"
+    RAINBOW_FLAG = "\U0001f3f3\ufe0f\u200d\U0001f308"
+    FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"
+
+    def test_left_and_right_step_over_a_whole_emoji(self) -> None:
+        editor = self.editor(f"a{self.CODER}b")
+        self.press(editor, Key.LEFT, Key.LEFT)
+        editor.handle(KeyEvent(Key.TEXT, "Q"))
+        self.assertEqual(editor.buffer, f"aQ{self.CODER}b")
+        for emoji in (self.CODER, self.RAINBOW_FLAG, self.FAMILY):
+            with self.subTest(emoji=emoji):
+                editor = self.editor(f"x{emoji}y", 1)
+                seen = [editor.cursor]
+                for key in (Key.RIGHT, Key.CTRL_F, Key.LEFT, Key.CTRL_B):
+                    self.press(editor, key)
+                    seen.append(editor.cursor)
+                after = 1 + len(emoji)
+                self.assertEqual(seen, [1, after, after + 1, after, 1])
+
+    def test_backspace_and_delete_remove_a_whole_cluster(self) -> None:
+        for emoji in (self.RAINBOW_FLAG, self.FAMILY, "\U0001f44b\U0001f3fd", "1\ufe0f\u20e3"):
+            with self.subTest(emoji=emoji):
+                editor = self.editor(f"a{emoji}b")
+                self.press(editor, Key.LEFT, Key.BACKSPACE)
+                self.assertEqual((editor.buffer, editor.cursor), ("ab", 1))
+                editor = self.editor(f"a{emoji}b", 1)
+                self.press(editor, Key.DELETE)
+                self.assertEqual(editor.buffer, "ab")
+                editor = self.editor(f"a{emoji}b", 1)
+                self.press(editor, Key.CTRL_D)
+                self.assertEqual(editor.buffer, "ab")
+
+    def test_an_edit_that_joins_clusters_leaves_the_cursor_after_them(self) -> None:
+        editor = self.editor("\u0301")      # a lone accent, then an "e" typed before it
+        self.press(editor, Key.HOME)
+        editor.handle(KeyEvent(Key.TEXT, "e"))
+        self.assertEqual((editor.buffer, editor.cursor), ("e\u0301", 2))
+        editor = self.editor("\U0001f1eb-\U0001f1f7", 2)   # 🇫-🇷: Backspace makes 🇫🇷
+        self.press(editor, Key.BACKSPACE)
+        self.assertEqual((editor.buffer, editor.cursor), ("\U0001f1eb\U0001f1f7", 2))
+
 
 class TestGraphemeClusters(unittest.TestCase):
     """next_boundary and previous_boundary: user-perceived characters (UAX #29)."""
@@ -3842,6 +3884,17 @@ class TestRendering(unittest.TestCase):
                 terminal.write(text)
                 rows = layout(text, len(text), 80).rows
                 self.assertEqual(terminal.screen()[:len(rows)], [row.rstrip(" ") for row in rows])
+
+    def test_cursor_steps_over_an_emoji_zwj_sequence(self) -> None:
+        client = Client()
+        coder = TestLineEditor.CODER
+        client.keys(f"a{coder}b\x1b[D\x1b[D")
+        self.assertEqual(client.terminal.cursor, (0, 3))
+        client.keys("Q")
+        self.assertEqual(client.terminal.screen()[:2], [f"> aQ{coder}b", ""])
+        self.assertEqual(client.terminal.cursor, (0, 4))
+        client.keys("\x1b[C")      # over 👩‍💻, counted as 2 + 0 + 2 cells (see char_width)
+        self.assertEqual(client.terminal.cursor, (0, 8))
 
     def test_bracketed_paste_sequences(self) -> None:
         self.assertEqual(BRACKETED_PASTE_ON, "\x1b[?2004h")
