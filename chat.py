@@ -5113,7 +5113,13 @@ class InputView:
         width = max(width, MIN_WIDTH)
         start = self._erase(width)
         above = [row for line in status for row in wrap_rows(line, width)]
-        rows, cursor_row, cursor_col = layout(self.prompt + buffer, len(self.prompt) + cursor, width)
+        # Shown as lines from the room are (printable): a typed U+202E must not
+        # reorder the row. The text either side of the cursor is escaped apart,
+        # so the cursor's index counts an escape's characters (\u202e: six)
+        # and never falls inside one.
+        before, after = printable(buffer[:cursor]), printable(buffer[cursor:])
+        text = self.prompt + before + after
+        rows, cursor_row, cursor_col = layout(text, len(self.prompt + before), width)
         rows, cursor_row = above + rows, cursor_row + len(above)
         shown = visible_rows(len(rows), cursor_row, height)
         self._widths_above = [display_width(row) for row in rows[shown.start:cursor_row]]

@@ -3896,6 +3896,18 @@ class TestRendering(unittest.TestCase):
         client.keys("\x1b[C")      # over 👩‍💻, counted as 2 + 0 + 2 cells (see char_width)
         self.assertEqual(client.terminal.cursor, (0, 8))
 
+    def test_own_bidi_override_is_shown_escaped_as_received_lines_are(self) -> None:
+        client = Client()
+        client.keys("RLO:\u202eabc")
+        self.assertEqual(client.terminal.screen()[:2], ["> RLO:\\u202eabc", ""])
+        self.assertEqual(client.terminal.cursor, (0, 15))
+        client.keys("\x1b[D" * 3)    # before "a": right after the six characters of the escape
+        self.assertEqual(client.terminal.cursor, (0, 12))
+        client.keys("\x1b[D")        # before U+202E: before its escape
+        self.assertEqual(client.terminal.cursor, (0, 6))
+        client.keys("\r")
+        self.assertEqual(client.sent, ["RLO:\u202eabc"])   # escaped on the screen only
+
     def test_bracketed_paste_sequences(self) -> None:
         self.assertEqual(BRACKETED_PASTE_ON, "\x1b[?2004h")
         self.assertEqual(PASTE_END, "\x1b[201~")
