@@ -4882,11 +4882,13 @@ def next_boundary(text: str, i: int) -> int:
 def previous_boundary(text: str, i: int) -> int:
     """Where the cluster before index i starts: the one that ends at i, or holds text[i - 1]."""
     # Back to a sure boundary, one that earlier text can't undo: a pair that
-    # breaks even if GB11 and GB12 applied (they only ever join). Then
+    # breaks even where GB11 or GB12 could apply (they only ever join). Then
     # forward, cluster by cluster.
     start = max(i - 1, 0)
-    while start > 0 and not breaks_between(
-            grapheme_break(text[start - 1]), grapheme_break(text[start]), True, True):
+    while start > 0:
+        before, after = grapheme_break(text[start - 1]), grapheme_break(text[start])
+        if breaks_between(before, after, before == "ZWJ", before == "RI"):
+            break
         start -= 1
     end = next_boundary(text, start)
     while end < i:

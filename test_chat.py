@@ -3639,6 +3639,12 @@ class TestGraphemeClusters(unittest.TestCase):
             with self.subTest(text=text):
                 self.assertEqual(self.clusters(text), expected)
 
+    def test_stepping_back_looks_only_near_the_cursor(self) -> None:
+        text = "\U0001f469\u200d\U0001f4bb" * 1000     # 1,000 👩‍💻: Left must not rescan them
+        with unittest.mock.patch("chat.grapheme_break", wraps=chat.grapheme_break) as looked_at:
+            self.assertEqual(chat.previous_boundary(text, len(text)), len(text) - 3)
+        self.assertLess(looked_at.call_count, 20)
+
     #: Lines of GraphemeBreakTest.txt, Unicode 15.1.0 (ucd/auxiliary), with
     #: ÷ where a boundary is and × where none is; one or more for each rule.
     #: Chosen from characters that Python 3.10's Unicode 13 knows alike, and
