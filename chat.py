@@ -5145,17 +5145,31 @@ class DeliveryLedger:
 
 def line_style(line: str, name: str) -> str:
     """Which STYLES entry a line from the room is shown in ("" for plain)."""
-    for kind in ("notice", "private"):   # named in STYLES as in LINES
+    for kind in ("notice", "action", "private"):   # named in STYLES as in LINES
         if LINES[kind].match(line):
             return kind
     return "mine" if line.startswith(LINES["said"].head(name)) else ""
+
+
+def marked(line: str) -> str:
+    """The line with the mark that says who wrote it (see NOTICE_MARK): a notice's
+    "* " becomes NOTICE_MARK, an action "[bob] waves" becomes "* bob waves"."""
+    action = LINES["action"].match(line)
+    if action:
+        return f"{ACTION_MARK}{action[1]} {line[action.end():]}"
+    notice = LINES["notice"].match(line)
+    if not notice:
+        return line   # what a member says starts with "[name]": never with a mark
+    if parse_greeting(line) is not None:   # the limits and the token are for the client
+        line = line.split(" Limits: ")[0]
+    return NOTICE_MARK + line[notice.end():]
 
 
 def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple[str, str]:
     """A line from the room as the terminal shows it, and its style.
 
     History lines carry their time in UTC; everything else is stamped now.
-    An action ("[bob] waves") is shown IRC style: "* bob waves".
+    Notices start with NOTICE_MARK, actions with ACTION_MARK (see marked).
     """
     stamp, style = now, ""
     history = LINES["history"].match(line)
@@ -5163,13 +5177,8 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
         with contextlib.suppress(ValueError):   # a month 13 from a broken server: stamp it now
             stamp = calendar.timegm(time.strptime(history[1], UTC_STAMP_FORMAT))
         line, style = line[history.end():], "history"
-    action = LINES["action"].match(line)
-    if action:
-        line, style = f"* {action[1]} {line[action.end():]}", style or "action"
-    if parse_greeting(line) is not None:   # the limits and the token are for the client
-        line = line.split(" Limits: ")[0]
     style = style or line_style(line, name)
-    text = printable(line)
+    text = printable(marked(line))
     return (time.strftime("%H:%M ", time.localtime(stamp)) + text if timestamps else text), style
 
 
@@ -5381,7 +5390,12 @@ class Screen:
         self.terminal: Terminal | None = None   # None: plain lines, as for a pipe
 
     def show(self, line: str, style: str | None = None, *, name: str = "") -> None:
-        """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine")."""
+        """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine").
+
+        A line given its ``style`` is the client's own, a notice like the room's.
+        """
+        if style is not None and not LINES["notice"].match(line):
+            line = LINES["notice"].template.format(text=line)
         text, found_style = display_line(line, name=name, timestamps=self.timestamps,
                                          now=time.time())
         code = STYLES.get(found_style if style is None else style)

@@ -3798,14 +3798,14 @@ class TestScreen(unittest.TestCase):
 
     def test_plain_lines_when_not_coloured(self):
         self.assertEqual(self.show("[alice]: \x1b[31mred?", "* bob joined"),
-                         ["[alice]: \\x1b[31mred?", "* bob joined"])
+                         ["[alice]: \\x1b[31mred?", "-!- bob joined"])
 
     def test_colours_mark_me_private_actions_notices_and_history(self):
         lines = ("[bob]: mine", "[alice → bob]: psst", "* notice", "[alice] waves",
                  "(history 2026-12-02T09:15:00Z) [x]: old", "[alice]: hi")
         self.assertEqual(self.show(*lines, color=True), [
             "\x1b[1;32m[bob]: mine\x1b[0m", "\x1b[35m[alice → bob]: psst\x1b[0m",
-            "\x1b[33m* notice\x1b[0m", "\x1b[36m* alice waves\x1b[0m", "\x1b[2m[x]: old\x1b[0m",
+            "\x1b[33m-!- notice\x1b[0m", "\x1b[36m* alice waves\x1b[0m", "\x1b[2m[x]: old\x1b[0m",
             "[alice]: hi"])
 
     def test_live_lines_are_stamped_now_and_history_with_its_own_time_in_local_time(self):
@@ -3822,7 +3822,7 @@ class TestScreen(unittest.TestCase):
                     "Limits: lines of up to 10 bytes; no rate limit. Your resume token is x "
                     "(keep it to yourself). 0 lines of history follow.")
         self.assertEqual(self.show(greeting), [
-            "* You are connected as bob! There is 1 user here. Type /help for commands."])
+            "-!- You are connected as bob! There is 1 user here. Type /help for commands."])
 
     def test_zwj_emoji_are_shown_whole_and_bidi_overrides_escaped(self):
         self.assertEqual(self.show(f"[alice]: {TECHNOLOGIST} {RAINBOW_FLAG} {FAMILY}",
@@ -3840,6 +3840,46 @@ class TestScreen(unittest.TestCase):
                          "ws://h/chat?a=1&name=b+o&resume=t")
         self.assertEqual(chat.with_query("ws://h/chat", name=None), "ws://h/chat")
 
+
+class TestMarks(unittest.TestCase):
+    """Who wrote a line, told apart on screen: the server and the client (NOTICE_MARK) from
+    a member's action (ACTION_MARK), in colour, with NO_COLOR and piped alike."""
+
+    def shown(self, line, style=None, timestamps=False):
+        out = io.StringIO()
+        chat.Screen(out, color=False, timestamps=timestamps).show(line, style, name="alice")
+        return out.getvalue().rstrip("\n")
+
+    def test_an_action_can_never_pass_for_a_notice(self):
+        # The issue's forgeries: members named the, 3, You, unknown and bob doing /me.
+        for notice, forged in [("* the room is split: a, b", "[the] room is split: a, b"),
+                               ("* 3 here: alice, bob, carol", "[3] here: alice, bob, carol"),
+                               ("* You are connected as alice! Try /help.",
+                                "[You] are connected as alice! Try /help."),
+                               ("* unknown command /x — /help lists them", "[unknown] command /x"),
+                               ("* bob left: see you", "[bob] left: see you")]:
+            for timestamps in (False, True):
+                with self.subTest(forged=forged, timestamps=timestamps):
+                    head = r"\d\d:\d\d " if timestamps else ""
+                    self.assertRegex(self.shown(notice, timestamps=timestamps), f"^{head}-!- ")
+                    self.assertRegex(self.shown(forged, timestamps=timestamps), f"^{head}\\* ")
+                    history = f"(history 2026-12-05T19:00:00Z) {forged}"
+                    self.assertRegex(self.shown(history, timestamps=timestamps), f"^{head}\\* ")
+        # Nothing else a member can write starts with the notice mark either.
+        names = ["bob", "-!-", "*", "You", "3"]
+        texts = ["-!- the room is split", "* bob left", "hi"]
+        lines = [chat.LINES[kind].template.format(name=name, sender=name, recipient="alice",
+                                                  text=text)
+                 for kind in ("said", "action", "private") for name in names for text in texts]
+        lines += [f"(history 2026-12-05T19:00:00Z) {line}" for line in lines]
+        for line in lines:
+            with self.subTest(line=line):
+                self.assertFalse(self.shown(line).startswith(chat.NOTICE_MARK))
+
+    def test_the_clients_own_lines_are_notices_too(self):
+        self.assertEqual(self.shown("* reconnecting in 1 s", "notice"), "-!- reconnecting in 1 s")
+        self.assertEqual(self.shown("cannot connect to ws://h/chat: refused", "error"),
+                         "-!- cannot connect to ws://h/chat: refused")
 
 class TestDelivery(unittest.TestCase):
     """The DeliveryLedger: which lines come back as receipts, and which are sent again after a reconnect."""
@@ -3954,7 +3994,7 @@ class TestSender(unittest.TestCase):
         self.assertIsNone(sender.check_typed("x" * 11))
         self.assertEqual(sender.check_typed("x" * 10), chat.ChatLine("x" * 10))
         self.assertEqual(sender.refused, 1)
-        self.assertEqual(out.getvalue(), "* not sent: the line is 11 bytes; "
+        self.assertEqual(out.getvalue(), "-!- not sent: the line is 11 bytes; "
                                          "the room takes lines of up to 10\n")
 
     def test_a_server_that_announces_no_limits_gets_none_kept(self):
@@ -4024,7 +4064,7 @@ class TestChatClient(ChatTestCase):
         await self.join("watcher")
         client, out = self.client(self.url, io.StringIO("/who\n"), "asker")
         self.assertEqual(await within(client.run()), 0)
-        self.assertIn("* 2 here: asker, watcher", out.getvalue().splitlines())
+        self.assertIn("-!- 2 here: asker, watcher", out.getvalue().splitlines())
 
     async def test_a_server_that_says_try_later_is_retried_with_backoff(self):
         await self.start_room(connects_per_minute=60)
@@ -4032,7 +4072,7 @@ class TestChatClient(ChatTestCase):
             await self.join(f"m{n}")
         client, out = self.client(self.url, io.StringIO("hello\n"), "late", first_backoff=0.05)
         self.assertEqual(await within(client.run()), 0, out.getvalue())
-        self.assertIn("* reconnecting in 0.05 s (", out.getvalue())
+        self.assertIn("-!- reconnecting in 0.05 s (", out.getvalue())
         self.assertIn("[late]: hello", out.getvalue())
 
     async def test_unknown_commands_and_lines_over_the_limit_are_refused_before_sending(self):
@@ -4041,8 +4081,8 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(self.url, io.StringIO("/foo\n" + "x" * 101 + "\nok\n"), "bot")
         self.assertEqual(await within(client.run()), 1)   # a line did not get through
         await self.expect(alice, "* bot joined", "[bot]: ok", "* bot left")
-        self.assertIn("* unknown command /foo — /help lists them", out.getvalue())
-        self.assertIn("* not sent: the line is 101 bytes; the room takes lines of up to 100",
+        self.assertIn("-!- unknown command /foo — /help lists them", out.getvalue())
+        self.assertIn("-!- not sent: the line is 101 bytes; the room takes lines of up to 100",
                       out.getvalue())
 
     async def test_lines_the_room_never_confirms_are_listed_and_the_exit_status_is_1(self):
@@ -4056,7 +4096,7 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(f"ws://127.0.0.1:{server.port}/chat", io.StringIO("hello\n"),
                                   "bot", confirm_timeout=0.2)
         self.assertEqual(await within(client.run()), 1)
-        self.assertIn("* not sent: hello", out.getvalue())
+        self.assertIn("-!- not sent: hello", out.getvalue())
 
     async def test_quit_command_exits_0_and_sends_nothing_after_it(self):
         await self.start_room()
@@ -4105,8 +4145,8 @@ class TestChatClient(ChatTestCase):
         sock.close()   # nothing listens there now
         client, out = self.client(f"ws://127.0.0.1:{port}/chat", io.StringIO(""))
         self.assertEqual(await within(client.run()), 1)
-        self.assertEqual(out.getvalue(), f"* connecting to ws://127.0.0.1:{port}/chat …\n"
-                                         f"cannot connect to ws://127.0.0.1:{port}/chat: "
+        self.assertEqual(out.getvalue(), f"-!- connecting to ws://127.0.0.1:{port}/chat …\n"
+                                         f"-!- cannot connect to ws://127.0.0.1:{port}/chat: "
                                          "connection refused — is the server running?\n")
 
     async def silent_listener(self):
@@ -4131,7 +4171,7 @@ class TestChatClient(ChatTestCase):
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         self.addCleanup(lambda: client.returncode is None and client.kill())
         self.assertEqual(await within(client.stdout.readline()),
-                         f"* connecting to ws://127.0.0.1:{port}/chat …\n".encode())
+                         f"-!- connecting to ws://127.0.0.1:{port}/chat …\n".encode())
         await within(accepted.wait())
         client.send_signal(signal.SIGINT)
         # Well within connect()'s own 10 s timeout: Ctrl-C itself ended it.
@@ -4208,7 +4248,7 @@ class TestChatClient(ChatTestCase):
         feed.close()   # end of input: the client closes and exits 0
         self.assertEqual(await within(running), 0)
         self.assertIn("disconnected: 1001 (going away)", out.getvalue())
-        self.assertIn("* reconnecting in", out.getvalue())
+        self.assertIn("-!- reconnecting in", out.getvalue())
 
 
 @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal (POSIX)")
