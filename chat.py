@@ -1554,7 +1554,10 @@ RELAY_OVERHEAD = 1024
 #: client parses (see parse_greeting): who you are, the limits, the private
 #: token that gets your name back after a dropped connection, and how many
 #: history lines follow.
-GREETING = ("* You are connected as {name}! There {count}. Type /help for commands. "
+#: Its first sentences, up to " Limits: ", are all a person is shown: short
+#: enough that with a time and a mark they fit 80 columns ("Type /help for
+#: commands." made them 82).
+GREETING = ("* You are connected as {name}! There {count}. Try /help. "
             "Limits: lines of up to {max_size} bytes; {rate}. "
             "Your resume token is {token} (keep it to yourself). The room has {delivered} of "
             "yours. {history} of history follow.")
@@ -5182,6 +5185,36 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
     return (time.strftime("%H:%M ", time.localtime(stamp)) + text if timestamps else text), style
 
 
+#: What a shown line starts with before its text: the time, then a mark.
+SHOWN_HEAD = re.compile(rf"(\d\d:\d\d )?({re.escape(NOTICE_MARK)}|{re.escape(ACTION_MARK)})?")
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """A shown line in rows of at most ``width`` cells, broken between words.
+
+    The terminal would break it wherever the row ends, mid-word. Rows after
+    the first are indented under the text, past the time and the mark, and
+    never start at the left edge, where only a notice's mark may be. A word
+    longer than a row is broken where the row ends.
+    """
+    indent = " " * min(max(len(SHOWN_HEAD.match(text)[0]), 2), width // 2)
+    rows = [""]
+    for piece in re.findall(r" +|[^ ]+", text):
+        if display_width(rows[-1] + piece) <= width:
+            rows[-1] += piece
+        elif piece.startswith(" "):
+            rows.append(indent)   # the break takes the place of the spaces
+        elif display_width(indent + piece) <= width and rows[-1].strip():
+            rows[-1] = rows[-1].rstrip(" ")
+            rows.append(indent + piece)
+        else:
+            for char in piece:   # longer than a row: break it where the row ends
+                if rows[-1].strip() and display_width(rows[-1]) + char_width(char) > width:
+                    rows.append(indent)
+                rows[-1] += char
+    return rows
+
+
 class Keyboard:
     """The lines the user typed, in order, until the client takes them."""
 
@@ -5371,6 +5404,10 @@ class Terminal:
         self._write(self.view.redraw(self.editor.buffer, self.editor.cursor,
                                      width, height, self.status()))
 
+    @property
+    def width(self) -> int:
+        return self._size()[0]
+
     def _size(self) -> tuple[int, int]:
         try:
             return os.get_terminal_size(self.fd)
@@ -5399,13 +5436,15 @@ class Screen:
         text, found_style = display_line(line, name=name, timestamps=self.timestamps,
                                          now=time.time())
         code = STYLES.get(found_style if style is None else style)
-        if self.color and code:
-            text = f"\x1b[{code}m{text}\x1b[0m"
-        if self.terminal is not None:
-            self.terminal.show([text])
+        if self.terminal is not None:   # each row coloured: a repaint may draw only the last
+            self.terminal.show([self.colored(row, code)
+                                for row in wrap_words(text, self.terminal.width)])
         else:
-            self.out.write(text + "\n")
+            self.out.write(self.colored(text, code) + "\n")
             self.out.flush()
+
+    def colored(self, text: str, code: str | None) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
 
 
 def wants_color(out: typing.TextIO, environ: typing.Mapping[str, str]) -> bool:

@@ -1100,7 +1100,7 @@ class TestChatRoom(ChatTestCase):
         alice = await self.open(self.server, "/chat?name=alice")
         greeting = await within(alice.recv())
         self.assertTrue(greeting.startswith(
-            "* You are connected as alice! There is 1 user here. Type /help for commands. "
+            "* You are connected as alice! There is 1 user here. Try /help. "
             "Limits: lines of up to 4096 bytes; bursts of 20 lines, then 2 per second. "
             "Your resume token is "), greeting)
         self.assertTrue(greeting.endswith(
@@ -3881,6 +3881,45 @@ class TestMarks(unittest.TestCase):
         self.assertEqual(self.shown("cannot connect to ws://h/chat: refused", "error"),
                          "-!- cannot connect to ws://h/chat: refused")
 
+    def test_the_greeting_fits_80_columns_with_the_time_and_the_mark(self):
+        greeting = chat.GREETING.format(name="alice", count="are 12 users here", max_size=1,
+                                        rate="no rate limit", token="T", delivered="0 lines",
+                                        history="0 lines")
+        shown = self.shown(greeting, timestamps=True)
+        self.assertRegex(shown, r"^\d\d:\d\d -!- You are connected as alice! .*/help")
+        self.assertLessEqual(display_width(shown), 80)
+
+
+class TestWrapWords(unittest.TestCase):
+    """wrap_words: a shown line broken between words at the terminal's width, not mid-word."""
+
+    def test_rows_break_between_words_and_are_indented_under_the_text(self):
+        self.assertEqual(chat.wrap_words("12:00 -!- one two three four", 20),
+                         ["12:00 -!- one two", "          three four"])
+        self.assertEqual(chat.wrap_words("12:00 * bob waves at everyone", 20),
+                         ["12:00 * bob waves at", "        everyone"])
+        self.assertEqual(chat.wrap_words("12:00 [bob]: one two three", 20),
+                         ["12:00 [bob]: one two", "      three"])
+
+    def test_a_row_after_the_first_never_starts_at_the_left_edge(self):
+        # Without timestamps a member's line could otherwise put "-!- " where a notice starts.
+        rows = chat.wrap_words("[bob]: " + "x" * 10 + " -!- the room is split", 20)
+        self.assertEqual(rows, ["[bob]: xxxxxxxxxx", "  -!- the room is", "  split"])
+
+    def test_a_word_longer_than_a_row_breaks_where_the_row_ends(self):
+        self.assertEqual(chat.wrap_words("[bob]: " + "x" * 30, 20),
+                         ["[bob]: xxxxxxxxxxxxx", "  xxxxxxxxxxxxxxxxx"])
+
+    def test_wide_characters_count_two_cells(self):
+        rows = chat.wrap_words("[bob]: 漢字漢字 漢字漢字 漢字", 16)
+        self.assertEqual(rows, ["[bob]: 漢字漢字", "  漢字漢字 漢字"])
+        self.assertTrue(all(display_width(row) <= 16 for row in rows))
+
+    def test_a_line_that_fits_is_left_alone(self):
+        self.assertEqual(chat.wrap_words("12:00 [bob]:   spaced   out  ", 80),
+                         ["12:00 [bob]:   spaced   out  "])
+
+
 class TestDelivery(unittest.TestCase):
     """The DeliveryLedger: which lines come back as receipts, and which are sent again after a reconnect."""
 
@@ -4313,6 +4352,22 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.terminal.repaint()   # what SIGWINCH does
         rows = self.drawn(40, 10, since).screen()
         self.assertEqual(rows, [f"line {i}" for i in range(21, 30)] + ["> 漢字 and 👩‍💻"])
+
+    async def test_the_screen_wraps_lines_between_words_at_the_terminal_s_width(self):
+        line = "* " + " ".join(["word"] * 30)   # 150 characters: "-!- word word ..."
+        screen = chat.Screen(io.StringIO(), color=True, timestamps=False)
+        screen.terminal = self.terminal
+        screen.show(line)
+        self.assertEqual(self.drawn().screen()[:3], ["-!- " + " ".join(["word"] * 15),
+                                                     "    " + " ".join(["word"] * 15), ">"])
+        self.set_size(40, 24)
+        since = len(self.out.getvalue())
+        screen.show(line)
+        self.assertEqual(self.drawn(40, 24, since).screen()[:2], ["-!- " + " ".join(["word"] * 7),
+                                                                  "    " + " ".join(["word"] * 7)])
+        piped = chat.Screen(io.StringIO(), color=False, timestamps=False)
+        piped.show(line)
+        self.assertEqual(piped.out.getvalue(), "-!- " + line[2:] + "\n")   # a pipe: not wrapped
 
     async def test_ctrl_c_and_ctrl_d_reach_the_keyboard_as_keys(self):
         os.write(self.master, b"\x04")   # Ctrl-D on an empty line: the end of input
