@@ -5479,6 +5479,43 @@ def is_try_later(error: BaseException) -> bool:
     return isinstance(error, InvalidStatus) and error.status == http.HTTPStatus.SERVICE_UNAVAILABLE
 
 
+#: Why a connection ended, in words, by close code (the code follows, for experts).
+CLOSE_WORDS = {
+    CloseCode.NORMAL_CLOSURE: "the server closed the connection",
+    CloseCode.GOING_AWAY: "the server is going away (restarting?)",
+    CloseCode.PROTOCOL_ERROR: "one side broke the WebSocket protocol",
+    CloseCode.UNSUPPORTED_DATA: "the server can't take that kind of message",
+    CloseCode.NO_STATUS_RCVD: "the server closed the connection without saying why",
+    CloseCode.ABNORMAL_CLOSURE: "the connection dropped",
+    CloseCode.INVALID_PAYLOAD: "a message was not valid UTF-8 text",
+    CloseCode.POLICY_VIOLATION: "the server refused",
+    CloseCode.MESSAGE_TOO_BIG: "a message was too big",
+    CloseCode.MANDATORY_EXTENSION: "the server lacks an extension the client needs",
+    CloseCode.INTERNAL_ERROR: "the server hit an unexpected error",
+    CloseCode.SERVICE_RESTART: "the server is restarting",
+    CloseCode.TRY_AGAIN_LATER: "the room can't take you just now",
+    CloseCode.BAD_GATEWAY: "a proxy could not reach the server",
+    CloseCode.TLS_HANDSHAKE: "the TLS handshake failed",
+}
+
+#: The reason Connection.keepalive_tick closes with: an ordinary thing (a
+#: suspended laptop, a dead Wi-Fi), though its code, 1011, says "internal error".
+KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"
+
+
+def describe_close(closed: ConnectionClosed) -> str:
+    """Why the connection ended, for a person: words, the reason, then the code."""
+    words = CLOSE_WORDS.get(closed.code, "the server closed the connection")
+    # Ours (then often 1006: the dead link brought no close frame back) or the server's.
+    if KEEPALIVE_TIMEOUT_REASON in (closed.reason, closed.sent and closed.sent.reason):
+        text = "the connection went quiet (no answer to keepalive pings)"
+    elif closed.reason and closed.code in (CloseCode.NORMAL_CLOSURE, CloseCode.POLICY_VIOLATION):
+        text = closed.reason   # the server's own explanation says it best
+    else:
+        text = f"{words}: {closed.reason}" if closed.reason else words
+    return f"{text} ({closed.code})"
+
+
 def is_name_refusal(closed: ConnectionClosed) -> bool:
     """Did the room refuse our name (taken, or not a valid name)? Then another may do."""
     return closed.code == CloseCode.POLICY_VIOLATION and closed.reason.startswith(
@@ -5625,7 +5662,7 @@ class ChatClient:
                 closed = await self.session(conn)
                 if closed is None:
                     return self.finish(0)
-                self.screen.show(f"* disconnected: {closed}", "error")
+                self.screen.show(f"* disconnected: {describe_close(closed)}", "error")
                 self.reconnected = True
                 if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
                     continue

@@ -3920,6 +3920,42 @@ class TestWrapWords(unittest.TestCase):
                          ["12:00 [bob]:   spaced   out  "])
 
 
+class TestCloseWords(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """describe_close: why the connection ended, in words, the code kept for experts."""
+
+    def closed(self, code, reason="", *, by_us=False):
+        close = chat.Close(code, reason)
+        return chat.ConnectionClosed(None if by_us else close, close if by_us else None,
+                                     tcp_closed=True)
+
+    def test_close_codes_in_words(self):
+        for closed, words in [
+            (self.closed(1006), "the connection dropped (1006)"),
+            (self.closed(1001), "the server is going away (restarting?) (1001)"),
+            (self.closed(1013, "full"), "the room can't take you just now: full (1013)"),
+            (self.closed(1008, "the name bob is taken"), "the name bob is taken (1008)"),
+            (self.closed(1011), "the server hit an unexpected error (1011)"),
+            (self.closed(4321, "kicked"), "the server closed the connection: kicked (4321)"),
+        ]:
+            with self.subTest(code=closed.code):
+                self.assertEqual(chat.describe_close(closed), words)
+
+    async def test_a_keepalive_timeout_is_not_an_internal_error(self):
+        # The reason as Connection.keepalive_tick really writes it, not a copy of it.
+        reader = asyncio.StreamReader()
+        conn = chat.Connection(reader, FakeWriter(FakeTransport(reader)), is_client=True,
+                               close_timeout=0.05)
+        conn.keepalive_tick()   # a ping...
+        conn.keepalive_tick()   # ... with no pong by the next one
+        closed = await expect_closed(conn.recv())
+        self.assertEqual(chat.describe_close(closed), "the connection went quiet "
+                         f"(no answer to keepalive pings) ({closed.code})")
+        # The server's close frame says the same when it is the one that gave up.
+        theirs = self.closed(1011, closed.sent.reason)
+        self.assertEqual(chat.describe_close(theirs),
+                         "the connection went quiet (no answer to keepalive pings) (1011)")
+
+
 class TestDelivery(unittest.TestCase):
     """The DeliveryLedger: which lines come back as receipts, and which are sent again after a reconnect."""
 
@@ -4232,7 +4268,7 @@ class TestChatClient(ChatTestCase):
         stdin, feed = self.pipe()
         client, out = self.client(self.url, stdin, "bob")
         self.assertEqual(await within(client.run()), 1)
-        self.assertIn("disconnected: 1008 (policy violation): the name bob is taken", out.getvalue())
+        self.assertIn("disconnected: the name bob is taken; pick another (1008)", out.getvalue())
 
     async def test_a_refused_name_at_a_terminal_lets_the_user_pick_another(self):
         await self.start_room()
@@ -4257,7 +4293,8 @@ class TestChatClient(ChatTestCase):
         await within(self.server.close())
         await within(watching)
         self.assertEqual(await within(running), 1)
-        self.assertIn("disconnected: 1001 (going away): server shutting down", out.getvalue())
+        self.assertIn("disconnected: the server is going away (restarting?): server shutting down (1001)",
+                      out.getvalue())
 
     async def test_a_guest_keeps_its_name_and_its_lines_across_a_server_restart(self):
         first = await self.start_room()
@@ -4286,7 +4323,7 @@ class TestChatClient(ChatTestCase):
         self.assertEqual(lines[-1], "[user1]: typed while the server was down")   # never sent before
         feed.close()   # end of input: the client closes and exits 0
         self.assertEqual(await within(running), 0)
-        self.assertIn("disconnected: 1001 (going away)", out.getvalue())
+        self.assertIn("disconnected: the server is going away", out.getvalue())
         self.assertIn("-!- reconnecting in", out.getvalue())
 
 
