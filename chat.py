@@ -5609,6 +5609,45 @@ class Sender:
         return parsed
 
 
+class HistoryBlock:
+    """Notices around the history a room replays after its greeting: no I/O.
+
+    Dimmed is not enough (NO_COLOR, a pipe): a line from an hour ago must not
+    read as said now. One notice before the first history line shown and one
+    after the last, as IRC bouncers mark their playback, cost two rows, where
+    a mark on every line would cost ten columns of each at 80.
+    """
+
+    def __init__(self) -> None:
+        self.due: int | None = None   # history lines the greeting announced, still to come
+        self.shown = 0                # history lines shown since the block began
+        self.heading = ""
+
+    def greeted(self, count: int | None, been_here: bool) -> None:
+        """A greeting announced ``count`` lines of history (None: it didn't say)."""
+        self.due, self.shown = count, 0
+        # After a reconnect, only what we have not seen is shown (ChatClient.on_line).
+        self.heading = "* history: what was said " + (
+            "while you were away" if been_here else "here before you came")
+
+    def around(self, history: bool, shown: bool) -> tuple[list[str], list[str]]:
+        """The notices to show before and after one line from the room (``shown``: not a repeat)."""
+        if not history:
+            return self.end(), []   # the room has gone live: the block ends before this line
+        before = [self.heading] if shown and not self.shown else []
+        self.shown += shown
+        if self.due is not None:
+            self.due -= 1
+        return before, self.end() if self.due == 0 else []
+
+    def end(self) -> list[str]:
+        if not self.shown:
+            return []   # no block open (the greeting itself comes through here too)
+        ended = [f"* end of history ({plural(self.shown, 'line')})"]
+        self.due, self.shown = None, 0
+        return ended
+
+
 class ChatClient:
     """The session: connects, shows the room, reconnects when the server goes away."""
 
@@ -5633,6 +5672,7 @@ class ChatClient:
         self.leave_by: float | None = None             # once the user asked to leave
         self.reconnected = False                       # then the history repeats what we saw
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
+        self.history = HistoryBlock()
 
     def waiting(self) -> list[str]:
         """Our lines still on their way, for the screen: sent ones first, then typed ones."""
@@ -5773,6 +5813,7 @@ class ChatClient:
 
     def on_greeting(self, line: str) -> None:
         greeting = parse_greeting(line)
+        self.history.greeted(greeting.history if greeting else None, been_here=bool(self.seen))
         self.sender.obey(greeting)
         if greeting is None:
             return   # not our kind of server: no names, no receipts
@@ -5794,10 +5835,13 @@ class ChatClient:
         text = line[history.end():] if history else line
         # After a reconnect the history repeats what was shown before: skip
         # that. (So a line said twice in the same words may then show once.)
-        if history and self.reconnected and text in self.seen:
-            return
-        self.seen.append(text)
-        self.screen.show(line, name=self.name)
+        repeated = bool(history) and self.reconnected and text in self.seen
+        before, after = self.history.around(bool(history), not repeated)
+        if not repeated:
+            self.seen.append(text)
+            before.append(line)
+        for shown in before + after:
+            self.screen.show(shown, name=self.name)
 
     # -- between connections ----------------------------------------------
 

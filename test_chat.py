@@ -3920,6 +3920,49 @@ class TestWrapWords(unittest.TestCase):
                          ["12:00 [bob]:   spaced   out  "])
 
 
+class TestHistoryBlock(unittest.TestCase):
+    """The room's replay of its history, marked where it starts and ends: dimming alone
+    is lost with NO_COLOR and in a pipe."""
+
+    GREETING = ("* You are connected as bob! Your resume token is T (keep it to yourself). "
+                "{} of history follow.")
+
+    def setUp(self):
+        self.out = io.StringIO()
+        self.client = chat.ChatClient("ws://h/chat", chat.Screen(self.out, color=False, timestamps=False),
+                                      chat.Keyboard())
+
+    def receive(self, *lines):
+        """Lines from the room as receive() hands them over: the first is the greeting."""
+        start = len(self.out.getvalue())
+        self.client.on_greeting(lines[0])
+        for line in lines:
+            self.client.on_line(line)
+        return self.out.getvalue()[start:].splitlines()
+
+    def test_history_is_marked_where_it_starts_and_where_it_ends(self):
+        shown = self.receive(self.GREETING.format("2 lines"), "(history 2026-12-05T19:00:00Z) [x]: one",
+                             "(history 2026-12-05T19:01:00Z) [y] waves", "[x]: now")
+        self.assertEqual(shown[1:], ["-!- history: what was said here before you came",
+                                     "[x]: one", "* y waves", "-!- end of history (2 lines)",
+                                     "[x]: now"])
+
+    def test_after_a_reconnect_only_what_was_missed_is_marked_as_history(self):
+        old = "(history 2026-12-05T19:00:00Z) [x]: one"
+        self.receive(self.GREETING.format("1 line"), old)
+        self.client.reconnected = True
+        shown = self.receive(self.GREETING.format("2 lines"), old,
+                             "(history 2026-12-05T19:05:00Z) [x]: missed")
+        self.assertEqual(shown[1:], ["-!- history: what was said while you were away",
+                                     "[x]: missed", "-!- end of history (1 line)"])
+        self.assertEqual(self.receive(self.GREETING.format("1 line"), old)[1:], [])   # all seen
+
+    def test_a_block_the_greeting_did_not_count_ends_at_the_first_live_line(self):
+        shown = self.receive("* welcome", "(history 2026-12-05T19:00:00Z) [x]: one", "* x left")
+        self.assertEqual(shown, ["-!- welcome", "-!- history: what was said here before you came",
+                                 "[x]: one", "-!- end of history (1 line)", "-!- x left"])
+
+
 class TestCloseWords(QuietLogs, unittest.IsolatedAsyncioTestCase):
     """describe_close: why the connection ended, in words, the code kept for experts."""
 
