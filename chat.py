@@ -5057,6 +5057,9 @@ MAX_WAITING_SHOWN = 5
 #: Lines the terminal keeps to draw the screen again after a resize.
 MAX_REPAINTED_LINES = 200
 
+#: The input line's prompt while the client asks for a name, not the chat's "> ".
+NAME_PROMPT = "name> "
+
 #: Colour codes (Select Graphic Rendition), which take no room on the screen.
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -5445,6 +5448,21 @@ class Screen:
 
     def colored(self, text: str, code: str | None) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
+
+    @contextlib.contextmanager
+    def prompting(self, prompt: str) -> typing.Iterator[None]:
+        """The input line starts with ``prompt`` meanwhile, not the chat's "> "."""
+        if self.terminal is None:   # plain line input: its prompt is fixed
+            yield
+            return
+        view, redraw = self.terminal.view, self.terminal.redraw
+        chat_prompt, view.prompt = view.prompt, prompt
+        redraw()
+        try:
+            yield
+        finally:
+            view.prompt = chat_prompt
+            redraw()
 
 
 def wants_color(out: typing.TextIO, environ: typing.Mapping[str, str]) -> bool:
@@ -5863,15 +5881,39 @@ class ChatClient:
         return True
 
     async def ask_for_a_name(self) -> bool:
-        """The room refused our name: the next line typed is the new one."""
-        self.screen.show("* type another name and Enter (Ctrl-C leaves)", "notice")
-        waiting = len(self.keyboard.lines)   # lines typed before this are chat, kept for later
-        await self.keyboard.wait_until(
-            lambda: len(self.keyboard.lines) > waiting or self.keyboard.done)
-        if len(self.keyboard.lines) <= waiting:
-            return False
-        self.name, self.token = self.keyboard.lines.pop().strip(), None
-        return True
+        """The room refused our name: ask for another at the name prompt; False if the user leaves.
+
+        At a prompt of its own, so that chat typed there can't pass for a
+        name. A line that can't be one is not sent anywhere: the screen says
+        why (a chat line, by its spaces), Up brings it back, and we ask again.
+        """
+        self.screen.show(f"* type another name after {NAME_PROMPT.strip()} and press Enter "
+                         "(Ctrl-C leaves)", "notice")
+        with self.screen.prompting(NAME_PROMPT):
+            while True:
+                line = await self.next_line_typed()
+                if line is None or is_quit_command(line):
+                    return False
+                try:
+                    self.name, self.token = check_typed_name(line), None
+                    return True
+                except ValueError as why:
+                    self.screen.show(f"* not sent: {why} (Up brings it back)", "error")
+
+    async def next_line_typed(self) -> str | None:
+        """The next line the user types; None if the input ends first, or Ctrl-C.
+        Lines typed before are chat, waiting to be sent: they stay."""
+        waiting = len(self.keyboard.lines)
+        await self.keyboard.wait_until(lambda: len(self.keyboard.lines) > waiting
+                                       or self.keyboard.ended or self.keyboard.interrupted)
+        return self.keyboard.lines.pop() if len(self.keyboard.lines) > waiting else None
+
+
+def check_typed_name(line: str) -> str:
+    """check_name for a line typed at the name prompt: one with spaces is chat typed there."""
+    if any(char.isspace() for char in line.strip()):
+        raise ValueError("a chat line? A name has no spaces")
+    return check_name(line)
 
 
 def is_quit_command(line: str) -> bool:

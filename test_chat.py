@@ -4449,6 +4449,26 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
         piped.show(line)
         self.assertEqual(piped.out.getvalue(), "-!- " + line[2:] + "\n")   # a pipe: not wrapped
 
+    async def test_a_name_is_asked_at_a_prompt_of_its_own_and_chat_typed_there_is_kept(self):
+        out = io.StringIO()
+        screen = chat.Screen(out, color=False, timestamps=False)
+        screen.terminal = self.terminal
+        client = chat.ChatClient("ws://127.0.0.1:9/chat", screen, self.keyboard, interactive=True)
+        asking = asyncio.create_task(client.ask_for_a_name())
+        self.addCleanup(asking.cancel)
+        await until(lambda: self.drawn().screen()[1] == "name>")
+        await self.type(b"hello everyone, sorry I'm late\r", "")
+        await until(lambda: "not sent" in self.drawn().screen()[1])
+        self.assertEqual(self.drawn().screen()[:3], [
+            "-!- type another name after name> and press Enter (Ctrl-C leaves)",
+            "-!- not sent: a chat line? A name has no spaces (Up brings it back)", "name>"])
+        self.assertFalse(asking.done())
+        await self.type(b"\x1b[A", "hello everyone, sorry I'm late")   # Up
+        await self.type(b"\x15robert\r", "")                          # Ctrl-U, a name, Enter
+        self.assertTrue(await within(asking))
+        self.assertEqual((client.name, list(self.keyboard.lines)), ("robert", []))
+        self.assertEqual(self.drawn().screen()[2], ">")   # the chat's prompt again
+
     async def test_ctrl_c_and_ctrl_d_reach_the_keyboard_as_keys(self):
         os.write(self.master, b"\x04")   # Ctrl-D on an empty line: the end of input
         await until(lambda: self.keyboard.ended)
