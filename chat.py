@@ -6451,13 +6451,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="A WebSocket chat (RFC 6455) in one file, standard library only.",
         epilog="Try: 'python chat.py server' in one terminal, "
                "'python chat.py client --name bob' in another, http://127.0.0.1:8080/ in a browser.")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log every frame (direction, opcode, FIN, length, mask)")
+    add_verbose_flag(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_server_command(commands)
     add_client_command(commands)
     echo_cmd = commands.add_parser("echo", help="an echo server for conformance suites (Autobahn)",
                                    description="Send every message back unchanged, on any path.")
+    add_verbose_flag(echo_cmd)
     add_listening_flags(echo_cmd, port=9001)
     echo_cmd.add_argument("--no-compression", action="store_true",
                           help="don't accept permessage-deflate (RFC 7692)")
@@ -6465,12 +6465,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_verbose_flag(command: argparse.ArgumentParser, default: typing.Any = argparse.SUPPRESS) -> None:
+    """-v before the command ("chat.py -v server") and after it ("chat.py server -v").
+
+    A command's parser sets every default it has over the main parser's
+    values: with none (SUPPRESS) its -v can't undo a -v given before it.
+    """
+    command.add_argument("-v", "--verbose", action="store_true", default=default,
+                         help="log every frame: direction, opcode, FIN, length, mask (default: off)")
+
+
 def add_server_command(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser(
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
                     "Ctrl-C closes every connection with 1001 (going away) and exits.")
-    add_listening_flags(server, port=8080)
+    add_verbose_flag(server)
+    add_listening_flags(server, port=CHAT_PORT)
     server.add_argument("--max-buffer", type=whole_number(1), default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
@@ -6505,9 +6516,14 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.set_defaults(run=run_server)
 
 
+#: Where the chat server listens, and so where the client looks for it, unless told.
+CHAT_HOST = "127.0.0.1"
+CHAT_PORT = 8080
+
+
 def add_listening_flags(command: argparse.ArgumentParser, port: int) -> None:
     """--host, --port and --max-size, as the chat server and the echo server share them."""
-    command.add_argument("--host", default="127.0.0.1",
+    command.add_argument("--host", default=CHAT_HOST,
                          help="address to listen on; '' means all interfaces (default: %(default)s)")
     command.add_argument("--port", type=whole_number(0, 65535), default=port,
                          help="port to listen on (default: %(default)s)")
@@ -6560,22 +6576,37 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     f"server goes away the client reconnects, waiting {FIRST_BACKOFF:g}, "
                     f"{2 * FIRST_BACKOFF:g}, {4 * FIRST_BACKOFF:g} ... up to {MAX_BACKOFF:g} "
                     "seconds, and gets its name back.")
+    add_verbose_flag(client)
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
+    client.add_argument("--host", help=f"the server's host name or address (default: {CHAT_HOST})")
+    client.add_argument("--port", type=whole_number(1, 65535),
+                        help=f"the server's port (default: {CHAT_PORT})")
     client.add_argument("--url", type=parsed_by(parse_uri, keep_text=True),
-                        default=f"ws://127.0.0.1:8080{CHAT_PATH}",
-                        help="the chat's WebSocket URL (default: %(default)s)")
+                        help=f"the whole WebSocket URL, instead of --host and --port (default: "
+                             f"ws://HOST:PORT{CHAT_PATH}, wss:// with --cafile or --insecure)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
-    client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
+    client.add_argument("--cafile", type=readable_file, metavar="FILE",
+                        help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=whole_number(1), default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
-                        help="largest message accepted, in bytes (default: %(default)s)")
+                        metavar="BYTES", help="largest message accepted (default: %(default)s)")
     client.add_argument("--no-timestamps", action="store_true",
                         help="don't start each line with the local time (HH:MM)")
     client.add_argument("--no-compression", action="store_true",
                         help="don't offer permessage-deflate (RFC 7692)")
     client.set_defaults(run=run_client)
+
+
+def client_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """--url as given, or one built from --host and --port; both ways at once is an error."""
+    if args.url is None:
+        scheme = "wss" if args.cafile or args.insecure else "ws"   # flags only TLS needs
+        return f"{scheme}://{host_port(args.host or CHAT_HOST, args.port or CHAT_PORT)}{CHAT_PATH}"
+    if args.host is not None or args.port is not None:
+        parser.error("give --url, or --host and --port, not both: --url is the whole address")
+    return args.url
 
 
 @contextlib.contextmanager
@@ -6599,6 +6630,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv   # what --workers runs again
     if getattr(args, "workers", 1) > 1 and not args.redis:
         parser.error("--workers needs --redis: separate processes share a room only through Redis")
+    if args.command == "client":
+        args.url = client_url(parser, args)
     if getattr(args, "redis", None) and args.max_size > MAX_MESSAGE_SIZE:
         parser.error(f"with --redis, --max-size can be at most {MAX_MESSAGE_SIZE}: "
                      "Redis's replies are read within RESP_MAX_REPLY")

@@ -4535,6 +4535,31 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
                 self.assertEqual(err.splitlines()[-1], f"chat.py {argv[0]}: error: {message}")
                 self.assertNotIn("Traceback", err)
 
+    def test_client_takes_host_and_port_or_a_whole_url(self):
+        parser = chat.build_parser()
+        for argv, url in [
+            ([], "ws://127.0.0.1:8080/chat"),
+            (["--port", "18001"], "ws://127.0.0.1:18001/chat"),
+            (["--host", "chat.example", "--port", "80"], "ws://chat.example:80/chat"),
+            (["--host", "::1"], "ws://[::1]:8080/chat"),
+            (["--host", "chat.example", "--insecure"], "wss://chat.example:8080/chat"),
+            (["--url", "wss://chat.example/chat"], "wss://chat.example/chat"),
+        ]:
+            with self.subTest(argv=argv):
+                self.assertEqual(chat.client_url(parser, parser.parse_args(["client", *argv])), url)
+        status, err = self.run_main(["client", "--url", "ws://h/chat", "--port", "18001"])
+        self.assertEqual(status, 2)
+        self.assertEqual(err.splitlines()[-1], "chat.py: error: give --url, or --host and --port, "
+                                               "not both: --url is the whole address")
+
+    def test_verbose_before_or_after_the_command(self):
+        parser = chat.build_parser()
+        for command in ("server", "client", "echo"):
+            for argv, verbose in [([command], False), (["-v", command], True),
+                                  ([command, "-v"], True), ([command, "--verbose"], True)]:
+                with self.subTest(argv=argv):
+                    self.assertIs(parser.parse_args(argv).verbose, verbose)
+
     async def test_start_up_failures_are_one_sentence_with_status_1(self):
         with tempfile.NamedTemporaryFile("w", suffix=".pem") as not_pem:
             not_pem.write("not a certificate\n")
