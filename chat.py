@@ -1554,7 +1554,10 @@ RELAY_OVERHEAD = 1024
 #: client parses (see parse_greeting): who you are, the limits, the private
 #: token that gets your name back after a dropped connection, and how many
 #: history lines follow.
-GREETING = ("* You are connected as {name}! There {count}. Type /help for commands. "
+#: Its first sentences, up to " Limits: ", are all a person is shown: short
+#: enough that with a time and a mark they fit 80 columns ("Type /help for
+#: commands." made them 82).
+GREETING = ("* You are connected as {name}! There {count}. Try /help. "
             "Limits: lines of up to {max_size} bytes; {rate}. "
             "Your resume token is {token} (keep it to yourself). The room has {delivered} of "
             "yours. {history} of history follow.")
@@ -5272,6 +5275,9 @@ MAX_WAITING_SHOWN = 5
 #: Lines the terminal keeps to draw the screen again after a resize.
 MAX_REPAINTED_LINES = 200
 
+#: The input line's prompt while the client asks for a name, not the chat's "> ".
+NAME_PROMPT = "name> "
+
 #: Colour codes (Select Graphic Rendition), which take no room on the screen.
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -5363,17 +5369,31 @@ class DeliveryLedger:
 
 def line_style(line: str, name: str) -> str:
     """Which STYLES entry a line from the room is shown in ("" for plain)."""
-    for kind in ("notice", "private"):   # named in STYLES as in LINES
+    for kind in ("notice", "action", "private"):   # named in STYLES as in LINES
         if LINES[kind].match(line):
             return kind
     return "mine" if line.startswith(LINES["said"].head(name)) else ""
+
+
+def marked(line: str) -> str:
+    """The line with the mark that says who wrote it (see NOTICE_MARK): a notice's
+    "* " becomes NOTICE_MARK, an action "[bob] waves" becomes "* bob waves"."""
+    action = LINES["action"].match(line)
+    if action:
+        return f"{ACTION_MARK}{action[1]} {line[action.end():]}"
+    notice = LINES["notice"].match(line)
+    if not notice:
+        return line   # what a member says starts with "[name]": never with a mark
+    if parse_greeting(line) is not None:   # the limits and the token are for the client
+        line = line.split(" Limits: ")[0]
+    return NOTICE_MARK + line[notice.end():]
 
 
 def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple[str, str]:
     """A line from the room as the terminal shows it, and its style.
 
     History lines carry their time in UTC; everything else is stamped now.
-    An action ("[bob] waves") is shown IRC style: "* bob waves".
+    Notices start with NOTICE_MARK, actions with ACTION_MARK (see marked).
     """
     stamp, style = now, ""
     history = LINES["history"].match(line)
@@ -5381,14 +5401,39 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
         with contextlib.suppress(ValueError):   # a month 13 from a broken server: stamp it now
             stamp = calendar.timegm(time.strptime(history[1], UTC_STAMP_FORMAT))
         line, style = line[history.end():], "history"
-    action = LINES["action"].match(line)
-    if action:
-        line, style = f"* {action[1]} {line[action.end():]}", style or "action"
-    if parse_greeting(line) is not None:   # the limits and the token are for the client
-        line = line.split(" Limits: ")[0]
     style = style or line_style(line, name)
-    text = printable(line)
+    text = printable(marked(line))
     return (time.strftime("%H:%M ", time.localtime(stamp)) + text if timestamps else text), style
+
+
+#: What a shown line starts with before its text: the time, then a mark.
+SHOWN_HEAD = re.compile(rf"(\d\d:\d\d )?({re.escape(NOTICE_MARK)}|{re.escape(ACTION_MARK)})?")
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """A shown line in rows of at most ``width`` cells, broken between words.
+
+    The terminal would break it wherever the row ends, mid-word. Rows after
+    the first are indented under the text, past the time and the mark, and
+    never start at the left edge, where only a notice's mark may be. A word
+    longer than a row is broken where the row ends.
+    """
+    indent = " " * min(max(len(SHOWN_HEAD.match(text)[0]), 2), width // 2)
+    rows = [""]
+    for piece in re.findall(r" +|[^ ]+", text):
+        if display_width(rows[-1] + piece) <= width:
+            rows[-1] += piece
+        elif piece.startswith(" "):
+            rows.append(indent)   # the break takes the place of the spaces
+        elif display_width(indent + piece) <= width and rows[-1].strip():
+            rows[-1] = rows[-1].rstrip(" ")
+            rows.append(indent + piece)
+        else:
+            for char in piece:   # longer than a row: break it where the row ends
+                if rows[-1].strip() and display_width(rows[-1]) + char_width(char) > width:
+                    rows.append(indent)
+                rows[-1] += char
+    return rows
 
 
 class Keyboard:
@@ -5580,6 +5625,10 @@ class Terminal:
         self._write(self.view.redraw(self.editor.buffer, self.editor.cursor,
                                      width, height, self.status()))
 
+    @property
+    def width(self) -> int:
+        return self._size()[0]
+
     def _size(self) -> tuple[int, int]:
         try:
             return os.get_terminal_size(self.fd)
@@ -5599,17 +5648,39 @@ class Screen:
         self.terminal: Terminal | None = None   # None: plain lines, as for a pipe
 
     def show(self, line: str, style: str | None = None, *, name: str = "") -> None:
-        """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine")."""
+        """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine").
+
+        A line given its ``style`` is the client's own, a notice like the room's.
+        """
+        if style is not None and not LINES["notice"].match(line):
+            line = LINES["notice"].template.format(text=line)
         text, found_style = display_line(line, name=name, timestamps=self.timestamps,
                                          now=time.time())
         code = STYLES.get(found_style if style is None else style)
-        if self.color and code:
-            text = f"\x1b[{code}m{text}\x1b[0m"
-        if self.terminal is not None:
-            self.terminal.show([text])
+        if self.terminal is not None:   # each row coloured: a repaint may draw only the last
+            self.terminal.show([self.colored(row, code)
+                                for row in wrap_words(text, self.terminal.width)])
         else:
-            self.out.write(text + "\n")
+            self.out.write(self.colored(text, code) + "\n")
             self.out.flush()
+
+    def colored(self, text: str, code: str | None) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
+
+    @contextlib.contextmanager
+    def prompting(self, prompt: str) -> typing.Iterator[None]:
+        """The input line starts with ``prompt`` meanwhile, not the chat's "> "."""
+        if self.terminal is None:   # plain line input: its prompt is fixed
+            yield
+            return
+        view, redraw = self.terminal.view, self.terminal.redraw
+        chat_prompt, view.prompt = view.prompt, prompt
+        redraw()
+        try:
+            yield
+        finally:
+            view.prompt = chat_prompt
+            redraw()
 
 
 def wants_color(out: typing.TextIO, environ: typing.Mapping[str, str]) -> bool:
@@ -5642,6 +5713,43 @@ def with_query(url: str, **params: str | None) -> str:
 def is_try_later(error: BaseException) -> bool:
     """Did the server refuse the connection for now (503: full, or too many from us)?"""
     return isinstance(error, InvalidStatus) and error.status == http.HTTPStatus.SERVICE_UNAVAILABLE
+
+
+#: Why a connection ended, in words, by close code (the code follows, for experts).
+CLOSE_WORDS = {
+    CloseCode.NORMAL_CLOSURE: "the server closed the connection",
+    CloseCode.GOING_AWAY: "the server is going away (restarting?)",
+    CloseCode.PROTOCOL_ERROR: "one side broke the WebSocket protocol",
+    CloseCode.UNSUPPORTED_DATA: "the server can't take that kind of message",
+    CloseCode.NO_STATUS_RCVD: "the server closed the connection without saying why",
+    CloseCode.ABNORMAL_CLOSURE: "the connection dropped",
+    CloseCode.INVALID_PAYLOAD: "a message was not valid UTF-8 text",
+    CloseCode.POLICY_VIOLATION: "the server refused",
+    CloseCode.MESSAGE_TOO_BIG: "a message was too big",
+    CloseCode.MANDATORY_EXTENSION: "the server lacks an extension the client needs",
+    CloseCode.INTERNAL_ERROR: "the server hit an unexpected error",
+    CloseCode.SERVICE_RESTART: "the server is restarting",
+    CloseCode.TRY_AGAIN_LATER: "the room can't take you just now",
+    CloseCode.BAD_GATEWAY: "a proxy could not reach the server",
+    CloseCode.TLS_HANDSHAKE: "the TLS handshake failed",
+}
+
+#: The reason Connection.keepalive_tick closes with: an ordinary thing (a
+#: suspended laptop, a dead Wi-Fi), though its code, 1011, says "internal error".
+KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"
+
+
+def describe_close(closed: ConnectionClosed) -> str:
+    """Why the connection ended, for a person: words, the reason, then the code."""
+    words = CLOSE_WORDS.get(closed.code, "the server closed the connection")
+    # Ours (then often 1006: the dead link brought no close frame back) or the server's.
+    if KEEPALIVE_TIMEOUT_REASON in (closed.reason, closed.sent and closed.sent.reason):
+        text = "the connection went quiet (no answer to keepalive pings)"
+    elif closed.reason and closed.code in (CloseCode.NORMAL_CLOSURE, CloseCode.POLICY_VIOLATION):
+        text = closed.reason   # the server's own explanation says it best
+    else:
+        text = f"{words}: {closed.reason}" if closed.reason else words
+    return f"{text} ({closed.code})"
 
 
 def is_name_refusal(closed: ConnectionClosed) -> bool:
@@ -5737,6 +5845,45 @@ class Sender:
         return parsed
 
 
+class HistoryBlock:
+    """Notices around the history a room replays after its greeting: no I/O.
+
+    Dimmed is not enough (NO_COLOR, a pipe): a line from an hour ago must not
+    read as said now. One notice before the first history line shown and one
+    after the last, as IRC bouncers mark their playback, cost two rows, where
+    a mark on every line would cost ten columns of each at 80.
+    """
+
+    def __init__(self) -> None:
+        self.due: int | None = None   # history lines the greeting announced, still to come
+        self.shown = 0                # history lines shown since the block began
+        self.heading = ""
+
+    def greeted(self, count: int | None, been_here: bool) -> None:
+        """A greeting announced ``count`` lines of history (None: it didn't say)."""
+        self.due, self.shown = count, 0
+        # After a reconnect, only what we have not seen is shown (ChatClient.on_line).
+        self.heading = "* history: what was said " + (
+            "while you were away" if been_here else "here before you came")
+
+    def around(self, history: bool, shown: bool) -> tuple[list[str], list[str]]:
+        """The notices to show before and after one line from the room (``shown``: not a repeat)."""
+        if not history:
+            return self.end(), []   # the room has gone live: the block ends before this line
+        before = [self.heading] if shown and not self.shown else []
+        self.shown += shown
+        if self.due is not None:
+            self.due -= 1
+        return before, self.end() if self.due == 0 else []
+
+    def end(self) -> list[str]:
+        if not self.shown:
+            return []   # no block open (the greeting itself comes through here too)
+        ended = [f"* end of history ({plural(self.shown, 'line')})"]
+        self.due, self.shown = None, 0
+        return ended
+
+
 class ChatClient:
     """The session: connects, shows the room, reconnects when the server goes away."""
 
@@ -5761,6 +5908,7 @@ class ChatClient:
         self.leave_by: float | None = None             # once the user asked to leave
         self.reconnected = False                       # then the history repeats what we saw
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
+        self.history = HistoryBlock()
 
     def waiting(self) -> list[str]:
         """Our lines still on their way, for the screen: sent ones first, then typed ones."""
@@ -5790,7 +5938,7 @@ class ChatClient:
                 closed = await self.session(conn)
                 if closed is None:
                     return self.finish(0)
-                self.screen.show(f"* disconnected: {closed}", "error")
+                self.screen.show(f"* disconnected: {describe_close(closed)}", "error")
                 self.reconnected = True
                 if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
                     continue
@@ -5901,6 +6049,7 @@ class ChatClient:
 
     def on_greeting(self, line: str) -> None:
         greeting = parse_greeting(line)
+        self.history.greeted(greeting.history if greeting else None, been_here=bool(self.seen))
         self.sender.obey(greeting)
         if greeting is None:
             return   # not our kind of server: no names, no receipts
@@ -5922,10 +6071,13 @@ class ChatClient:
         text = line[history.end():] if history else line
         # After a reconnect the history repeats what was shown before: skip
         # that. (So a line said twice in the same words may then show once.)
-        if history and self.reconnected and text in self.seen:
-            return
-        self.seen.append(text)
-        self.screen.show(line, name=self.name)
+        repeated = bool(history) and self.reconnected and text in self.seen
+        before, after = self.history.around(bool(history), not repeated)
+        if not repeated:
+            self.seen.append(text)
+            before.append(line)
+        for shown in before + after:
+            self.screen.show(shown, name=self.name)
 
     # -- between connections ----------------------------------------------
 
@@ -5947,15 +6099,39 @@ class ChatClient:
         return True
 
     async def ask_for_a_name(self) -> bool:
-        """The room refused our name: the next line typed is the new one."""
-        self.screen.show("* type another name and Enter (Ctrl-C leaves)", "notice")
-        waiting = len(self.keyboard.lines)   # lines typed before this are chat, kept for later
-        await self.keyboard.wait_until(
-            lambda: len(self.keyboard.lines) > waiting or self.keyboard.done)
-        if len(self.keyboard.lines) <= waiting:
-            return False
-        self.name, self.token = self.keyboard.lines.pop().strip(), None
-        return True
+        """The room refused our name: ask for another at the name prompt; False if the user leaves.
+
+        At a prompt of its own, so that chat typed there can't pass for a
+        name. A line that can't be one is not sent anywhere: the screen says
+        why (a chat line, by its spaces), Up brings it back, and we ask again.
+        """
+        self.screen.show(f"* type another name after {NAME_PROMPT.strip()} and press Enter "
+                         "(Ctrl-C leaves)", "notice")
+        with self.screen.prompting(NAME_PROMPT):
+            while True:
+                line = await self.next_line_typed()
+                if line is None or is_quit_command(line):
+                    return False
+                try:
+                    self.name, self.token = check_typed_name(line), None
+                    return True
+                except ValueError as why:
+                    self.screen.show(f"* not sent: {why} (Up brings it back)", "error")
+
+    async def next_line_typed(self) -> str | None:
+        """The next line the user types; None if the input ends first, or Ctrl-C.
+        Lines typed before are chat, waiting to be sent: they stay."""
+        waiting = len(self.keyboard.lines)
+        await self.keyboard.wait_until(lambda: len(self.keyboard.lines) > waiting
+                                       or self.keyboard.ended or self.keyboard.interrupted)
+        return self.keyboard.lines.pop() if len(self.keyboard.lines) > waiting else None
+
+
+def check_typed_name(line: str) -> str:
+    """check_name for a line typed at the name prompt: one with spaces is chat typed there."""
+    if any(char.isspace() for char in line.strip()):
+        raise ValueError("a chat line? A name has no spaces")
+    return check_name(line)
 
 
 def is_quit_command(line: str) -> bool:
@@ -6493,13 +6669,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="A WebSocket chat (RFC 6455) in one file, standard library only.",
         epilog="Try: 'python chat.py server' in one terminal, "
                "'python chat.py client --name bob' in another, http://127.0.0.1:8080/ in a browser.")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log every frame (direction, opcode, FIN, length, mask)")
+    add_verbose_flag(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_server_command(commands)
     add_client_command(commands)
     echo_cmd = commands.add_parser("echo", help="an echo server for conformance suites (Autobahn)",
                                    description="Send every message back unchanged, on any path.")
+    add_verbose_flag(echo_cmd)
     add_listening_flags(echo_cmd, port=9001)
     echo_cmd.add_argument("--no-compression", action="store_true",
                           help="don't accept permessage-deflate (RFC 7692)")
@@ -6507,12 +6683,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_verbose_flag(command: argparse.ArgumentParser, default: typing.Any = argparse.SUPPRESS) -> None:
+    """-v before the command ("chat.py -v server") and after it ("chat.py server -v").
+
+    A command's parser sets every default it has over the main parser's
+    values: with none (SUPPRESS) its -v can't undo a -v given before it.
+    """
+    command.add_argument("-v", "--verbose", action="store_true", default=default,
+                         help="log every frame: direction, opcode, FIN, length, mask (default: off)")
+
+
 def add_server_command(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser(
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
                     "Ctrl-C closes every connection with 1001 (going away) and exits.")
-    add_listening_flags(server, port=8080)
+    add_verbose_flag(server)
+    add_listening_flags(server, port=CHAT_PORT)
     server.add_argument("--max-buffer", type=whole_number(1), default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
@@ -6547,9 +6734,14 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.set_defaults(run=run_server)
 
 
+#: Where the chat server listens, and so where the client looks for it, unless told.
+CHAT_HOST = "127.0.0.1"
+CHAT_PORT = 8080
+
+
 def add_listening_flags(command: argparse.ArgumentParser, port: int) -> None:
     """--host, --port and --max-size, as the chat server and the echo server share them."""
-    command.add_argument("--host", default="127.0.0.1",
+    command.add_argument("--host", default=CHAT_HOST,
                          help="address to listen on; '' means all interfaces (default: %(default)s)")
     command.add_argument("--port", type=whole_number(0, 65535), default=port,
                          help="port to listen on (default: %(default)s)")
@@ -6602,22 +6794,37 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     f"server goes away the client reconnects, waiting {FIRST_BACKOFF:g}, "
                     f"{2 * FIRST_BACKOFF:g}, {4 * FIRST_BACKOFF:g} ... up to {MAX_BACKOFF:g} "
                     "seconds, and gets its name back.")
+    add_verbose_flag(client)
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
+    client.add_argument("--host", help=f"the server's host name or address (default: {CHAT_HOST})")
+    client.add_argument("--port", type=whole_number(1, 65535),
+                        help=f"the server's port (default: {CHAT_PORT})")
     client.add_argument("--url", type=parsed_by(parse_uri, keep_text=True),
-                        default=f"ws://127.0.0.1:8080{CHAT_PATH}",
-                        help="the chat's WebSocket URL (default: %(default)s)")
+                        help=f"the whole WebSocket URL, instead of --host and --port (default: "
+                             f"ws://HOST:PORT{CHAT_PATH}, wss:// with --cafile or --insecure)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
-    client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
+    client.add_argument("--cafile", type=readable_file, metavar="FILE",
+                        help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=whole_number(1), default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
-                        help="largest message accepted, in bytes (default: %(default)s)")
+                        metavar="BYTES", help="largest message accepted (default: %(default)s)")
     client.add_argument("--no-timestamps", action="store_true",
                         help="don't start each line with the local time (HH:MM)")
     client.add_argument("--no-compression", action="store_true",
                         help="don't offer permessage-deflate (RFC 7692)")
     client.set_defaults(run=run_client)
+
+
+def client_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """--url as given, or one built from --host and --port; both ways at once is an error."""
+    if args.url is None:
+        scheme = "wss" if args.cafile or args.insecure else "ws"   # flags only TLS needs
+        return f"{scheme}://{host_port(args.host or CHAT_HOST, args.port or CHAT_PORT)}{CHAT_PATH}"
+    if args.host is not None or args.port is not None:
+        parser.error("give --url, or --host and --port, not both: --url is the whole address")
+    return args.url
 
 
 @contextlib.contextmanager
@@ -6641,6 +6848,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv   # what --workers runs again
     if getattr(args, "workers", 1) > 1 and not args.redis:
         parser.error("--workers needs --redis: separate processes share a room only through Redis")
+    if args.command == "client":
+        args.url = client_url(parser, args)
     if getattr(args, "redis", None) and args.max_size > MAX_MESSAGE_SIZE:
         parser.error(f"with --redis, --max-size can be at most {MAX_MESSAGE_SIZE}: "
                      "Redis's replies are read within RESP_MAX_REPLY")

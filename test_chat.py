@@ -1100,7 +1100,7 @@ class TestChatRoom(ChatTestCase):
         alice = await self.open(self.server, "/chat?name=alice")
         greeting = await within(alice.recv())
         self.assertTrue(greeting.startswith(
-            "* You are connected as alice! There is 1 user here. Type /help for commands. "
+            "* You are connected as alice! There is 1 user here. Try /help. "
             "Limits: lines of up to 4096 bytes; bursts of 20 lines, then 2 per second. "
             "Your resume token is "), greeting)
         self.assertTrue(greeting.endswith(
@@ -3970,14 +3970,14 @@ class TestScreen(unittest.TestCase):
 
     def test_plain_lines_when_not_coloured(self):
         self.assertEqual(self.show("[alice]: \x1b[31mred?", "* bob joined"),
-                         ["[alice]: \\x1b[31mred?", "* bob joined"])
+                         ["[alice]: \\x1b[31mred?", "-!- bob joined"])
 
     def test_colours_mark_me_private_actions_notices_and_history(self):
         lines = ("[bob]: mine", "[alice → bob]: psst", "* notice", "[alice] waves",
                  "(history 2026-12-02T09:15:00Z) [x]: old", "[alice]: hi")
         self.assertEqual(self.show(*lines, color=True), [
             "\x1b[1;32m[bob]: mine\x1b[0m", "\x1b[35m[alice → bob]: psst\x1b[0m",
-            "\x1b[33m* notice\x1b[0m", "\x1b[36m* alice waves\x1b[0m", "\x1b[2m[x]: old\x1b[0m",
+            "\x1b[33m-!- notice\x1b[0m", "\x1b[36m* alice waves\x1b[0m", "\x1b[2m[x]: old\x1b[0m",
             "[alice]: hi"])
 
     def test_live_lines_are_stamped_now_and_history_with_its_own_time_in_local_time(self):
@@ -3994,7 +3994,7 @@ class TestScreen(unittest.TestCase):
                     "Limits: lines of up to 10 bytes; no rate limit. Your resume token is x "
                     "(keep it to yourself). 0 lines of history follow.")
         self.assertEqual(self.show(greeting), [
-            "* You are connected as bob! There is 1 user here. Type /help for commands."])
+            "-!- You are connected as bob! There is 1 user here. Type /help for commands."])
 
     def test_zwj_emoji_are_shown_whole_and_bidi_overrides_escaped(self):
         self.assertEqual(self.show(f"[alice]: {TECHNOLOGIST} {RAINBOW_FLAG} {FAMILY}",
@@ -4011,6 +4011,164 @@ class TestScreen(unittest.TestCase):
         self.assertEqual(chat.with_query("ws://h/chat?name=x&a=1", name="b o", resume="t"),
                          "ws://h/chat?a=1&name=b+o&resume=t")
         self.assertEqual(chat.with_query("ws://h/chat", name=None), "ws://h/chat")
+
+
+class TestMarks(unittest.TestCase):
+    """Who wrote a line, told apart on screen: the server and the client (NOTICE_MARK) from
+    a member's action (ACTION_MARK), in colour, with NO_COLOR and piped alike."""
+
+    def shown(self, line, style=None, timestamps=False):
+        out = io.StringIO()
+        chat.Screen(out, color=False, timestamps=timestamps).show(line, style, name="alice")
+        return out.getvalue().rstrip("\n")
+
+    def test_an_action_can_never_pass_for_a_notice(self):
+        # The issue's forgeries: members named the, 3, You, unknown and bob doing /me.
+        for notice, forged in [("* the room is split: a, b", "[the] room is split: a, b"),
+                               ("* 3 here: alice, bob, carol", "[3] here: alice, bob, carol"),
+                               ("* You are connected as alice! Try /help.",
+                                "[You] are connected as alice! Try /help."),
+                               ("* unknown command /x — /help lists them", "[unknown] command /x"),
+                               ("* bob left: see you", "[bob] left: see you")]:
+            for timestamps in (False, True):
+                with self.subTest(forged=forged, timestamps=timestamps):
+                    head = r"\d\d:\d\d " if timestamps else ""
+                    self.assertRegex(self.shown(notice, timestamps=timestamps), f"^{head}-!- ")
+                    self.assertRegex(self.shown(forged, timestamps=timestamps), f"^{head}\\* ")
+                    history = f"(history 2026-12-05T19:00:00Z) {forged}"
+                    self.assertRegex(self.shown(history, timestamps=timestamps), f"^{head}\\* ")
+        # Nothing else a member can write starts with the notice mark either.
+        names = ["bob", "-!-", "*", "You", "3"]
+        texts = ["-!- the room is split", "* bob left", "hi"]
+        lines = [chat.LINES[kind].template.format(name=name, sender=name, recipient="alice",
+                                                  text=text)
+                 for kind in ("said", "action", "private") for name in names for text in texts]
+        lines += [f"(history 2026-12-05T19:00:00Z) {line}" for line in lines]
+        for line in lines:
+            with self.subTest(line=line):
+                self.assertFalse(self.shown(line).startswith(chat.NOTICE_MARK))
+
+    def test_the_clients_own_lines_are_notices_too(self):
+        self.assertEqual(self.shown("* reconnecting in 1 s", "notice"), "-!- reconnecting in 1 s")
+        self.assertEqual(self.shown("cannot connect to ws://h/chat: refused", "error"),
+                         "-!- cannot connect to ws://h/chat: refused")
+
+    def test_the_greeting_fits_80_columns_with_the_time_and_the_mark(self):
+        greeting = chat.GREETING.format(name="alice", count="are 12 users here", max_size=1,
+                                        rate="no rate limit", token="T", delivered="0 lines",
+                                        history="0 lines")
+        shown = self.shown(greeting, timestamps=True)
+        self.assertRegex(shown, r"^\d\d:\d\d -!- You are connected as alice! .*/help")
+        self.assertLessEqual(display_width(shown), 80)
+
+
+class TestWrapWords(unittest.TestCase):
+    """wrap_words: a shown line broken between words at the terminal's width, not mid-word."""
+
+    def test_rows_break_between_words_and_are_indented_under_the_text(self):
+        self.assertEqual(chat.wrap_words("12:00 -!- one two three four", 20),
+                         ["12:00 -!- one two", "          three four"])
+        self.assertEqual(chat.wrap_words("12:00 * bob waves at everyone", 20),
+                         ["12:00 * bob waves at", "        everyone"])
+        self.assertEqual(chat.wrap_words("12:00 [bob]: one two three", 20),
+                         ["12:00 [bob]: one two", "      three"])
+
+    def test_a_row_after_the_first_never_starts_at_the_left_edge(self):
+        # Without timestamps a member's line could otherwise put "-!- " where a notice starts.
+        rows = chat.wrap_words("[bob]: " + "x" * 10 + " -!- the room is split", 20)
+        self.assertEqual(rows, ["[bob]: xxxxxxxxxx", "  -!- the room is", "  split"])
+
+    def test_a_word_longer_than_a_row_breaks_where_the_row_ends(self):
+        self.assertEqual(chat.wrap_words("[bob]: " + "x" * 30, 20),
+                         ["[bob]: xxxxxxxxxxxxx", "  xxxxxxxxxxxxxxxxx"])
+
+    def test_wide_characters_count_two_cells(self):
+        rows = chat.wrap_words("[bob]: 漢字漢字 漢字漢字 漢字", 16)
+        self.assertEqual(rows, ["[bob]: 漢字漢字", "  漢字漢字 漢字"])
+        self.assertTrue(all(display_width(row) <= 16 for row in rows))
+
+    def test_a_line_that_fits_is_left_alone(self):
+        self.assertEqual(chat.wrap_words("12:00 [bob]:   spaced   out  ", 80),
+                         ["12:00 [bob]:   spaced   out  "])
+
+
+class TestHistoryBlock(unittest.TestCase):
+    """The room's replay of its history, marked where it starts and ends: dimming alone
+    is lost with NO_COLOR and in a pipe."""
+
+    GREETING = ("* You are connected as bob! Your resume token is T (keep it to yourself). "
+                "{} of history follow.")
+
+    def setUp(self):
+        self.out = io.StringIO()
+        self.client = chat.ChatClient("ws://h/chat", chat.Screen(self.out, color=False, timestamps=False),
+                                      chat.Keyboard())
+
+    def receive(self, *lines):
+        """Lines from the room as receive() hands them over: the first is the greeting."""
+        start = len(self.out.getvalue())
+        self.client.on_greeting(lines[0])
+        for line in lines:
+            self.client.on_line(line)
+        return self.out.getvalue()[start:].splitlines()
+
+    def test_history_is_marked_where_it_starts_and_where_it_ends(self):
+        shown = self.receive(self.GREETING.format("2 lines"), "(history 2026-12-05T19:00:00Z) [x]: one",
+                             "(history 2026-12-05T19:01:00Z) [y] waves", "[x]: now")
+        self.assertEqual(shown[1:], ["-!- history: what was said here before you came",
+                                     "[x]: one", "* y waves", "-!- end of history (2 lines)",
+                                     "[x]: now"])
+
+    def test_after_a_reconnect_only_what_was_missed_is_marked_as_history(self):
+        old = "(history 2026-12-05T19:00:00Z) [x]: one"
+        self.receive(self.GREETING.format("1 line"), old)
+        self.client.reconnected = True
+        shown = self.receive(self.GREETING.format("2 lines"), old,
+                             "(history 2026-12-05T19:05:00Z) [x]: missed")
+        self.assertEqual(shown[1:], ["-!- history: what was said while you were away",
+                                     "[x]: missed", "-!- end of history (1 line)"])
+        self.assertEqual(self.receive(self.GREETING.format("1 line"), old)[1:], [])   # all seen
+
+    def test_a_block_the_greeting_did_not_count_ends_at_the_first_live_line(self):
+        shown = self.receive("* welcome", "(history 2026-12-05T19:00:00Z) [x]: one", "* x left")
+        self.assertEqual(shown, ["-!- welcome", "-!- history: what was said here before you came",
+                                 "[x]: one", "-!- end of history (1 line)", "-!- x left"])
+
+
+class TestCloseWords(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """describe_close: why the connection ended, in words, the code kept for experts."""
+
+    def closed(self, code, reason="", *, by_us=False):
+        close = chat.Close(code, reason)
+        return chat.ConnectionClosed(None if by_us else close, close if by_us else None,
+                                     tcp_closed=True)
+
+    def test_close_codes_in_words(self):
+        for closed, words in [
+            (self.closed(1006), "the connection dropped (1006)"),
+            (self.closed(1001), "the server is going away (restarting?) (1001)"),
+            (self.closed(1013, "full"), "the room can't take you just now: full (1013)"),
+            (self.closed(1008, "the name bob is taken"), "the name bob is taken (1008)"),
+            (self.closed(1011), "the server hit an unexpected error (1011)"),
+            (self.closed(4321, "kicked"), "the server closed the connection: kicked (4321)"),
+        ]:
+            with self.subTest(code=closed.code):
+                self.assertEqual(chat.describe_close(closed), words)
+
+    async def test_a_keepalive_timeout_is_not_an_internal_error(self):
+        # The reason as Connection.keepalive_tick really writes it, not a copy of it.
+        reader = asyncio.StreamReader()
+        conn = chat.Connection(reader, FakeWriter(FakeTransport(reader)), is_client=True,
+                               close_timeout=0.05)
+        conn.keepalive_tick()   # a ping...
+        conn.keepalive_tick()   # ... with no pong by the next one
+        closed = await expect_closed(conn.recv())
+        self.assertEqual(chat.describe_close(closed), "the connection went quiet "
+                         f"(no answer to keepalive pings) ({closed.code})")
+        # The server's close frame says the same when it is the one that gave up.
+        theirs = self.closed(1011, closed.sent.reason)
+        self.assertEqual(chat.describe_close(theirs),
+                         "the connection went quiet (no answer to keepalive pings) (1011)")
 
 
 class TestDelivery(unittest.TestCase):
@@ -4126,7 +4284,7 @@ class TestSender(unittest.TestCase):
         self.assertIsNone(sender.check_typed("x" * 11))
         self.assertEqual(sender.check_typed("x" * 10), chat.ChatLine("x" * 10))
         self.assertEqual(sender.refused, 1)
-        self.assertEqual(out.getvalue(), "* not sent: the line is 11 bytes; "
+        self.assertEqual(out.getvalue(), "-!- not sent: the line is 11 bytes; "
                                          "the room takes lines of up to 10\n")
 
     def test_a_server_that_announces_no_limits_gets_none_kept(self):
@@ -4196,7 +4354,7 @@ class TestChatClient(ChatTestCase):
         await self.join("watcher")
         client, out = self.client(self.url, io.StringIO("/who\n"), "asker")
         self.assertEqual(await within(client.run()), 0)
-        self.assertIn("* 2 here: asker, watcher", out.getvalue().splitlines())
+        self.assertIn("-!- 2 here: asker, watcher", out.getvalue().splitlines())
 
     async def test_a_server_that_says_try_later_is_retried_with_backoff(self):
         await self.start_room(connects_per_minute=60)
@@ -4204,7 +4362,7 @@ class TestChatClient(ChatTestCase):
             await self.join(f"m{n}")
         client, out = self.client(self.url, io.StringIO("hello\n"), "late", first_backoff=0.05)
         self.assertEqual(await within(client.run()), 0, out.getvalue())
-        self.assertIn("* reconnecting in 0.05 s (", out.getvalue())
+        self.assertIn("-!- reconnecting in 0.05 s (", out.getvalue())
         self.assertIn("[late]: hello", out.getvalue())
 
     async def test_unknown_commands_and_lines_over_the_limit_are_refused_before_sending(self):
@@ -4213,8 +4371,8 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(self.url, io.StringIO("/foo\n" + "x" * 101 + "\nok\n"), "bot")
         self.assertEqual(await within(client.run()), 1)   # a line did not get through
         await self.expect(alice, "* bot joined", "[bot]: ok", "* bot left")
-        self.assertIn("* unknown command /foo — /help lists them", out.getvalue())
-        self.assertIn("* not sent: the line is 101 bytes; the room takes lines of up to 100",
+        self.assertIn("-!- unknown command /foo — /help lists them", out.getvalue())
+        self.assertIn("-!- not sent: the line is 101 bytes; the room takes lines of up to 100",
                       out.getvalue())
 
     async def test_lines_the_room_never_confirms_are_listed_and_the_exit_status_is_1(self):
@@ -4228,7 +4386,7 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(f"ws://127.0.0.1:{server.port}/chat", io.StringIO("hello\n"),
                                   "bot", confirm_timeout=0.2)
         self.assertEqual(await within(client.run()), 1)
-        self.assertIn("* not sent: hello", out.getvalue())
+        self.assertIn("-!- not sent: hello", out.getvalue())
 
     async def test_quit_command_exits_0_and_sends_nothing_after_it(self):
         await self.start_room()
@@ -4277,8 +4435,8 @@ class TestChatClient(ChatTestCase):
         sock.close()   # nothing listens there now
         client, out = self.client(f"ws://127.0.0.1:{port}/chat", io.StringIO(""))
         self.assertEqual(await within(client.run()), 1)
-        self.assertEqual(out.getvalue(), f"* connecting to ws://127.0.0.1:{port}/chat …\n"
-                                         f"cannot connect to ws://127.0.0.1:{port}/chat: "
+        self.assertEqual(out.getvalue(), f"-!- connecting to ws://127.0.0.1:{port}/chat …\n"
+                                         f"-!- cannot connect to ws://127.0.0.1:{port}/chat: "
                                          "connection refused — is the server running?\n")
 
     async def silent_listener(self):
@@ -4303,7 +4461,7 @@ class TestChatClient(ChatTestCase):
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         self.addCleanup(lambda: client.returncode is None and client.kill())
         self.assertEqual(await within(client.stdout.readline()),
-                         f"* connecting to ws://127.0.0.1:{port}/chat …\n".encode())
+                         f"-!- connecting to ws://127.0.0.1:{port}/chat …\n".encode())
         await within(accepted.wait())
         client.send_signal(signal.SIGINT)
         # Well within connect()'s own 10 s timeout: Ctrl-C itself ended it.
@@ -4325,7 +4483,7 @@ class TestChatClient(ChatTestCase):
         stdin, feed = self.pipe()
         client, out = self.client(self.url, stdin, "bob")
         self.assertEqual(await within(client.run()), 1)
-        self.assertIn("disconnected: 1008 (policy violation): the name bob is taken", out.getvalue())
+        self.assertIn("disconnected: the name bob is taken; pick another (1008)", out.getvalue())
 
     async def test_a_refused_name_at_a_terminal_lets_the_user_pick_another(self):
         await self.start_room()
@@ -4350,7 +4508,8 @@ class TestChatClient(ChatTestCase):
         await within(self.server.close())
         await within(watching)
         self.assertEqual(await within(running), 1)
-        self.assertIn("disconnected: 1001 (going away): server shutting down", out.getvalue())
+        self.assertIn("disconnected: the server is going away (restarting?): server shutting down (1001)",
+                      out.getvalue())
 
     async def test_a_guest_keeps_its_name_and_its_lines_across_a_server_restart(self):
         first = await self.start_room()
@@ -4379,8 +4538,8 @@ class TestChatClient(ChatTestCase):
         self.assertEqual(lines[-1], "[user1]: typed while the server was down")   # never sent before
         feed.close()   # end of input: the client closes and exits 0
         self.assertEqual(await within(running), 0)
-        self.assertIn("disconnected: 1001 (going away)", out.getvalue())
-        self.assertIn("* reconnecting in", out.getvalue())
+        self.assertIn("disconnected: the server is going away", out.getvalue())
+        self.assertIn("-!- reconnecting in", out.getvalue())
 
 
 @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal (POSIX)")
@@ -4445,6 +4604,42 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.terminal.repaint()   # what SIGWINCH does
         rows = self.drawn(40, 10, since).screen()
         self.assertEqual(rows, [f"line {i}" for i in range(21, 30)] + ["> 漢字 and 👩‍💻"])
+
+    async def test_the_screen_wraps_lines_between_words_at_the_terminal_s_width(self):
+        line = "* " + " ".join(["word"] * 30)   # 150 characters: "-!- word word ..."
+        screen = chat.Screen(io.StringIO(), color=True, timestamps=False)
+        screen.terminal = self.terminal
+        screen.show(line)
+        self.assertEqual(self.drawn().screen()[:3], ["-!- " + " ".join(["word"] * 15),
+                                                     "    " + " ".join(["word"] * 15), ">"])
+        self.set_size(40, 24)
+        since = len(self.out.getvalue())
+        screen.show(line)
+        self.assertEqual(self.drawn(40, 24, since).screen()[:2], ["-!- " + " ".join(["word"] * 7),
+                                                                  "    " + " ".join(["word"] * 7)])
+        piped = chat.Screen(io.StringIO(), color=False, timestamps=False)
+        piped.show(line)
+        self.assertEqual(piped.out.getvalue(), "-!- " + line[2:] + "\n")   # a pipe: not wrapped
+
+    async def test_a_name_is_asked_at_a_prompt_of_its_own_and_chat_typed_there_is_kept(self):
+        out = io.StringIO()
+        screen = chat.Screen(out, color=False, timestamps=False)
+        screen.terminal = self.terminal
+        client = chat.ChatClient("ws://127.0.0.1:9/chat", screen, self.keyboard, interactive=True)
+        asking = asyncio.create_task(client.ask_for_a_name())
+        self.addCleanup(asking.cancel)
+        await until(lambda: self.drawn().screen()[1] == "name>")
+        await self.type(b"hello everyone, sorry I'm late\r", "")
+        await until(lambda: "not sent" in self.drawn().screen()[1])
+        self.assertEqual(self.drawn().screen()[:3], [
+            "-!- type another name after name> and press Enter (Ctrl-C leaves)",
+            "-!- not sent: a chat line? A name has no spaces (Up brings it back)", "name>"])
+        self.assertFalse(asking.done())
+        await self.type(b"\x1b[A", "hello everyone, sorry I'm late")   # Up
+        await self.type(b"\x15robert\r", "")                          # Ctrl-U, a name, Enter
+        self.assertTrue(await within(asking))
+        self.assertEqual((client.name, list(self.keyboard.lines)), ("robert", []))
+        self.assertEqual(self.drawn().screen()[2], ">")   # the chat's prompt again
 
     async def test_ctrl_c_and_ctrl_d_reach_the_keyboard_as_keys(self):
         os.write(self.master, b"\x04")   # Ctrl-D on an empty line: the end of input
@@ -4511,6 +4706,31 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
                 self.assertEqual(status, 2)
                 self.assertEqual(err.splitlines()[-1], f"chat.py {argv[0]}: error: {message}")
                 self.assertNotIn("Traceback", err)
+
+    def test_client_takes_host_and_port_or_a_whole_url(self):
+        parser = chat.build_parser()
+        for argv, url in [
+            ([], "ws://127.0.0.1:8080/chat"),
+            (["--port", "18001"], "ws://127.0.0.1:18001/chat"),
+            (["--host", "chat.example", "--port", "80"], "ws://chat.example:80/chat"),
+            (["--host", "::1"], "ws://[::1]:8080/chat"),
+            (["--host", "chat.example", "--insecure"], "wss://chat.example:8080/chat"),
+            (["--url", "wss://chat.example/chat"], "wss://chat.example/chat"),
+        ]:
+            with self.subTest(argv=argv):
+                self.assertEqual(chat.client_url(parser, parser.parse_args(["client", *argv])), url)
+        status, err = self.run_main(["client", "--url", "ws://h/chat", "--port", "18001"])
+        self.assertEqual(status, 2)
+        self.assertEqual(err.splitlines()[-1], "chat.py: error: give --url, or --host and --port, "
+                                               "not both: --url is the whole address")
+
+    def test_verbose_before_or_after_the_command(self):
+        parser = chat.build_parser()
+        for command in ("server", "client", "echo"):
+            for argv, verbose in [([command], False), (["-v", command], True),
+                                  ([command, "-v"], True), ([command, "--verbose"], True)]:
+                with self.subTest(argv=argv):
+                    self.assertIs(parser.parse_args(argv).verbose, verbose)
 
     async def test_start_up_failures_are_one_sentence_with_status_1(self):
         with tempfile.NamedTemporaryFile("w", suffix=".pem") as not_pem:
