@@ -2511,6 +2511,21 @@ class TestPrintable(unittest.TestCase):
         self.assertEqual(printable(f"{TECHNOLOGIST}\u202e{SCOTLAND}\n"),
                          f"{TECHNOLOGIST}\\u202e{SCOTLAND}\\n")
 
+    def test_the_page_is_given_the_runs_of_characters_printable_escapes(self):
+        runs = chat.hidden_ranges()
+
+        def escaped(code):
+            return printable(chr(code)) != chr(code)
+
+        for (first, last), after in zip(runs, [*runs[1:], (sys.maxunicode + 2, 0)]):
+            self.assertTrue(first <= last < after[0] - 1)   # sorted, apart
+            self.assertTrue(escaped(first) and escaped(last), (first, last))
+            self.assertFalse(first > 0 and escaped(first - 1), first)
+            self.assertFalse(last < sys.maxunicode and escaped(last + 1), last)
+        for code in random.Random(6455).sample(range(sys.maxunicode + 1), 2000):   # and between
+            inside = any(first <= code <= last for first, last in runs)
+            self.assertEqual(inside, escaped(code), hex(code))
+
 
 # 12. Compression ###########################################################
 
