@@ -4663,6 +4663,9 @@ class TestPage(ChatTestCase):
                   "\U000E0067\U000E007F", "soft\xadhyphen pay\u200bpal", "nul\x00 del\x7f",
                   "c1\x85\x9b", "tab\tcr\r", "\ue000 \U000F0000 \U0010FFFD", "\u0378 \U0010FFFF",
                   "\ufeff\u2060\u061c", "e\u0301 \u3000\u00a0 \u200c"]
+        edges = sorted({code for first, last in chat.hidden_ranges()   # every run's ends, and past them
+                        for code in (first - 1, first, last, last + 1) if 0 <= code <= sys.maxunicode})
+        tricky += [f"<{chr(code)}>" for code in edges]
         tab = await self.open_page()
         shown = await tab.evaluate(f"{json.dumps(tricky)}.map(printable)")
         self.assertEqual(shown, [printable(text) for text in tricky])
