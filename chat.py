@@ -3043,6 +3043,15 @@ class AddressLimits:
             logger.info("%s: %s; %d connection(s) refused meanwhile", client, how, refused)
 
 
+def tls_failure_words(error: OSError) -> str:
+    """Why a client's TLS handshake failed, for the log."""
+    if isinstance(error, ssl.SSLError):
+        return ssl_error_words(error)
+    if isinstance(error, ConnectionResetError):   # what a client that rejects our certificate does
+        return "the client hung up (did it reject our certificate?)"
+    return str(error) or type(error).__name__     # "SSL handshake is taking longer than 10 seconds…"
+
+
 class PublicServer(WebSocketServer):
     """WebSocketServer with the defences above, and FastConnections (section 9); serve() runs it.
 
@@ -3063,6 +3072,7 @@ class PublicServer(WebSocketServer):
         self._writes = TurnWriter()   # one end-of-turn write callback for all connections
         self._loop_errors: LoopErrorLog | None = None
         self._handshaking: dict[asyncio.StreamWriter, float] = {}   # when each began
+        self._tls: ssl.SSLContext | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> None:
@@ -3073,7 +3083,56 @@ class PublicServer(WebSocketServer):
         if isinstance(handler, LoopErrorLog):
             self._loop_errors = handler
             handler.servers.add(self)
-        await super().start(host, port, ssl_context, reuse_port)
+        if ssl_context is not None:   # TLS is done here, not by asyncio: see _serve_tls
+            self._tls, self._serve_tcp = ssl_context, self._serve_tls
+        await super().start(host, port, None, reuse_port)
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TLS connection: the TLS handshake, then everything as over plain TCP.
+
+        asyncio's own TLS (start_server(ssl=...)) hides a connection until its
+        TLS handshake is done: it could not be counted against its address,
+        dropped when descriptors run out, or logged when it fails (a client
+        that rejects our certificate). Done here, it is all of these, as a
+        plain connection is from its first byte.
+        """
+        writer.transport.pause_reading()   # before a byte reaches the plain reader: TLS first
+        task = asyncio.current_task()
+        self._tasks[task] = writer         # server.close() aborts it too
+        try:
+            tls = await self._tls_handshake(writer)
+        finally:
+            del self._tasks[task]
+        if tls is None:
+            writer.close()
+        else:
+            await super()._serve_tcp(*tls)
+
+    async def _tls_handshake(self, writer: asyncio.StreamWriter) -> tuple[asyncio.StreamReader,
+                                                                          asyncio.StreamWriter] | None:
+        """Reader and writer over TLS, or None (logged) if the TLS handshake failed."""
+        loop = asyncio.get_running_loop()
+        if self._loop_errors is not None:
+            self._loop_errors.accepted(loop.time())
+        peer = peer_address(writer)
+        over = None if peer in self.trusted_proxies else self.limits.count(writer, peer)
+        self._handshaking[writer] = loop.time()
+        reader = asyncio.StreamReader(limit=READ_BUFFER_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:   # over its address's limit: a second for TLS, then the 503 (_handshake)
+            transport = await loop.start_tls(
+                writer.transport, protocol, self._tls, server_side=True,
+                ssl_handshake_timeout=SILENT_WHEN_SHORT if over else self.handshake_timeout)
+        except OSError as error:   # ssl.SSLError, a reset, a timeout (ConnectionAbortedError)
+            logger.info("%s: TLS handshake failed: %s", format_peer(writer), tls_failure_words(error))
+            return None
+        finally:
+            del self._handshaking[writer]
+            self.limits.uncount(writer)   # counted again over TLS, from its request (_handshake)
+        if transport is None:   # aborted: out of descriptors, or the server closing
+            return None
+        protocol.connection_made(transport)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _handshake(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> Connection | None:
@@ -4763,8 +4822,163 @@ class KeyDecoder:
         return end + len(PASTE_END)
 
 
-# Editing, with the keys of Emacs and readline. A combining mark travels with
-# the character before it, so the cursor never stops between an "e" and its accent.
+# Grapheme clusters. What a reader takes for one character may be several
+# code points: e + U+0301 is é; 👋🏽 is a hand and a skin tone; 👩‍💻 is a
+# woman, a ZERO WIDTH JOINER and a laptop; 🇫🇷 is two regional indicators,
+# 1️⃣ a digit, U+FE0F and U+20E3. Unicode calls that unit an extended grapheme
+# cluster (UAX #29 §3, https://www.unicode.org/reports/tr29/), and the editor
+# moves and deletes by it: stepping by code points, Left then Q would type
+# into the middle of 👩‍💻, and Backspace would leave half a flag. Whether two
+# code points hold together depends on their Grapheme_Cluster_Break property
+# and, for emoji and flags, on what came before: the rules GB3-GB13 in
+# breaks_between(). unicodedata lacks that property, so grapheme_break()
+# derives it from what unicodedata has (categories, Hangul syllables and jamo
+# names) and from the small tables below, which follow Unicode 15.1 (the
+# version of Python 3.13's unicodedata; an older one takes characters newer
+# than itself for Other). Left out: GB9c (new in 15.1), which holds Indic
+# conjuncts such as क्ष together; the cursor may stop inside them.
+
+def code_points(table: str) -> tuple[range, ...]:
+    """A table of code points, '0E33 1F3FB-1F3FF', as ranges."""
+    return tuple(range(int(first, 16), int(last or first, 16) + 1)
+                 for first, _, last in (item.partition("-") for item in table.split()))
+
+
+def in_table(char: str, table: tuple[range, ...]) -> bool:
+    """Whether char is in one of the table's ranges."""
+    return any(ord(char) in block for block in table)
+
+
+#: Extend, though not a mark (Mn or Me; variation selectors are Mn): the rest
+#: of Other_Grapheme_Extend (PropList.txt), such as some vowel signs, ZWNJ,
+#: the halfwidth kana voicing marks ﾞﾟ and the tags; and the skin tones.
+EXTEND_TOO = code_points("""
+    09BE 09D7 0B3E 0B57 0BBE 0BD7 0CC2 0CD5-0CD6 0D3E 0D57 0DCF 0DDF 1B35 200C
+    302E-302F FF9E-FF9F 1133E 11357 114B0 114BD 115AF 11930 1D165 1D16E-1D172
+    1F3FB-1F3FF E0020-E007F""")
+
+#: Prepend: signs written before the letter they go with (Arabic number
+#: signs, some Indic repha and prefixed consonants).
+PREPEND = code_points("""
+    0600-0605 06DD 070F 0890-0891 08E2 0D4E 110BD 110CD 111C2-111C3 1193F 11941
+    11A3A 11A84-11A89 11D46 11F02""")
+
+#: Spacing marks (Mc) that the standard doesn't keep with the letter before
+#: them (UAX #29 Table 2); and two letters (Lo) that it does: Thai and Lao AM.
+NOT_SPACING_MARKS = code_points("""
+    102B-102C 1038 1062-1064 1067-106D 1083 1087-108C 108F 109A-109C 1A61
+    1A63-1A64 AA7B AA7D 11720-11721""")
+SPACING_LETTERS = "\u0e33\u0eb3"
+
+#: Default-ignorable blocks: what is unassigned there counts as a control.
+IGNORABLE = code_points("2065 FFF0-FFF8 E0000-E0FFF")
+
+#: Extended_Pictographic (emoji-data.txt, Unicode 15.1): emoji and the symbols
+#: reserved for future ones, which GB11 joins with ZWJ.
+EXTENDED_PICTOGRAPHIC = code_points("""
+    00A9 00AE 203C 2049 2122 2139 2194-2199 21A9-21AA 231A-231B 2328 2388 23CF
+    23E9-23F3 23F8-23FA 24C2 25AA-25AB 25B6 25C0 25FB-25FE 2600-2605 2607-2612
+    2614-2685 2690-2705 2708-2712 2714 2716 271D 2721 2728 2733-2734 2744 2747
+    274C 274E 2753-2755 2757 2763-2767 2795-2797 27A1 27B0 27BF 2934-2935
+    2B05-2B07 2B1B-2B1C 2B50 2B55 3030 303D 3297 3299 1F000-1F0FF 1F10D-1F10F
+    1F12F 1F16C-1F171 1F17E-1F17F 1F18E 1F191-1F19A 1F1AD-1F1E5 1F201-1F20F
+    1F21A 1F22F 1F232-1F23A 1F23C-1F23F 1F249-1F3FA 1F400-1F53D 1F546-1F64F
+    1F680-1F6FF 1F774-1F77F 1F7D5-1F7FF 1F80C-1F80F 1F848-1F84F 1F85A-1F85F
+    1F888-1F88F 1F8AE-1F8FF 1F90C-1F93A 1F93C-1F945 1F947-1FAFF 1FC00-1FFFD""")
+
+REGIONAL_INDICATORS = code_points("1F1E6-1F1FF")   # 🇦..🇿: two make a flag
+HANGUL_SYLLABLES = code_points("AC00-D7A3")          # each an LV or an LVT
+HANGUL_JAMO = {"CHOSEONG": "L", "JUNGSEONG": "V", "JONGSEONG": "T"}   # leading, vowel, trailing
+NAMED_BREAKS = {"\r": "CR", "\n": "LF", "\u200d": "ZWJ"}
+CONTROLS = ("CR", "LF", "Control")
+
+
+def grapheme_break(char: str) -> str:
+    """char's Grapheme_Cluster_Break (UAX #29 Table 2), with "ExtPict" for Extended_Pictographic."""
+    category = unicodedata.category(char)
+    if char in NAMED_BREAKS:
+        return NAMED_BREAKS[char]
+    if in_table(char, REGIONAL_INDICATORS):
+        return "RI"
+    if in_table(char, PREPEND):
+        return "Prepend"
+    if category in ("Mn", "Me") or in_table(char, EXTEND_TOO):
+        return "Extend"
+    if category in ("Cc", "Cf", "Zl", "Zp") or (category == "Cn" and in_table(char, IGNORABLE)):
+        return "Control"
+    if (category == "Mc" and not in_table(char, NOT_SPACING_MARKS)) or char in SPACING_LETTERS:
+        return "SpacingMark"
+    if in_table(char, HANGUL_SYLLABLES):   # Unicode §3.12: 28 trailing choices, the first none
+        return "LV" if (ord(char) - 0xAC00) % 28 == 0 else "LVT"
+    kind = unicodedata.name(char, "").split()[:2]   # HANGUL CHOSEONG KIYEOK: an L
+    if kind[0:1] == ["HANGUL"] and kind[-1] in HANGUL_JAMO:
+        return HANGUL_JAMO[kind[-1]]
+    return "ExtPict" if in_table(char, EXTENDED_PICTOGRAPHIC) else "Other"
+
+
+def breaks_between(before: str, after: str, joins_emoji: bool, pairs_flag: bool) -> bool:
+    """Whether a cluster ends between two code points, given their grapheme_break().
+
+    joins_emoji: the cluster so far ends with ExtPict Extend* ZWJ;
+    pairs_flag: it ends with an odd number of regional indicators.
+    """
+    if before == "CR" and after == "LF":
+        return False      # GB3: CR LF is one
+    if before in CONTROLS or after in CONTROLS:
+        return True       # GB4, GB5: other controls stand alone
+    if before == "L" and after in ("L", "V", "LV", "LVT"):
+        return False      # GB6: Hangul jamo make a syllable
+    if before in ("LV", "V") and after in ("V", "T"):
+        return False      # GB7
+    if before in ("LVT", "T") and after == "T":
+        return False      # GB8
+    if after in ("Extend", "ZWJ", "SpacingMark"):
+        return False      # GB9, GB9a: marks, joiners and skin tones stay with what they follow
+    if before == "Prepend":
+        return False      # GB9b
+    if joins_emoji and after == "ExtPict":
+        return False      # GB11: 👩 ZWJ 💻
+    if pairs_flag and after == "RI":
+        return False      # GB12, GB13: regional indicators pair up, 🇫🇷 🇩🇪
+    return True           # GB999
+
+
+def next_boundary(text: str, i: int) -> int:
+    """Where the cluster that starts at index i ends; i must be a boundary."""
+    if i >= len(text):
+        return len(text)
+    before = grapheme_break(text[i])
+    emoji, joins_emoji, pairs_flag = before == "ExtPict", False, before == "RI"
+    for j in range(i + 1, len(text)):
+        after = grapheme_break(text[j])
+        if breaks_between(before, after, joins_emoji, pairs_flag):
+            return j
+        joins_emoji = emoji and after == "ZWJ"
+        emoji = after == "ExtPict" or (emoji and after == "Extend")   # ExtPict Extend*
+        pairs_flag = after == "RI" and not pairs_flag
+        before = after
+    return len(text)
+
+
+def previous_boundary(text: str, i: int) -> int:
+    """Where the cluster before index i starts: the one that ends at i, or holds text[i - 1]."""
+    # Back to a sure boundary, one that earlier text can't undo: a pair that
+    # breaks even where GB11 or GB12 could apply (they only ever join). Then
+    # forward, cluster by cluster.
+    start = max(i - 1, 0)
+    while start > 0:
+        before, after = grapheme_break(text[start - 1]), grapheme_break(text[start])
+        if breaks_between(before, after, before == "ZWJ", before == "RI"):
+            break
+        start -= 1
+    end = next_boundary(text, start)
+    while end < i:
+        start, end = end, next_boundary(text, end)
+    return start
+
+
+# Editing, with the keys of Emacs and readline. The cursor steps over and deletes
+# whole grapheme clusters: it never stops between an "e" and its accent, or inside 👩‍💻.
 
 class Action(enum.Enum):
     """What the client must do, besides sending lines and redrawing."""
@@ -4784,7 +4998,7 @@ class LineEditor:
 
     def __init__(self, history_size: int = INPUT_HISTORY_SIZE) -> None:
         self.buffer = ""
-        self.cursor = 0               # 0 .. len(buffer), in characters
+        self.cursor = 0               # 0 .. len(buffer): a code point index, at a cluster boundary
         self.history: list[str] = []  # sent lines, oldest first
         self.history_size = history_size
         self._recalled = 0            # how many lines back Up has gone; 0: the new line
@@ -4811,17 +5025,17 @@ class LineEditor:
         """Move the cursor, delete, or browse the history, as key says."""
         # Not a match statement: Python 3.7-3.9 must parse this file to say it needs 3.10.
         if key in (Key.LEFT, Key.CTRL_B):
-            self.cursor = self._step(self.cursor, -1)
+            self.cursor = previous_boundary(self.buffer, self.cursor)
         elif key in (Key.RIGHT, Key.CTRL_F):
-            self.cursor = self._step(self.cursor, +1)
+            self.cursor = next_boundary(self.buffer, self.cursor)
         elif key in (Key.HOME, Key.CTRL_A):
             self.cursor = 0
         elif key in (Key.END, Key.CTRL_E):
             self.cursor = len(self.buffer)
         elif key is Key.BACKSPACE:
-            self._delete(self._step(self.cursor, -1), self.cursor)
+            self._delete(previous_boundary(self.buffer, self.cursor), self.cursor)
         elif key in (Key.DELETE, Key.CTRL_D):
-            self._delete(self.cursor, self._step(self.cursor, +1))
+            self._delete(self.cursor, next_boundary(self.buffer, self.cursor))
         elif key is Key.CTRL_K:
             self._delete(self.cursor, len(self.buffer))
         elif key is Key.CTRL_U:
@@ -4839,7 +5053,7 @@ class LineEditor:
         """Type text at the cursor: tabs as spaces, other control characters dropped."""
         text = "".join(ch for ch in text.replace("\t", TAB_SPACES) if not is_control(ch))
         self.buffer = self.buffer[:self.cursor] + text + self.buffer[self.cursor:]
-        self.cursor += len(text)
+        self.cursor = self._boundary_from(self.cursor + len(text))
 
     def paste(self, text: str) -> list[str | Action]:
         """A pasted block, as if typed: each complete line is sent on its own."""
@@ -4873,14 +5087,12 @@ class LineEditor:
 
     def _delete(self, start: int, end: int) -> None:
         self.buffer = self.buffer[:start] + self.buffer[end:]
-        self.cursor = start
+        self.cursor = self._boundary_from(start)
 
-    def _step(self, i: int, by: int) -> int:
-        """The index one character left (by -1) or right (+1) of i, over combining marks too."""
-        i = min(max(i + by, 0), len(self.buffer))
-        while 0 < i < len(self.buffer) and char_width(self.buffer[i]) == 0:
-            i += by
-        return i
+    def _boundary_from(self, i: int) -> int:
+        """i, or the end of the cluster i is inside: an edit can join what was apart
+        (an "e" typed before an accent, a regional indicator before another)."""
+        return next_boundary(self.buffer, previous_boundary(self.buffer, i)) if i else 0
 
     def _word_start(self) -> int:
         """Where the word before the cursor starts (Ctrl-W: spaces, then the word)."""
@@ -4984,7 +5196,13 @@ class InputView:
         width = max(width, MIN_WIDTH)
         start = self._erase(width)
         above = [row for line in status for row in wrap_rows(line, width)]
-        rows, cursor_row, cursor_col = layout(self.prompt + buffer, len(self.prompt) + cursor, width)
+        # Shown as lines from the room are (printable): a typed U+202E must not
+        # reorder the row. The text either side of the cursor is escaped apart,
+        # so the cursor's index counts an escape's characters (\u202e: six)
+        # and never falls inside one.
+        before, after = printable(buffer[:cursor]), printable(buffer[cursor:])
+        text = self.prompt + before + after
+        rows, cursor_row, cursor_col = layout(text, len(self.prompt + before), width)
         rows, cursor_row = above + rows, cursor_row + len(above)
         shown = visible_rows(len(rows), cursor_row, height)
         self._widths_above = [display_width(row) for row in rows[shown.start:cursor_row]]

@@ -2373,6 +2373,28 @@ class TestTLS(ChatTestCase):
         writer.write(b"\x16\x03\x01")   # half a ClientHello, then nothing
         self.assertEqual(await within(reader.read(), 5), b"")   # asyncio's own bound is 60 s
 
+    async def test_connections_in_their_tls_handshake_count_against_their_address(self):
+        context = chat.server_ssl_context(self.files["cert"], self.files["key"])
+        await self.start_room(ssl_context=context, max_per_address=2)
+        for _ in range(2):   # TCP connected, not a byte of TLS
+            writer = (await asyncio.open_connection("127.0.0.1", self.server.port))[1]
+            self.addCleanup(writer.close)
+        await until(lambda: len(self.server._handshaking) == 2)
+        client_context = chat.client_ssl_context(self.files["ca"], False)
+        with self.assertRaises(chat.InvalidStatus) as caught:
+            await within(chat.connect(f"wss://localhost:{self.server.port}/chat", ssl_context=client_context))
+        self.assertEqual(caught.exception.status, 503)
+
+    async def test_out_of_descriptors_a_silent_tls_handshake_is_dropped(self):
+        context = chat.server_ssl_context(self.files["cert"], self.files["key"])
+        await self.start_room(ssl_context=context)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self.addCleanup(writer.close)
+        await until(lambda: self.server._handshaking)
+        later = asyncio.get_running_loop().time() + 2 * chat.SILENT_WHEN_SHORT
+        self.assertEqual(self.server.drop_silent_handshakes(later), 1)   # as LoopErrorLog does
+        self.assertEqual(await within(reader.read()), b"")
+
     async def test_ws_to_a_tls_server_suggests_wss(self):
         url = (await self.start_tls_room()).replace("wss://", "ws://")
         with self.assertRaises(chat.HandshakeError) as caught:
@@ -2434,7 +2456,8 @@ class TestTLS(ChatTestCase):
         with self.assertRaises(ssl.SSLCertVerificationError):
             await within(chat.connect(url))   # the system's CAs don't know ours
         record = await within(logged.next())  # the server logs one line, not a traceback
-        self.assertIn("Error on transport creation", record.getMessage())
+        self.assertRegex(record.getMessage(), r"^127\.0\.0\.1:\d+: TLS handshake failed: "
+                                              r"the client hung up \(did it reject our certificate\?\)$")
         self.assertIsNone(record.exc_info)
         conn = await within(chat.connect(url, ssl_context=chat.client_ssl_context(None, True)))
         self.assertTrue((await within(conn.recv())).startswith("* You are connected"))
@@ -3582,6 +3605,132 @@ class TestLineEditor(unittest.TestCase):
         self.assertEqual(results, ["<a>", "b", "c"])
         self.assertEqual((editor.buffer, editor.cursor), ("d" + TAB_SPACES + "D", 6))
 
+    # The issue's examples: 👩‍💻, 🏳️‍🌈 and 👨‍👩‍👧‍👦, each one grapheme cluster of 3 to 7 code points.
+    CODER = "\U0001f469\u200d\U0001f4bb"
+    RAINBOW_FLAG = "\U0001f3f3\ufe0f\u200d\U0001f308"
+    FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"
+
+    def test_left_and_right_step_over_a_whole_emoji(self) -> None:
+        editor = self.editor(f"a{self.CODER}b")
+        self.press(editor, Key.LEFT, Key.LEFT)
+        editor.handle(KeyEvent(Key.TEXT, "Q"))
+        self.assertEqual(editor.buffer, f"aQ{self.CODER}b")
+        for emoji in (self.CODER, self.RAINBOW_FLAG, self.FAMILY):
+            with self.subTest(emoji=emoji):
+                editor = self.editor(f"x{emoji}y", 1)
+                seen = [editor.cursor]
+                for key in (Key.RIGHT, Key.CTRL_F, Key.LEFT, Key.CTRL_B):
+                    self.press(editor, key)
+                    seen.append(editor.cursor)
+                after = 1 + len(emoji)
+                self.assertEqual(seen, [1, after, after + 1, after, 1])
+
+    def test_backspace_and_delete_remove_a_whole_cluster(self) -> None:
+        for emoji in (self.RAINBOW_FLAG, self.FAMILY, "\U0001f44b\U0001f3fd", "1\ufe0f\u20e3"):
+            with self.subTest(emoji=emoji):
+                editor = self.editor(f"a{emoji}b")
+                self.press(editor, Key.LEFT, Key.BACKSPACE)
+                self.assertEqual((editor.buffer, editor.cursor), ("ab", 1))
+                editor = self.editor(f"a{emoji}b", 1)
+                self.press(editor, Key.DELETE)
+                self.assertEqual(editor.buffer, "ab")
+                editor = self.editor(f"a{emoji}b", 1)
+                self.press(editor, Key.CTRL_D)
+                self.assertEqual(editor.buffer, "ab")
+
+    def test_an_edit_that_joins_clusters_leaves_the_cursor_after_them(self) -> None:
+        editor = self.editor("\u0301")      # a lone accent, then an "e" typed before it
+        self.press(editor, Key.HOME)
+        editor.handle(KeyEvent(Key.TEXT, "e"))
+        self.assertEqual((editor.buffer, editor.cursor), ("e\u0301", 2))
+        editor = self.editor("\U0001f1eb-\U0001f1f7", 2)   # 🇫-🇷: Backspace makes 🇫🇷
+        self.press(editor, Key.BACKSPACE)
+        self.assertEqual((editor.buffer, editor.cursor), ("\U0001f1eb\U0001f1f7", 2))
+
+
+class TestGraphemeClusters(unittest.TestCase):
+    """next_boundary and previous_boundary: user-perceived characters (UAX #29)."""
+
+    def clusters(self, text: str) -> list[str]:
+        """text cut by next_boundary, after checking that previous_boundary cuts it alike."""
+        ends = [0]
+        while ends[-1] < len(text):
+            ends.append(chat.next_boundary(text, ends[-1]))
+        starts = [len(text)]
+        while starts[-1] > 0:
+            starts.append(chat.previous_boundary(text, starts[-1]))
+        self.assertEqual(starts[::-1], ends, f"backwards differs for {text!r}")
+        return [text[start:end] for start, end in zip(ends, ends[1:])]
+
+    def test_what_a_reader_sees_as_one_character(self) -> None:
+        cases = {
+            "e\u0301x": ["e\u0301", "x"],                                   # é as e + accent
+            "\U0001f44b\U0001f3fd!": ["\U0001f44b\U0001f3fd", "!"],         # 👋🏽: a skin tone
+            "\U0001f1eb\U0001f1f7\U0001f1e9\U0001f1ea": ["\U0001f1eb\U0001f1f7", "\U0001f1e9\U0001f1ea"],
+            "\U0001f1eb\U0001f1f7\U0001f1e9": ["\U0001f1eb\U0001f1f7", "\U0001f1e9"],   # 🇫🇷 and half
+            "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f.":  # 🏴󠁧󠁢󠁳󠁣󠁴󠁿
+                ["\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", "."],
+            "1\ufe0f\u20e3#": ["1\ufe0f\u20e3", "#"],                      # 1️⃣: a keycap
+            "\u1100\u1161\u11a8\ud55c": ["\u1100\u1161\u11a8", "\ud55c"],   # 각 in jamo L V T, then 한
+            "a\u200db": ["a\u200d", "b"],                                   # ZWJ joins emoji only
+            "\U0001f469\u200d\U0001f4bb\u200d": ["\U0001f469\u200d\U0001f4bb\u200d"],   # 👩‍💻 and a ZWJ
+            "\U0001f3f3\ufe0f\u200d\U0001f308?": ["\U0001f3f3\ufe0f\u200d\U0001f308", "?"],   # 🏳️‍🌈
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(self.clusters(text), expected)
+
+    def test_stepping_back_looks_only_near_the_cursor(self) -> None:
+        text = "\U0001f469\u200d\U0001f4bb" * 1000     # 1,000 👩‍💻: Left must not rescan them
+        with unittest.mock.patch("chat.grapheme_break", wraps=chat.grapheme_break) as looked_at:
+            self.assertEqual(chat.previous_boundary(text, len(text)), len(text) - 3)
+        self.assertLess(looked_at.call_count, 20)
+
+    #: Lines of GraphemeBreakTest.txt, Unicode 15.1.0 (ucd/auxiliary), with
+    #: ÷ where a boundary is and × where none is; one or more for each rule.
+    #: Chosen from characters that Python 3.10's Unicode 13 knows alike, and
+    #: none for GB9c, which the segmenter leaves out.
+    BREAK_TEST = """
+        ÷ 0020 ÷ 0020 ÷
+        ÷ 0061 × 0308 ÷ 0062 ÷
+        ÷ 000D × 000A ÷ 0061 ÷ 000A ÷ 0308 ÷
+        ÷ 0001 ÷ 0308 ÷ 0020 ÷
+        ÷ 0378 × 0308 ÷ 0378 ÷
+        ÷ 0020 × 200D ÷ 0646 ÷
+        ÷ 0061 × 0903 ÷ 0062 ÷
+        ÷ 0061 ÷ 0600 × 0062 ÷
+        ÷ 0600 × 0020 ÷
+        ÷ 0600 ÷ 000A ÷
+        ÷ 1100 × 1160 ÷
+        ÷ 1100 × AC01 ÷
+        ÷ AC00 × 1160 ÷
+        ÷ 1160 × 11A8 ÷
+        ÷ 11A8 ÷ 1160 ÷
+        ÷ AC00 × 11A8 ÷ 1100 ÷
+        ÷ AC01 × 11A8 ÷ 1100 ÷
+        ÷ 1F1E6 × 0308 ÷ 1F1E6 ÷
+        ÷ 1F1E6 × 1F1E7 ÷ 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 1F1E7 ÷ 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 1F1E7 × 200D ÷ 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 200D ÷ 1F1E7 × 1F1E8 ÷ 0062 ÷
+        ÷ 0061 ÷ 1F1E6 × 1F1E7 ÷ 1F1E8 × 1F1E9 ÷ 0062 ÷
+        ÷ 231A ÷ 0020 ÷
+        ÷ 200D ÷ 231A ÷
+        ÷ 1F476 × 1F3FF ÷ 1F476 ÷
+        ÷ 0061 × 1F3FF ÷ 1F476 × 200D × 1F6D1 ÷
+        ÷ 1F476 × 1F3FF × 0308 × 200D × 1F476 × 1F3FF ÷
+        ÷ 1F6D1 × 200D × 1F6D1 ÷
+        ÷ 0061 × 200D ÷ 1F6D1 ÷
+    """
+
+    def test_unicode_grapheme_break_test_lines(self) -> None:
+        for line in self.BREAK_TEST.strip().splitlines():
+            expected = [cluster.split() for cluster in line.strip(" ÷").split("÷")]
+            expected = ["".join(chr(int(code, 16)) for code in cluster if code != "×")
+                        for cluster in expected]
+            with self.subTest(line=line.strip()):
+                self.assertEqual(self.clusters("".join(expected)), expected)
+
 
 class TestLayout(unittest.TestCase):
     """layout and visible_rows, the arithmetic behind InputView."""
@@ -3782,6 +3931,29 @@ class TestRendering(unittest.TestCase):
                 terminal.write(text)
                 rows = layout(text, len(text), 80).rows
                 self.assertEqual(terminal.screen()[:len(rows)], [row.rstrip(" ") for row in rows])
+
+    def test_cursor_steps_over_an_emoji_zwj_sequence(self) -> None:
+        client = Client()
+        coder = TestLineEditor.CODER
+        client.keys(f"a{coder}b\x1b[D\x1b[D")
+        self.assertEqual(client.terminal.cursor, (0, 3))
+        client.keys("Q")
+        self.assertEqual(client.terminal.screen()[:2], [f"> aQ{coder}b", ""])
+        self.assertEqual(client.terminal.cursor, (0, 4))
+        client.keys("\x1b[C")      # over 👩‍💻, counted as 2 + 0 + 2 cells (see char_width)
+        self.assertEqual(client.terminal.cursor, (0, 8))
+
+    def test_own_bidi_override_is_shown_escaped_as_received_lines_are(self) -> None:
+        client = Client()
+        client.keys("RLO:\u202eabc")
+        self.assertEqual(client.terminal.screen()[:2], ["> RLO:\\u202eabc", ""])
+        self.assertEqual(client.terminal.cursor, (0, 15))
+        client.keys("\x1b[D" * 3)    # before "a": right after the six characters of the escape
+        self.assertEqual(client.terminal.cursor, (0, 12))
+        client.keys("\x1b[D")        # before U+202E: before its escape
+        self.assertEqual(client.terminal.cursor, (0, 6))
+        client.keys("\r")
+        self.assertEqual(client.sent, ["RLO:\u202eabc"])   # escaped on the screen only
 
     def test_bracketed_paste_sequences(self) -> None:
         self.assertEqual(BRACKETED_PASTE_ON, "\x1b[?2004h")
