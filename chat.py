@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import hashlib
 import http
 import inspect
@@ -2076,7 +2077,7 @@ class Gate:
         if not self.host_allowed(host):
             return host_refusal(host)
         if request.path == "/" and not wants_upgrade(request.headers):
-            return Response(http.HTTPStatus.OK, PAGE, content_type="text/html; charset=utf-8")
+            return Response(http.HTTPStatus.OK, page(), content_type="text/html; charset=utf-8")
         if request.path != CHAT_PATH:
             return Response(http.HTTPStatus.NOT_FOUND, "not found: the chat is at /chat, the page at /\n")
         origin = request.headers.get("origin")
@@ -3303,13 +3304,15 @@ GLYPH_JOINERS = frozenset("\u200c\u200d")
 FLAG_TAG_SEQUENCE = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
 
 
+def is_hidden(char: str) -> bool:
+    """Is ``char`` one that printable() escapes (unless inside a flag sequence)?"""
+    return unicodedata.category(char) in HIDDEN_CATEGORIES and char not in GLYPH_JOINERS
+
+
 def escape_hidden(text: str) -> str:
-    """``text`` with every hidden character, except the glyph joiners, escaped."""
-    return "".join(
-        char.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(char) in HIDDEN_CATEGORIES and char not in GLYPH_JOINERS
-        else char
-        for char in text)
+    """``text`` with every hidden character escaped."""
+    return "".join(char.encode("unicode_escape").decode("ascii") if is_hidden(char) else char
+                   for char in text)
 
 
 def printable(text: str) -> str:
@@ -3336,6 +3339,25 @@ def printable(text: str) -> str:
         shown_up_to = flag.end()
     pieces.append(escape_hidden(text[shown_up_to:]))
     return "".join(pieces)
+
+
+@functools.cache
+def hidden_ranges() -> tuple[tuple[int, int], ...]:
+    """Every code point is_hidden() escapes, as (first, last) runs: printable()'s rule for the page.
+
+    The page (section 17) is given these runs (about 700) and FLAG_TAG_SEQUENCE,
+    so it escapes what the terminal escapes, by this Python's Unicode version.
+    Asking about all 1.1 million code points takes 0.2 s (0.5 s on Python
+    3.10): done once, when the page is first served, not at every start.
+    """
+    runs = []
+    first = 0
+    for hidden, chars in itertools.groupby(map(chr, range(sys.maxunicode + 1)), key=is_hidden):
+        count = sum(1 for _ in chars)
+        if hidden:
+            runs.append((first, first + count - 1))
+        first += count
+    return tuple(runs)
 
 
 
@@ -6149,78 +6171,180 @@ def is_quit_command(line: str) -> bool:
 
 #: The page served at "/": self-contained (no external scripts, styles or
 #: fonts), text shown with textContent so it is never parsed as HTML. It
-#: keeps the terminal client's promises: lines paced to the room's limit,
-#: dimmed until the room's copy comes back, and sent again after a reconnect.
-PAGE = """<!doctype html>
+#: keeps the terminal client's promises, with the rules it is given from
+#: Python (@FROM_PYTHON@, see page()): lines escaped as printable() escapes
+#: them, notices and actions marked as the terminal marks them, lines paced
+#: to the room's limit, listed until the room's copy comes back and sent
+#: again after a reconnect, a pasted block sent line by line, Up and Down
+#: for the lines sent before, and the same backoff between tries.
+#:
+#: Every text colour has a contrast of at least 4.5:1 with its background
+#: (WCAG 2 AA), on white / on the bars' #f3f3f3: text #1a1a1a 17.4 / 15.7,
+#: times, history, lines on their way and placeholders #595959 7.0 / 6.3,
+#: notices #7a5200 6.9, actions #00666b 6.8, private lines #8a008a 8.6, our
+#: own #006400 7.4, errors #b00000 7.4 (the last five on white only).
+PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>chat.py</title>
 <style>
-body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
-header, form { padding: .5em 1em; background: #f3f3f3; display: flex; gap: .5em; }
-#log { flex: 1; overflow-y: auto; padding: .5em 1em; margin: 0; list-style: none; white-space: pre-wrap; }
-#waiting { margin: 0; padding: 0 1em; list-style: none; color: #aaa; white-space: pre-wrap; }
-.notice { color: #777; font-style: italic; } .history { color: #999; } .private { color: #a0a; }
-.mine { color: #070; } .action { color: #088; } .error { color: #b00; }
-.time { color: #aaa; font-size: 85%; margin-right: .5em; }
-input[type=text] { flex: 1; } [hidden] { display: none !important; }
+body { font: 16px/1.4 system-ui, sans-serif; color: #1a1a1a; background: #fff; margin: 0;
+       display: flex; flex-direction: column; height: 100vh; height: 100dvh; }
+header, form { padding: .5em 1em; background: #f3f3f3; display: flex; align-items: center; gap: .5em; }
+#status { min-width: 0; overflow-wrap: anywhere; }
+#log { flex: 1; min-height: 0; overflow-y: auto; overflow-anchor: none; margin: 0; padding: .5em 1em; }
+#log, #waiting { list-style: none; white-space: pre-wrap; overflow-wrap: anywhere; }
+#waiting { margin: 0; padding: 0 1em; color: #595959; font-style: italic; }
+input { flex: 1; min-width: 0; font: inherit; color: inherit; background: #fff;
+        border: 1px solid #595959; padding: .2em .4em; }
+input::placeholder { color: #595959; }
+button { font: inherit; color: #1a1a1a; background: #fff; border: 1px solid #595959; padding: .2em .8em; }
+.time, .history { color: #595959; } .time { font-size: 85%; margin-right: .5em; }
+.notice { color: #7a5200; font-style: italic; } .action { color: #00666b; }
+.private { color: #8a008a; } .mine { color: #006400; } .error { color: #b00000; }
+[hidden] { display: none !important; }
 </style></head>
 <body>
-<header><strong>chat.py</strong><span id="status">not connected</span></header>
-<ul id="log"></ul>
-<ul id="waiting"></ul>
-<form id="join"><input id="name" type="text" placeholder="your name" maxlength="32" autofocus>
+<header><strong>chat.py</strong> <span id="status" role="status">not connected</span></header>
+<ul id="log" role="log" aria-live="polite" aria-label="messages"></ul>
+<ul id="waiting" aria-label="your lines on their way"></ul>
+<form id="join"><label for="name">Name</label>
+<input id="name" type="text" maxlength="32" autocomplete="nickname" autofocus>
 <button>Join</button></form>
-<form id="send" hidden><input id="text" type="text" placeholder="message, or /help" autocomplete="off">
+<form id="send" hidden><label for="text">Message</label>
+<input id="text" type="text" placeholder="/help for commands" autocomplete="off">
 <button>Send</button></form>
 <script>
 "use strict";
-const {PATTERNS, LINES, RESENT_MARK, RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
+const {PATTERNS, LINES, NOTICE_MARK, ACTION_MARK, RESENT_MARK, HIDDEN, FLAG_TAG_SEQUENCE,
+       MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE, CONFIRM_TIMEOUT, MAX_REASON_BYTES,
+       RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
-let socket = null, myName = "", token = "", greeted = false, delivered = 0, reconnected = false;
-let backoff = FIRST_BACKOFF, bucket = null, pumping = null;   // backoffs in seconds
-const pending = [];   // our lines on their way: {line, copy, sent, item}
-const seen = [];      // the latest lines shown, so a reconnect's history doesn't repeat them
+const input = $("text"), nameInput = $("name");
+const LINE = Object.fromEntries(Object.entries(LINES).map(([kind, pattern]) => [kind, new RegExp(pattern)]));
+let socket = null, greeted = false, myName = "", token = "", delivered = 0, reconnected = false;
+let backoff = FIRST_BACKOFF, retries = 0, retrying = null;   // backoffs in seconds
+let bucket = null, pumping = null, leaving = null, leaveBy = null;   // leaving: the /quit reason
+const pending = [];     // our lines on their way, oldest first: {line, copy, sent}
+const seen = [];        // the latest lines shown, so a reconnect's history doesn't repeat them
+const sentLines = [];   // for Up and Down, as LineEditor in chat.py
+let recalled = 0, draft = "";
 
-function field(line, name) { const m = new RegExp(PATTERNS[name]).exec(line); return m ? m[1] : null; }
-function kind(line, name) { return new RegExp(LINES[name]).exec(line); }   // LINES in chat.py
-
-function show(text, when, cls) {
-  const item = document.createElement("li"), time = document.createElement("span");
-  time.className = "time"; time.textContent = (when || new Date()).toTimeString().slice(0, 5);
-  const action = kind(text, "action"), said = kind(text, "said");
-  if (action) text = "* " + action[1] + " " + text.slice(action[0].length);
-  item.className = cls || (action ? "action" : kind(text, "notice") ? "notice"
-      : kind(text, "private") ? "private" : said && said[1] === myName ? "mine" : "");
-  item.append(time, text);
-  const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
-  log.appendChild(item);
-  if (atBottom) log.scrollTop = log.scrollHeight;
+// printable() in chat.py, by the rule it gives: the code points it escapes
+// (HIDDEN, runs [first, last]) written as Python writes them (\x1b, \n,
+// \u202e, \U000e0041), flag tag sequences left whole.
+const HIDDEN_CHAR = new RegExp("[" + HIDDEN.map(([first, last]) =>
+  "\\u{" + first.toString(16) + "}-\\u{" + last.toString(16) + "}").join("") + "]", "gu");
+const FLAG = new RegExp(FLAG_TAG_SEQUENCE, "gu");
+const NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"};
+function escaped(char) {   // as Python's unicode_escape codec writes it
+  const code = char.codePointAt(0), hex = code.toString(16);
+  return NAMED_ESCAPES[char] || (code < 0x100 ? "\\x" + hex.padStart(2, "0")
+    : code < 0x10000 ? "\\u" + hex.padStart(4, "0") : "\\U" + hex.padStart(8, "0"));
+}
+function printable(text) {
+  let shown = "", from = 0;
+  for (const flag of text.matchAll(FLAG)) {
+    shown += text.slice(from, flag.index).replace(HIDDEN_CHAR, escaped) + flag[0];
+    from = flag.index + flag[0].length;
+  }
+  return shown + text.slice(from).replace(HIDDEN_CHAR, escaped);
 }
 
-function copyOf(line) {   // how the room relays a line of ours (parse_line in chat.py)
+function field(line, name) {   // a fact from the greeting (parse_greeting in chat.py)
+  const found = new RegExp(PATTERNS[name]).exec(line);
+  return found ? found[1] : null;
+}
+
+// display_line() in chat.py: a line from the room as the terminal shows it,
+// [text, time, style]. The room's notices ("* bob left") show as "-!- bob
+// left" and actions ("[bob] waves") as "* bob waves": no member can write a
+// line that looks like the server's.
+function display(line) {
+  let when = null, style = "";
+  const history = LINE.history.exec(line);
+  if (history) {
+    when = new Date(history[1]); style = "history"; line = line.slice(history[0].length);
+    if (isNaN(when)) when = null;   // a month 13 from a broken server: stamp it now
+  }
+  const action = LINE.action.exec(line), notice = LINE.notice.exec(line), said = LINE.said.exec(line);
+  style = style || (action ? "action" : notice ? "notice" : LINE.private.test(line) ? "private"
+    : said && said[1] === myName ? "mine" : "");
+  if (action) line = ACTION_MARK + action[1] + " " + line.slice(action[0].length);
+  else if (notice) line = NOTICE_MARK + line.slice(notice[0].length);
+  return [printable(line), when, style];
+}
+
+function show(text, when, style) {
+  const item = document.createElement("li"), time = document.createElement("span");
+  time.className = "time"; time.textContent = (when || new Date()).toTimeString().slice(0, 5);
+  item.className = style; item.append(time, text);
+  log.appendChild(item);
+  follow();
+}
+function notify(text, style) {   // the page's own notices, marked as the room's are
+  show(printable(NOTICE_MARK + text), null, style || "notice");
+}
+function setStatus(text) { status.textContent = printable(text); }
+
+// Whether to follow is decided by how the reader scrolls, not measured when
+// a line comes: by then the lines on their way, or a phone's keyboard, may
+// have made the log shorter, its bottom no longer where it was. A scroll
+// up leaves the newest lines; one to the bottom comes back to them.
+let following = true, scrolledTo = 0;   // keep the newest line in view; where the reader was
+function noteScroll() {
+  if (log.scrollTop + log.clientHeight >= log.scrollHeight - 2) following = true;
+  else if (log.scrollTop < scrolledTo) following = false;
+  scrolledTo = log.scrollTop;
+}
+function follow() {
+  noteScroll();   // a scroll whose event is yet to come counts too
+  if (following) { log.scrollTop = log.scrollHeight; scrolledTo = log.scrollTop; }
+}
+log.addEventListener("scroll", noteScroll);
+new ResizeObserver(() => follow()).observe(log);   // lines on their way come and go; a window turns
+
+function showWaiting() {   // ChatClient.waiting() in chat.py: the first few, then a count
+  const lines = pending.slice(0, MAX_WAITING_SHOWN).map((p) => "… " + printable(p.line));
+  const more = pending.length - lines.length;
+  if (more) lines.push("… and " + more + " more line" + (more === 1 ? "" : "s") + " waiting");
+  waitingList.replaceChildren(...lines.map((text) =>
+    Object.assign(document.createElement("li"), {textContent: text})));
+  follow();   // the log just grew or shrank
+}
+
+function copyOf(line) {   // echo_of() in chat.py: how the room relays a line of ours; null: not at all
   if (!line.trim()) return null;
   if (line.startsWith("//")) return "[" + myName + "]: " + line.slice(1);
-  if (!line.startsWith("/") || line.length === 1 || /\\s/.test(line[1])) return "[" + myName + "]: " + line;
-  const me = /^\\/me\\s+(\\S[\\s\\S]*)$/i.exec(line);
+  if (!line.startsWith("/") || line.length === 1 || /\s/.test(line[1])) return "[" + myName + "]: " + line;
+  const me = /^\/me\s+(\S[\s\S]*)$/i.exec(line);
   return me ? "[" + myName + "] " + me[1].trim() : null;
 }
 
+function mark(line) {   // mark_resent() in chat.py
+  const me = /^\/me\s+/i.exec(line);
+  if (me) return "/me " + RESENT_MARK + line.slice(me[0].length);
+  return RESENT_MARK + (line.startsWith("//") ? line.slice(1) : line);   // "//etc": no longer a command
+}
+
 function connect() {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = new URLSearchParams();
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:", query = new URLSearchParams();
   if (myName) query.set("name", myName);
   if (token) query.set("resume", token);
   const ws = socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
-  greeted = false; status.textContent = "connecting…"; $("join").hidden = true;
-  ws.onopen = () => { status.textContent = "connected"; backoff = FIRST_BACKOFF; };
-  ws.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
+  greeted = false; retrying = null;
+  setStatus(retries ? "connecting… (attempt " + retries + ")" : "connecting…");
+  ws.onmessage = (event) => {
+    const line = typeof event.data === "string" ? event.data
+      : "* (binary message of " + event.data.size + " bytes)";
+    if (greeted) received(line); else greeting(line);
+  };
   ws.onclose = (event) => { if (ws === socket) closed(event); };   // not an older socket's
 }
 
 function greeting(line) {
-  greeted = true;
+  greeted = true; backoff = FIRST_BACKOFF; retries = 0;   // in the room: the next outage starts over
   const name = field(line, "name"), rate = parseFloat(field(line, "rate")), resume = field(line, "token");
   const has = parseInt(field(line, "delivered")) || 0;
   // Back in the same room (it gave our token back): it says how many of our
@@ -6228,97 +6352,171 @@ function greeting(line) {
   // sent again. A room that doesn't know us can't say: all go again, marked;
   // so do they when its count can't be reconciled (DeliveryLedger in chat.py).
   let arrived = token !== "" && resume === token ? has - delivered : null;
-  if (arrived < 0) show("* lost: " + -arrived + " of your lines the room had confirmed", null, "error");
+  if (arrived < 0) notify("lost: " + -arrived + " of your lines the room had confirmed", "error");
   if (arrived < 0 || arrived > pending.filter((p) => p.sent).length) arrived = null;
   if (name) { myName = name; token = resume || ""; }
   delivered = has;
   const burst = parseInt(field(line, "burst")) || 1;
   bucket = rate ? {rate, burst, tokens: burst, stamp: Date.now()} : null;
-  $("send").hidden = false; $("text").focus();
-  show(line.split(" Limits: ")[0]);
+  setStatus(name ? "connected as " + name : "connected");
+  $("join").hidden = true; $("send").hidden = false; input.focus();
+  show(...display(line.split(" Limits: ")[0]));   // the limits and the token are for the page
   pending.filter((p) => p.sent).forEach((p, i) => {
-    if (arrived !== null && i < arrived) { drop(p); return; }
+    if (arrived !== null && i < arrived) { pending.splice(pending.indexOf(p), 1); return; }
     p.sent = false;
-    if (arrived === null) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
+    if (arrived === null) p.line = mark(p.line);
   });
   pump();
 }
 
 function received(line) {
   const first = pending.find((p) => p.sent);
-  if (first && line === first.copy) { delivered += 1; drop(first); }
-  const renamed = /^\\* (\\S+) is now known as (\\S+)$/.exec(line);
+  if (first && line === first.copy) {   // confirmed
+    delivered += 1; pending.splice(pending.indexOf(first), 1); showWaiting();
+  }
+  const renamed = /^\* (\S+) is now known as (\S+)$/.exec(line);
   if (renamed && renamed[1] === myName) {
-    myName = renamed[2];
+    myName = renamed[2]; setStatus("connected as " + myName);
     for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
   }
-  const history = kind(line, "history"), text = history ? line.slice(history[0].length) : line;
-  if (history && reconnected && seen.includes(text)) return;   // shown before the reconnect
-  seen.push(text); if (seen.length > 100) seen.shift();
-  if (history) show(text, new Date(history[1]), "history"); else show(line);
-}
-
-function mark(line) {
-  const me = /^\\/me\\s+/i.exec(line);
-  return me ? "/me " + RESENT_MARK + line.slice(me[0].length) : RESENT_MARK + (line.startsWith("//") ? line.slice(1) : line);
+  const history = LINE.history.exec(line), text = history ? line.slice(history[0].length) : line;
+  if (!(history && reconnected && seen.includes(text))) {   // else shown before the reconnect
+    seen.push(text); if (seen.length > 100) seen.shift();
+    show(...display(line));
+  }
+  leaveIfDone();
 }
 
 function pump() {   // send what waits, at the room's pace (it would hold the rest anyway)
   clearTimeout(pumping);
-  for (const p of pending) {
+  for (const p of pending.slice()) {
     if (p.sent) continue;
-    if (!socket || socket.readyState !== WebSocket.OPEN || !greeted) return;
+    if (!socket || socket.readyState !== WebSocket.OPEN || !greeted) break;
     if (bucket) {
       const now = Date.now();
       bucket.tokens = Math.min(bucket.burst, bucket.tokens + (now - bucket.stamp) / 1000 * bucket.rate);
       bucket.stamp = now;
-      if (bucket.tokens < 1) { pumping = setTimeout(pump, (1 - bucket.tokens) / bucket.rate * 1000); return; }
+      if (bucket.tokens < 1) { pumping = setTimeout(pump, (1 - bucket.tokens) / bucket.rate * 1000); break; }
       bucket.tokens -= 1;
     }
     socket.send(p.line); p.sent = true; p.copy = copyOf(p.line);
-    if (p.copy === null) drop(p);
+    if (p.copy === null) pending.splice(pending.indexOf(p), 1);   // a command: a reply comes, no copy
   }
+  showWaiting();
+  leaveIfDone();
 }
-function drop(p) { pending.splice(pending.indexOf(p), 1); p.item.remove(); }
 
 function closed(event) {
-  if (greeted || !RECONNECT.includes(event.code))   // a failed reconnect says nothing new
-    show("disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")", null, "error");
-  if (greeted) reconnected = true;
-  status.textContent = "not connected"; socket = null; greeted = false;
-  if (RECONNECT.includes(event.code)) {
-    status.textContent = "reconnecting in " + backoff + " s";
-    setTimeout(connect, backoff * 1000); backoff = Math.min(backoff * 2, MAX_BACKOFF);   // as next_backoff()
-  } else {
-    $("join").hidden = false; $("send").hidden = true;
-    if (/^(the|a) name /.test(event.reason)) { myName = ""; token = ""; }
+  const wasGreeted = greeted, why = event.code + (event.reason ? ": " + event.reason : "");
+  socket = null; greeted = false; clearTimeout(pumping);
+  if (wasGreeted) reconnected = true;
+  if (leaving !== null) { left(); return; }
+  if (RECONNECT.includes(event.code)) {   // RECONNECT_CODES: the room may well be back soon
+    if (wasGreeted) notify("disconnected (" + why + "); reconnecting");
+    retries += 1;   // one status, updated: not a line per try
+    setStatus("reconnecting in " + backoff + " s (attempt " + retries + ")"
+      + (event.reason ? ": " + event.reason : ""));
+    retrying = setTimeout(connect, backoff * 1000);
+    backoff = Math.min(backoff * 2, MAX_BACKOFF);   // as next_backoff()
+    return;
   }
+  $("send").hidden = true; $("join").hidden = false; retries = 0; backoff = FIRST_BACKOFF;
+  if (event.code === 1008 && /^(the|a) name /.test(event.reason)) {   // is_name_refusal(): another may do
+    notify(event.reason); setStatus("pick another name");
+    nameInput.value = myName || nameInput.value; myName = ""; token = "";
+    nameInput.focus(); nameInput.select();
+    return;
+  }
+  notify("disconnected (" + why + ")", "error"); setStatus("not connected");
+}
+
+function typed(line) {   // a line the user sent: remembered for Up, then on its way
+  if (line && sentLines[sentLines.length - 1] !== line) sentLines.push(line);   // twice: recalled once
+  if (sentLines.length > INPUT_HISTORY_SIZE) sentLines.shift();
+  recalled = 0; draft = "";
+  if (!line.trim() || leaving !== null) return;   // typed after /quit: not for the room
+  const quit = /^\/quit(?:\s+([\s\S]*))?$/i.exec(line);
+  if (quit) { leave((quit[1] || "").trim()); return; }
+  pending.push({line, copy: null, sent: false});
+  pump();
+}
+
+function leave(reason) {   // /quit: once the room has every line sent before, as the terminal does
+  leaving = reason;
+  if (!socket) { clearTimeout(retrying); left(); return; }
+  leaveBy = setTimeout(() => socket && socket.close(1000, closeReason()), CONFIRM_TIMEOUT * 1000);
+  leaveIfDone();
+}
+function leaveIfDone() {
+  if (leaving !== null && socket && !pending.length) socket.close(1000, closeReason());
+}
+function closeReason() {   // at most MAX_REASON_BYTES of UTF-8, whole characters (RFC 6455 §5.5)
+  const chars = Array.from(leaving || "bye");
+  while (new TextEncoder().encode(chars.join("")).length > MAX_REASON_BYTES) chars.pop();
+  return chars.join("");
+}
+function left() {   // calm, with the way back in
+  clearTimeout(leaveBy);
+  notify("you left" + (leaving ? " (" + leaving + ")" : ""));
+  for (const p of pending) notify("not sent: " + p.line, "error");
+  pending.length = 0; showWaiting();
+  leaving = null; token = ""; retries = 0; backoff = FIRST_BACKOFF;
+  setStatus("not connected");
+  $("send").hidden = true; $("join").hidden = false;
+  nameInput.value = myName; nameInput.focus();
+}
+
+function recall(back) {   // LineEditor._recall() in chat.py: `back` lines ago, 0 the new one
+  if (back < 0 || back > sentLines.length) return;
+  if (recalled === 0) draft = input.value;
+  recalled = back;
+  input.value = back ? sentLines[sentLines.length - back] : draft;
+  input.setSelectionRange(input.value.length, input.value.length);
 }
 
 $("join").addEventListener("submit", (event) => {
   event.preventDefault();
-  myName = $("name").value.trim(); token = "";
+  myName = nameInput.value.trim(); token = ""; delivered = 0;
   connect();
 });
-
 $("send").addEventListener("submit", (event) => {
   event.preventDefault();
-  const input = $("text"), line = input.value;
+  const line = input.value;
   input.value = "";
-  if (!line.trim()) return;
-  const quit = /^\\/quit(\\s+([\\s\\S]*))?$/i.exec(line);
-  if (quit && socket) { socket.close(1000, (quit[2] || "bye").slice(0, 40)); return; }
-  const item = document.createElement("li");
-  item.textContent = "… " + line; waitingList.appendChild(item);
-  pending.push({line, copy: null, sent: false, item});
-  pump();
+  typed(line);
+});
+input.addEventListener("keydown", (event) => {
+  if (event.isComposing || (event.key !== "ArrowUp" && event.key !== "ArrowDown")) return;
+  event.preventDefault();
+  recall(recalled + (event.key === "ArrowUp" ? 1 : -1));
+});
+// A pasted block: each whole line is sent at once, the last, unfinished
+// one stays to be edited, as LineEditor.paste() does with the terminal's
+// bracketed paste. (A one-line <input> would run the lines together.)
+input.addEventListener("paste", (event) => {
+  const text = event.clipboardData.getData("text");
+  if (!/[\r\n]/.test(text)) return;   // one line: the browser pastes it
+  event.preventDefault();
+  const lines = text.replace(/\r\n?/g, "\n").split("\n"), rest = lines.pop();
+  lines[0] = input.value.slice(0, input.selectionStart) + lines[0] + input.value.slice(input.selectionEnd);
+  input.value = rest;
+  lines.forEach(typed);
 });
 </script>
 </body></html>
-""".replace("@FROM_PYTHON@", json.dumps(dict(
-    PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
-    RESENT_MARK=RESENT_MARK, RECONNECT=sorted(RECONNECT_CODES),
-    FIRST_BACKOFF=FIRST_BACKOFF, MAX_BACKOFF=MAX_BACKOFF)))
+"""
+
+
+@functools.cache
+def page() -> str:
+    """PAGE with the rules it takes from Python, built when first served (see hidden_ranges)."""
+    return PAGE.replace("@FROM_PYTHON@", json.dumps(dict(
+        PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
+        NOTICE_MARK=NOTICE_MARK, ACTION_MARK=ACTION_MARK, RESENT_MARK=RESENT_MARK,
+        HIDDEN=hidden_ranges(), FLAG_TAG_SEQUENCE=FLAG_TAG_SEQUENCE.pattern,
+        MAX_WAITING_SHOWN=MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE=INPUT_HISTORY_SIZE,
+        CONFIRM_TIMEOUT=CONFIRM_TIMEOUT, MAX_REASON_BYTES=MAX_CONTROL_PAYLOAD - 2,
+        RECONNECT=sorted(RECONNECT_CODES), FIRST_BACKOFF=FIRST_BACKOFF, MAX_BACKOFF=MAX_BACKOFF)))
 
 
 # 18. Command line ##########################################################

@@ -14,6 +14,8 @@ import glob
 import http
 import importlib.util
 import io
+import itertools
+import json
 import logging
 import os
 import random
@@ -33,6 +35,7 @@ import typing
 import unicodedata
 import unittest
 import unittest.mock
+import urllib.request
 
 import chat
 from chat import CloseCode, Opcode
@@ -2534,6 +2537,21 @@ class TestPrintable(unittest.TestCase):
         self.assertEqual(printable(f"{TECHNOLOGIST}\u202e{SCOTLAND}\n"),
                          f"{TECHNOLOGIST}\\u202e{SCOTLAND}\\n")
 
+    def test_the_page_is_given_the_runs_of_characters_printable_escapes(self):
+        runs = chat.hidden_ranges()
+
+        def escaped(code):
+            return printable(chr(code)) != chr(code)
+
+        for (first, last), after in zip(runs, [*runs[1:], (sys.maxunicode + 2, 0)]):
+            self.assertTrue(first <= last < after[0] - 1)   # sorted, apart
+            self.assertTrue(escaped(first) and escaped(last), (first, last))
+            self.assertFalse(first > 0 and escaped(first - 1), first)
+            self.assertFalse(last < sys.maxunicode and escaped(last + 1), last)
+        for code in random.Random(6455).sample(range(sys.maxunicode + 1), 2000):   # and between
+            inside = any(first <= code <= last for first, last in runs)
+            self.assertEqual(inside, escaped(code), hex(code))
+
 
 # 12. Compression ###########################################################
 
@@ -4305,10 +4323,10 @@ class TestReconnectBackoff(unittest.TestCase):
         self.assertEqual(chat.next_backoff(chat.MAX_BACKOFF), chat.MAX_BACKOFF)
 
     def test_the_page_is_given_the_same_numbers(self):
-        given = re.search(r"const \{PATTERNS, .*\} = (\{.*\});\n", chat.PAGE)
-        self.assertIn(f'"FIRST_BACKOFF": {chat.FIRST_BACKOFF}, "MAX_BACKOFF": {chat.MAX_BACKOFF}}}',
-                      given[1])
-        self.assertNotRegex(chat.PAGE, r"@[A-Z_]+@")   # every placeholder filled in
+        given = json.loads(re.search(r"^       RECONNECT, .*\} = (\{.*\});$", chat.page(), re.M)[1])
+        self.assertEqual((given["FIRST_BACKOFF"], given["MAX_BACKOFF"]),
+                         (chat.FIRST_BACKOFF, chat.MAX_BACKOFF))
+        self.assertNotRegex(chat.page(), r"@[A-Z_]+@")   # every placeholder filled in
 
 
 class TestChatClient(ChatTestCase):
@@ -4795,6 +4813,390 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertIn(">>> HTTP/1.1 101 Switching Protocols", text)
         self.assertRegex(text, r"<<< TEXT fin=1 len=5 masked \| 81 85( [0-9a-f]{2}){4}")
         self.assertIn(">>> TEXT fin=1 len=5 | 81 05", text)
+
+
+# The web page, in a real browser ############################################
+
+def browser_or_skip() -> str:
+    """A Chromium to drive; skip without one, except in CI, where it must be there."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        program = shutil.which(name)
+        if program is not None:
+            return program
+    if os.environ.get("CI") == "true":
+        raise AssertionError("CI=true but chromium is missing: .ci/run installs it")
+    raise unittest.SkipTest("needs Chromium (Debian: apt-get install chromium)")
+
+
+class Chromium:
+    """A headless Chromium of our own: its DevTools on a port it picks, a throwaway profile."""
+
+    def __init__(self, program: str):
+        self.profile = tempfile.mkdtemp(prefix="chat-page-")
+        self.process = subprocess.Popen(
+            [program, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={self.profile}", "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port = self._devtools_port()
+
+    def _devtools_port(self) -> int:
+        """The port Chromium chose, from the DevToolsActivePort file it writes (bounded wait)."""
+        path = os.path.join(self.profile, "DevToolsActivePort")
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with contextlib.suppress(OSError):
+                with open(path) as file:
+                    lines = file.read().splitlines()
+                if len(lines) == 2:   # the port, then the browser's path: written whole
+                    return int(lines[0])
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("Chromium did not start")
+            time.sleep(0.05)   # polling for the file, not a guess at how long it takes
+
+    def _http(self, path: str, method: str = "GET") -> bytes:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/{path}", method=method)
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.read()
+
+    def new_tab(self) -> dict:
+        """A blank tab: its "id" and its "webSocketDebuggerUrl"."""
+        return json.loads(self._http("new?about:blank", method="PUT"))
+
+    def close_tab(self, tab_id: str):
+        self._http(f"close/{tab_id}")
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+#: Run before the page's own script: timers run 20 times faster (backoffs of
+#: 50 ms, not 1 s) and the delays asked for are kept in window.delays.
+FASTER_TIMERS = """
+window.delays = [];
+const realSetTimeout = window.setTimeout;
+window.setTimeout = (callback, ms, ...args) => {
+  window.delays.push(ms);
+  return realSetTimeout(callback, ms / 20, ...args);
+};"""
+
+#: The log's lines, without their times, and their styles.
+LOG_LINES = "[...document.querySelectorAll('#log li')].map((li) => [li.childNodes[1].textContent, li.className])"
+
+#: What a person would see go wrong: boxes overlapping or spilling out of
+#: their bar, a horizontal scroll, the newest line out of view, the focus
+#: on something without a label.
+LAYOUT = """new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done((() => {
+  const box = (element) => element.getBoundingClientRect();
+  const shown = ["header", "#log", "#waiting", "#join", "#send"].map((s) => document.querySelector(s))
+    .filter((element) => element.getClientRects().length && box(element).height > 0);
+  const problems = [];
+  shown.forEach((element, i) => {
+    if (i && box(element).top < box(shown[i - 1]).bottom - 0.5) problems.push(element.id + " overlaps");
+  });
+  if (box(shown[shown.length - 1]).bottom > innerHeight + 0.5) problems.push("below the window");
+  for (const bar of document.querySelectorAll("header, form")) {
+    for (const child of bar.children) {
+      const inner = box(child), outer = box(bar);
+      if (child.getClientRects().length && (inner.left < outer.left || inner.right > outer.right + 0.5
+          || inner.top < outer.top || inner.bottom > outer.bottom + 0.5)) problems.push(child.tagName + " spills");
+    }
+  }
+  if (document.documentElement.scrollWidth > innerWidth) problems.push("horizontal scroll");
+  const log = document.getElementById("log"), newest = log.lastElementChild;
+  if (newest && (box(newest).top < box(log).top - 0.5 || box(newest).bottom > box(log).bottom + 0.5))
+    problems.push("newest line out of view");
+  const focused = document.activeElement;
+  if (!focused.labels || !focused.labels.length || !focused.labels[0].textContent.trim())
+    problems.push("focus on " + focused.tagName + " without a label");
+  return problems;
+})()))))"""   # as drawn: two frames on
+
+#: Every text's contrast with the background behind it, WCAG 2's formula:
+#: [ratio, colour, background, the text], for each element with text of its
+#: own, each input's placeholder, and a sample line in every style.
+CONTRASTS = """(() => {
+  const log = document.getElementById("log"), waiting = document.getElementById("waiting");
+  const samples = ["", "notice", "action", "private", "mine", "history", "error"].map((style) => {
+    const item = document.createElement("li"), time = document.createElement("span");
+    time.className = "time"; time.textContent = "12:00"; item.className = style;
+    item.append(time, "a sample " + style + " line"); log.appendChild(item); return item;
+  });
+  samples.push(waiting.appendChild(Object.assign(document.createElement("li"), {textContent: "… on its way"})));
+  const rgb = (colour) => colour.match(/[\\d.]+/g).map(Number);
+  const luminance = (colour) => rgb(colour).slice(0, 3).map((c) => c / 255)
+    .map((c) => c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4)
+    .reduce((sum, c, i) => sum + c * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = (element) => {
+    for (; element; element = element.parentElement) {
+      const colour = getComputedStyle(element).backgroundColor;
+      if (rgb(colour)[3] !== 0) return colour;
+    }
+    return "rgb(255, 255, 255)";
+  };
+  const ratio = (a, b) => { const [l1, l2] = [luminance(a), luminance(b)].sort((x, y) => y - x); return (l1 + 0.05) / (l2 + 0.05); };
+  const found = [];
+  for (const element of document.body.querySelectorAll("*")) {
+    if (!element.getClientRects().length || element.tagName === "SCRIPT") continue;
+    const own = [...element.childNodes].filter((n) => n.nodeType === 3).map((n) => n.textContent).join("").trim();
+    const texts = [[own, getComputedStyle(element).color]];
+    if (element.placeholder) texts.push([element.placeholder, getComputedStyle(element, "::placeholder").color]);
+    for (const [text, colour] of texts)
+      if (text) found.push([ratio(colour, background(element)), colour, background(element), text]);
+  }
+  samples.forEach((sample) => sample.remove());
+  return found;
+})()"""
+
+
+class Tab:
+    """One browser tab, driven over the DevTools protocol with chat.py's own client."""
+
+    def __init__(self, conn: chat.Connection):
+        self.conn, self.calls = conn, 0
+
+    async def call(self, method: str, **params) -> dict:
+        self.calls += 1
+        await self.conn.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:   # events may come first
+            reply = json.loads(await within(self.conn.recv()))
+            if reply.get("id") == self.calls:
+                break
+        if "error" in reply:
+            raise AssertionError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    async def evaluate(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                                 awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, seconds: float = TIMEOUT):
+        """The expression's value once it is truthy in the page; fail after ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still not true after {seconds} s: {expression}")
+            await asyncio.sleep(0.02)   # between polls: the browser runs meanwhile
+
+    async def type(self, text: str):
+        await self.call("Input.insertText", text=text)
+
+    async def press(self, key: str):
+        """Enter, ArrowUp or ArrowDown, as the keyboard sends them."""
+        code = {"Enter": 13, "ArrowUp": 38, "ArrowDown": 40}[key]
+        text = {"text": "\r"} if key == "Enter" else {}
+        await self.call("Input.dispatchKeyEvent", type="keyDown", key=key, code=key,
+                        windowsVirtualKeyCode=code, **text)
+        await self.call("Input.dispatchKeyEvent", type="keyUp", key=key, code=key,
+                        windowsVirtualKeyCode=code)
+
+    async def log_lines(self) -> list[list[str]]:
+        return await self.evaluate(LOG_LINES)
+
+    async def shown(self, text: str) -> list[str]:
+        """Wait until the log shows the line ``text``; return [text, its style]."""
+        return (await self.wait_for(f"{LOG_LINES}.filter(([text]) => text === {json.dumps(text)})"))[-1]
+
+
+class TestPage(ChatTestCase):
+    """The page at "/" in headless Chromium: the terminal client's promises, kept accessibly."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chromium = Chromium(browser_or_skip())   # one for the class: starting one takes a while
+        chat.page()   # built once (0.2-0.5 s), here rather than while a test's loop waits
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.chromium.stop()
+
+    async def open_page(self, width: int = 390, height: int = 800, *, server=None) -> Tab:
+        """A new tab at ``width`` x ``height`` showing the page of ``server`` (a room of our own)."""
+        if server is None:
+            server = await self.start_room()
+        target = await asyncio.to_thread(self.chromium.new_tab)
+        self.addAsyncCleanup(asyncio.to_thread, self.chromium.close_tab, target["id"])
+        conn = await within(chat.connect(target["webSocketDebuggerUrl"], max_size=2**26,
+                                         compression=False))
+        self.addAsyncCleanup(conn.close)
+        tab = Tab(conn)
+        await tab.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                       deviceScaleFactor=1, mobile=False)
+        await tab.call("Page.enable")   # without it, Chromium 156 did not run the script below
+        await tab.call("Page.addScriptToEvaluateOnNewDocument", source=FASTER_TIMERS)
+        await tab.call("Page.navigate", url=f"http://127.0.0.1:{server.port}/")
+        await tab.wait_for(f"location.port === '{server.port}' && document.readyState === 'complete'")
+        return tab
+
+    async def join_page(self, tab: Tab, name: str = "alice"):
+        await tab.evaluate("document.getElementById('name').focus()")
+        await tab.type(name)
+        await tab.press("Enter")
+        await tab.wait_for("document.activeElement.id === 'text' && document.getElementById('log')"
+                           f".textContent.includes('You are connected as {name}!')")
+
+    async def assertLaidOut(self, tab: Tab):
+        self.assertEqual(await tab.evaluate(LAYOUT), [])
+
+    async def test_text_is_escaped_as_printable_escapes_it(self):
+        tricky = ["brb\n19:16 * bob left: bye", "a\u2028b\u2029c", "see \u202e!tsil eht no si bob",
+                  f"{TECHNOLOGIST} {RAINBOW_FLAG}", f"go {SCOTLAND} go", "hi\U000E0041",
+                  "\U000E0067\U000E007F", "soft\xadhyphen pay\u200bpal", "nul\x00 del\x7f",
+                  "c1\x85\x9b", "tab\tcr\r", "\ue000 \U000F0000 \U0010FFFD", "\u0378 \U0010FFFF",
+                  "\ufeff\u2060\u061c", "e\u0301 \u3000\u00a0 \u200c"]
+        edges = sorted({code for first, last in chat.hidden_ranges()   # every run's ends, and past them
+                        for code in (first - 1, first, last, last + 1) if 0 <= code <= sys.maxunicode})
+        tricky += [f"<{chr(code)}>" for code in edges]
+        tab = await self.open_page()
+        shown = await tab.evaluate(f"{json.dumps(tricky)}.map(printable)")
+        self.assertEqual(shown, [printable(text) for text in tricky])
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await bob.send(tricky[0])
+        await bob.send(tricky[2])
+        await tab.shown(f"[bob]: {printable(tricky[2])}")
+        self.assertIn([f"[bob]: {printable(tricky[0])}", ""], await tab.log_lines())   # one line
+
+    async def test_notices_and_actions_are_marked_apart(self):
+        tab = await self.open_page()
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        self.assertEqual(await tab.shown("-!- bob joined"), ["-!- bob joined", "notice"])
+        await bob.send("/me waves")
+        self.assertEqual(await tab.shown("* bob waves"), ["* bob waves", "action"])
+        await bob.send("* alice left: bye")   # what a member says can't pass for a notice
+        await tab.shown("[bob]: * alice left: bye")
+        await bob.close(CloseCode.NORMAL_CLOSURE, "bye")
+        self.assertEqual(await tab.shown("-!- bob left: bye"), ["-!- bob left: bye", "notice"])
+        lines = [text for text, _ in await tab.log_lines()]
+        self.assertTrue(lines[0].startswith("-!- You are connected as alice! There is 1 user here."))
+
+    async def test_the_newest_line_stays_in_view_through_pending_lines_and_an_outage(self):
+        tab = await self.open_page(390, 800)
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        for i in range(40):
+            await bob.send(f"line {i}")
+        await tab.shown("[bob]: line 39")
+        await self.assertLaidOut(tab)
+        port = self.server.port
+        await self.server.close()   # the server goes away ...
+        await tab.wait_for("document.getElementById('status').textContent.startsWith('reconnecting')")
+        for line in ("one", "two", "three"):   # ... while alice goes on typing
+            await tab.type(line)
+            await tab.press("Enter")
+        await tab.wait_for("document.querySelectorAll('#waiting li').length === 3")
+        await self.assertLaidOut(tab)
+        room = chat.ChatRoom(rate=0)   # ... and comes back on the same port, knowing no one
+        self.server = await chat.serve(room.handle, "127.0.0.1", port, keepalive_interval=None,
+                                       process_request=room.process_request)
+        self.addAsyncCleanup(self.server.close)
+        await tab.shown("[alice]: three")   # never sent before: not marked as resent
+        await tab.wait_for("!document.querySelector('#waiting li')")
+        await self.assertLaidOut(tab)
+        await tab.evaluate("document.getElementById('log').scrollTop = 0")   # the reader scrolls up
+        carol = await self.join("carol")
+        await carol.send("hello")
+        await tab.shown("[carol]: hello")
+        self.assertEqual(await tab.evaluate("document.getElementById('log').scrollTop"), 0)
+
+    async def test_refusals_back_off_with_one_status_and_no_lines(self):
+        gate, tries = chat.Gate(), itertools.count(1)
+
+        def refuse_every_other(request):   # 503 before the upgrade, then 1013 after it
+            answer = gate.process_request(request)
+            if answer is None and next(tries) % 2:
+                return chat.Response(http.HTTPStatus.SERVICE_UNAVAILABLE, "busy\n")
+            return answer
+
+        async def try_later(conn):
+            await conn.close(CloseCode.TRY_AGAIN_LATER, "names can't be checked just now")
+
+        server = await self.start(try_later, process_request=refuse_every_other)
+        tab = await self.open_page(server=server)
+        await tab.type("alice")
+        await tab.press("Enter")
+        status = await tab.wait_for(
+            "((status) => status.includes('attempt 4') && status)(document.getElementById('status').textContent)")
+        self.assertEqual(status, "reconnecting in 8 s (attempt 4): names can't be checked just now")
+        self.assertEqual(await tab.evaluate("window.delays"), [1000, 2000, 4000, 8000])
+        self.assertEqual(await tab.log_lines(), [])
+
+    async def test_a_pasted_block_goes_line_by_line_and_up_recalls_the_lines(self):
+        tab = await self.open_page()
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await tab.evaluate("""(() => {
+          const data = new DataTransfer();
+          data.setData("text/plain", "one\\r\\ntwo\\nthree");
+          document.getElementById("text").dispatchEvent(
+            new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true}));
+        })()""")
+        await self.expect(bob, "[alice]: one", "[alice]: two")
+        self.assertEqual(await tab.evaluate("document.getElementById('text').value"), "three")
+        await self.assertLaidOut(tab)
+        await tab.press("Enter")
+        await self.expect(bob, "[alice]: three")
+        recalled = []
+        for key in ("ArrowUp", "ArrowUp", "ArrowDown", "ArrowDown"):
+            await tab.press(key)
+            recalled.append(await tab.evaluate("document.getElementById('text').value"))
+        self.assertEqual(recalled, ["three", "two", "three", ""])
+
+    async def test_quit_is_calm_and_offers_to_join_again(self):
+        tab = await self.open_page()
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await tab.type("/quit gone for lunch")
+        await tab.press("Enter")
+        await self.expect(bob, "* alice left: gone for lunch")
+        self.assertEqual(await tab.shown("-!- you left (gone for lunch)"),
+                         ["-!- you left (gone for lunch)", "notice"])
+        self.assertEqual(await tab.evaluate(
+            "[document.activeElement.id, document.activeElement.value, document.getElementById('join').hidden]"),
+            ["name", "alice", False])
+        await tab.press("Enter")
+        await tab.wait_for("document.getElementById('status').textContent === 'connected as alice'")
+
+    async def test_a_refused_name_asks_for_another(self):
+        tab = await self.open_page()
+        await self.join("alice")
+        await tab.type("alice")
+        await tab.press("Enter")
+        self.assertEqual(await tab.shown("-!- the name alice is taken; pick another"),
+                         ["-!- the name alice is taken; pick another", "notice"])
+        self.assertEqual(await tab.evaluate("document.getElementById('status').textContent"),
+                         "pick another name")
+        await self.assertLaidOut(tab)   # the focus among them: in the name field, labelled
+        self.assertEqual(await tab.evaluate("document.activeElement.id"), "name")
+        await tab.type("carol")   # over the refused name, which is selected
+        await tab.press("Enter")
+        await tab.wait_for("document.getElementById('status').textContent === 'connected as carol'")
+
+    async def test_labels_roles_and_contrast_at_phone_and_desktop_widths(self):
+        for width in (390, 1280):
+            with self.subTest(width=width):
+                tab = await self.open_page(width, 800)
+                labels = "['name', 'text'].map((id) => document.getElementById(id).labels[0].textContent)"
+                self.assertEqual(await tab.evaluate(labels), ["Name", "Message"])
+                log = "['role', 'aria-live'].map((name) => document.getElementById('log').getAttribute(name))"
+                self.assertEqual(await tab.evaluate(log), ["log", "polite"])
+                await self.join_page(tab, f"user{width}")
+                await self.assertLaidOut(tab)
+                contrasts = await tab.evaluate(CONTRASTS)
+                self.assertGreater(len(contrasts), 10)
+                self.assertEqual([found for found in contrasts if found[0] < 4.5], [])
 
 
 # Fuzzing ###################################################################
