@@ -3348,7 +3348,8 @@ def hidden_ranges() -> tuple[tuple[int, int], ...]:
     The page (section 17) is given these runs (about 700) and FLAG_TAG_SEQUENCE,
     so it escapes what the terminal escapes, by this Python's Unicode version.
     Asking about all 1.1 million code points takes 0.2 s (0.5 s on Python
-    3.10): done once, when the page is first served, not at every start.
+    3.10): done once, as `chat.py server` starts (run_server), not in a stall
+    of the room when a browser first asks.
     """
     runs = []
     first = 0
@@ -6648,6 +6649,7 @@ async def run_server(args: argparse.Namespace) -> int:
                    allowed_origins=args.allow_origin,
                    allowed_hosts=args.allow_host, secure=ssl_context is not None)
     room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else BatchedRoom(**options)
+    page()   # built now (0.2-0.5 s), not in a stall of the room when a browser first asks
     if isinstance(room, SharedRoom):
         try:
             await room.connect()
