@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import hashlib
 import http
 import inspect
@@ -1554,7 +1555,10 @@ RELAY_OVERHEAD = 1024
 #: client parses (see parse_greeting): who you are, the limits, the private
 #: token that gets your name back after a dropped connection, and how many
 #: history lines follow.
-GREETING = ("* You are connected as {name}! There {count}. Type /help for commands. "
+#: Its first sentences, up to " Limits: ", are all a person is shown: short
+#: enough that with a time and a mark they fit 80 columns ("Type /help for
+#: commands." made them 82).
+GREETING = ("* You are connected as {name}! There {count}. Try /help. "
             "Limits: lines of up to {max_size} bytes; {rate}. "
             "Your resume token is {token} (keep it to yourself). The room has {delivered} of "
             "yours. {history} of history follow.")
@@ -2088,7 +2092,7 @@ class Gate:
         if not self.host_allowed(host):
             return host_refusal(host)
         if request.path == "/" and not wants_upgrade(request.headers):
-            return Response(http.HTTPStatus.OK, PAGE, content_type="text/html; charset=utf-8")
+            return Response(http.HTTPStatus.OK, page(), content_type="text/html; charset=utf-8")
         if request.path != CHAT_PATH:
             return Response(http.HTTPStatus.NOT_FOUND, "not found: the chat is at /chat, the page at /\n")
         try:
@@ -3341,13 +3345,15 @@ GLYPH_JOINERS = frozenset("\u200c\u200d")
 FLAG_TAG_SEQUENCE = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
 
 
+def is_hidden(char: str) -> bool:
+    """Is ``char`` one that printable() escapes (unless inside a flag sequence)?"""
+    return unicodedata.category(char) in HIDDEN_CATEGORIES and char not in GLYPH_JOINERS
+
+
 def escape_hidden(text: str) -> str:
-    """``text`` with every hidden character, except the glyph joiners, escaped."""
-    return "".join(
-        char.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(char) in HIDDEN_CATEGORIES and char not in GLYPH_JOINERS
-        else char
-        for char in text)
+    """``text`` with every hidden character escaped."""
+    return "".join(char.encode("unicode_escape").decode("ascii") if is_hidden(char) else char
+                   for char in text)
 
 
 def printable(text: str) -> str:
@@ -3374,6 +3380,26 @@ def printable(text: str) -> str:
         shown_up_to = flag.end()
     pieces.append(escape_hidden(text[shown_up_to:]))
     return "".join(pieces)
+
+
+@functools.cache
+def hidden_ranges() -> tuple[tuple[int, int], ...]:
+    """Every code point is_hidden() escapes, as (first, last) runs: printable()'s rule for the page.
+
+    The page (section 17) is given these runs (about 700) and FLAG_TAG_SEQUENCE,
+    so it escapes what the terminal escapes, by this Python's Unicode version.
+    Asking about all 1.1 million code points takes 0.2 s (0.5 s on Python
+    3.10): done once, as `chat.py server` starts (run_server), not in a stall
+    of the room when a browser first asks.
+    """
+    runs = []
+    first = 0
+    for hidden, chars in itertools.groupby(map(chr, range(sys.maxunicode + 1)), key=is_hidden):
+        count = sum(1 for _ in chars)
+        if hidden:
+            runs.append((first, first + count - 1))
+        first += count
+    return tuple(runs)
 
 
 
@@ -5302,10 +5328,6 @@ def next_backoff(delay: float) -> float:
     return min(delay * 2, MAX_BACKOFF)
 
 
-#: A refusal that will pass (1013 after the upgrade, 503 before it), in a person's words.
-ROOM_BUSY = "the room can't take you just now"
-
-
 class Reconnecting:
     """A spell of tries to get back into the room, and what to say of it: no I/O.
 
@@ -5342,8 +5364,8 @@ class Reconnecting:
 
     def begun(self) -> str:
         """The one line a pipe gets when the spell begins."""
-        return (f"* reconnecting ({self.why}): trying again in {self.delay:g} s, then waiting "
-                f"longer each time, up to {MAX_BACKOFF:g} s")
+        return (f"* {self.why}; reconnecting in {self.delay:g} s, then waiting longer each "
+                f"time, up to {MAX_BACKOFF:g} s")
 
     def over(self) -> str | None:
         """The room greeted us: the spell is over; its last line (None: there was no spell)."""
@@ -5374,6 +5396,9 @@ MAX_WAITING_SHOWN = 5
 
 #: Lines the terminal keeps to draw the screen again after a resize.
 MAX_REPAINTED_LINES = 200
+
+#: The input line's prompt while the client asks for a name, not the chat's "> ".
+NAME_PROMPT = "name> "
 
 #: Colour codes (Select Graphic Rendition), which take no room on the screen.
 SGR = re.compile(r"\x1b\[[0-9;]*m")
@@ -5466,17 +5491,31 @@ class DeliveryLedger:
 
 def line_style(line: str, name: str) -> str:
     """Which STYLES entry a line from the room is shown in ("" for plain)."""
-    for kind in ("notice", "private"):   # named in STYLES as in LINES
+    for kind in ("notice", "action", "private"):   # named in STYLES as in LINES
         if LINES[kind].match(line):
             return kind
     return "mine" if line.startswith(LINES["said"].head(name)) else ""
+
+
+def marked(line: str) -> str:
+    """The line with the mark that says who wrote it (see NOTICE_MARK): a notice's
+    "* " becomes NOTICE_MARK, an action "[bob] waves" becomes "* bob waves"."""
+    action = LINES["action"].match(line)
+    if action:
+        return f"{ACTION_MARK}{action[1]} {line[action.end():]}"
+    notice = LINES["notice"].match(line)
+    if not notice:
+        return line   # what a member says starts with "[name]": never with a mark
+    if parse_greeting(line) is not None:   # the limits and the token are for the client
+        line = line.split(" Limits: ")[0]
+    return NOTICE_MARK + line[notice.end():]
 
 
 def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple[str, str]:
     """A line from the room as the terminal shows it, and its style.
 
     History lines carry their time in UTC; everything else is stamped now.
-    An action ("[bob] waves") is shown IRC style: "* bob waves".
+    Notices start with NOTICE_MARK, actions with ACTION_MARK (see marked).
     """
     stamp, style = now, ""
     history = LINES["history"].match(line)
@@ -5484,14 +5523,39 @@ def display_line(line: str, *, name: str, timestamps: bool, now: float) -> tuple
         with contextlib.suppress(ValueError):   # a month 13 from a broken server: stamp it now
             stamp = calendar.timegm(time.strptime(history[1], UTC_STAMP_FORMAT))
         line, style = line[history.end():], "history"
-    action = LINES["action"].match(line)
-    if action:
-        line, style = f"* {action[1]} {line[action.end():]}", style or "action"
-    if parse_greeting(line) is not None:   # the limits and the token are for the client
-        line = line.split(" Limits: ")[0]
     style = style or line_style(line, name)
-    text = printable(line)
+    text = printable(marked(line))
     return (time.strftime("%H:%M ", time.localtime(stamp)) + text if timestamps else text), style
+
+
+#: What a shown line starts with before its text: the time, then a mark.
+SHOWN_HEAD = re.compile(rf"(\d\d:\d\d )?({re.escape(NOTICE_MARK)}|{re.escape(ACTION_MARK)})?")
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """A shown line in rows of at most ``width`` cells, broken between words.
+
+    The terminal would break it wherever the row ends, mid-word. Rows after
+    the first are indented under the text, past the time and the mark, and
+    never start at the left edge, where only a notice's mark may be. A word
+    longer than a row is broken where the row ends.
+    """
+    indent = " " * min(max(len(SHOWN_HEAD.match(text)[0]), 2), width // 2)
+    rows = [""]
+    for piece in re.findall(r" +|[^ ]+", text):
+        if display_width(rows[-1] + piece) <= width:
+            rows[-1] += piece
+        elif piece.startswith(" "):
+            rows.append(indent)   # the break takes the place of the spaces
+        elif display_width(indent + piece) <= width and rows[-1].strip():
+            rows[-1] = rows[-1].rstrip(" ")
+            rows.append(indent + piece)
+        else:
+            for char in piece:   # longer than a row: break it where the row ends
+                if rows[-1].strip() and display_width(rows[-1]) + char_width(char) > width:
+                    rows.append(indent)
+                rows[-1] += char
+    return rows
 
 
 class Keyboard:
@@ -5693,6 +5757,10 @@ class Terminal:
         self._write(self.view.redraw(self.editor.buffer, self.editor.cursor,
                                      width, height, self.status()))
 
+    @property
+    def width(self) -> int:
+        return self._size()[0]
+
     def _size(self) -> tuple[int, int]:
         try:
             return os.get_terminal_size(self.fd)
@@ -5724,18 +5792,40 @@ class Screen:
         self.show(text, style, own=True)
 
     def show(self, line: str, style: str | None = None, *, name: str = "", own: bool = False) -> None:
-        """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine")."""
+        """Show one line: in ``style``, or as display_line finds (``name`` is ours: "mine").
+
+        A line given its ``style`` is the client's own, a notice like the room's.
+        """
+        if style is not None and not LINES["notice"].match(line):
+            line = LINES["notice"].template.format(text=line)
         text, found_style = display_line(line, name=name, timestamps=self.timestamps,
                                          now=time.time())
         code = STYLES.get(found_style if style is None else style)
-        if self.color and code:
-            text = f"\x1b[{code}m{text}\x1b[0m"
-        if self.terminal is not None:
-            self.terminal.show([text])
+        if self.terminal is not None:   # each row coloured: a repaint may draw only the last
+            self.terminal.show([self.colored(row, code)
+                                for row in wrap_words(text, self.terminal.width)])
         else:
             out = self.err if own else self.out
-            out.write(text + "\n")
+            out.write(self.colored(text, code) + "\n")
             out.flush()
+
+    def colored(self, text: str, code: str | None) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
+
+    @contextlib.contextmanager
+    def prompting(self, prompt: str) -> typing.Iterator[None]:
+        """The input line starts with ``prompt`` meanwhile, not the chat's "> "."""
+        if self.terminal is None:   # plain line input: its prompt is fixed
+            yield
+            return
+        view, redraw = self.terminal.view, self.terminal.redraw
+        chat_prompt, view.prompt = view.prompt, prompt
+        redraw()
+        try:
+            yield
+        finally:
+            view.prompt = chat_prompt
+            redraw()
 
 
 def wants_color(out: typing.TextIO, environ: typing.Mapping[str, str]) -> bool:
@@ -5768,6 +5858,43 @@ def with_query(url: str, **params: str | None) -> str:
 def is_try_later(error: BaseException) -> bool:
     """Did the server refuse the connection for now (503: full, or too many from us)?"""
     return isinstance(error, InvalidStatus) and error.status == http.HTTPStatus.SERVICE_UNAVAILABLE
+
+
+#: Why a connection ended, in words, by close code (the code follows, for experts).
+CLOSE_WORDS = {
+    CloseCode.NORMAL_CLOSURE: "the server closed the connection",
+    CloseCode.GOING_AWAY: "the server is going away (restarting?)",
+    CloseCode.PROTOCOL_ERROR: "one side broke the WebSocket protocol",
+    CloseCode.UNSUPPORTED_DATA: "the server can't take that kind of message",
+    CloseCode.NO_STATUS_RCVD: "the server closed the connection without saying why",
+    CloseCode.ABNORMAL_CLOSURE: "the connection dropped",
+    CloseCode.INVALID_PAYLOAD: "a message was not valid UTF-8 text",
+    CloseCode.POLICY_VIOLATION: "the server refused",
+    CloseCode.MESSAGE_TOO_BIG: "a message was too big",
+    CloseCode.MANDATORY_EXTENSION: "the server lacks an extension the client needs",
+    CloseCode.INTERNAL_ERROR: "the server hit an unexpected error",
+    CloseCode.SERVICE_RESTART: "the server is restarting",
+    CloseCode.TRY_AGAIN_LATER: "the room can't take you just now",   # a 503 too (see attempt)
+    CloseCode.BAD_GATEWAY: "a proxy could not reach the server",
+    CloseCode.TLS_HANDSHAKE: "the TLS handshake failed",
+}
+
+#: The reason Connection.keepalive_tick closes with: an ordinary thing (a
+#: suspended laptop, a dead Wi-Fi), though its code, 1011, says "internal error".
+KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"
+
+
+def describe_close(closed: ConnectionClosed) -> str:
+    """Why the connection ended, for a person: words, the reason, then the code."""
+    words = CLOSE_WORDS.get(closed.code, "the server closed the connection")
+    # Ours (then often 1006: the dead link brought no close frame back) or the server's.
+    if KEEPALIVE_TIMEOUT_REASON in (closed.reason, closed.sent and closed.sent.reason):
+        text = "the connection went quiet (no answer to keepalive pings)"
+    elif closed.reason and closed.code in (CloseCode.NORMAL_CLOSURE, CloseCode.POLICY_VIOLATION):
+        text = closed.reason   # the server's own explanation says it best
+    else:
+        text = f"{words}: {closed.reason}" if closed.reason else words
+    return f"{text} ({closed.code})"
 
 
 def is_name_refusal(closed: ConnectionClosed) -> bool:
@@ -5876,6 +6003,45 @@ class Sender:
         return parsed
 
 
+class HistoryBlock:
+    """Notices around the history a room replays after its greeting: no I/O.
+
+    Dimmed is not enough (NO_COLOR, a pipe): a line from an hour ago must not
+    read as said now. One notice before the first history line shown and one
+    after the last, as IRC bouncers mark their playback, cost two rows, where
+    a mark on every line would cost ten columns of each at 80.
+    """
+
+    def __init__(self) -> None:
+        self.due: int | None = None   # history lines the greeting announced, still to come
+        self.shown = 0                # history lines shown since the block began
+        self.heading = ""
+
+    def greeted(self, count: int | None, been_here: bool) -> None:
+        """A greeting announced ``count`` lines of history (None: it didn't say)."""
+        self.due, self.shown = count, 0
+        # After a reconnect, only what we have not seen is shown (ChatClient.on_line).
+        self.heading = "* history: what was said " + (
+            "while you were away" if been_here else "here before you came")
+
+    def around(self, history: bool, shown: bool) -> tuple[list[str], list[str]]:
+        """The notices to show before and after one line from the room (``shown``: not a repeat)."""
+        if not history:
+            return self.end(), []   # the room has gone live: the block ends before this line
+        before = [self.heading] if shown and not self.shown else []
+        self.shown += shown
+        if self.due is not None:
+            self.due -= 1
+        return before, self.end() if self.due == 0 else []
+
+    def end(self) -> list[str]:
+        if not self.shown:
+            return []   # no block open (the greeting itself comes through here too)
+        ended = [f"* end of history ({plural(self.shown, 'line')})"]
+        self.due, self.shown = None, 0
+        return ended
+
+
 class ChatClient:
     """The session: connects, shows the room, reconnects when the server goes away."""
 
@@ -5903,6 +6069,7 @@ class ChatClient:
         self.reconnected = False                       # then the history repeats what we saw
         self.greeted = asyncio.Event()                 # on the latest connection (see session)
         self.seen: collections.deque[str] = collections.deque(maxlen=2 * HISTORY_SIZE)
+        self.history = HistoryBlock()
 
     def waiting(self) -> list[str]:
         """The terminal's status under the room's lines: a reconnection under way, then our
@@ -5943,7 +6110,9 @@ class ChatClient:
                 self.screen.note(f"cannot connect to {self.url}: {explain_connect_error(error)}",
                                  "error")
                 return 1
-            return ROOM_BUSY if is_try_later(error) else explain_connect_error(error)
+            if is_try_later(error):   # the same refusal as 1013, before the upgrade
+                return CLOSE_WORDS[CloseCode.TRY_AGAIN_LATER]
+            return explain_connect_error(error)
         if conn is None:
             return 0   # Ctrl-C while connecting
         closed = await self.session(conn)
@@ -5951,13 +6120,15 @@ class ChatClient:
             return 0
         retrying = self.reconnect and closed.code in RECONNECT_CODES
         if self.greeted.is_set() or not retrying:   # else a refusal, said by the spell
-            self.screen.note(f"* disconnected: {closed}", "error")
+            self.screen.note(f"* disconnected: {describe_close(closed)}", "error")
         self.reconnected = True
         if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
             return None
         if not retrying:
             return 1
-        return ROOM_BUSY if closed.code == CloseCode.TRY_AGAIN_LATER else str(closed)
+        if closed.code == CloseCode.TRY_AGAIN_LATER:   # short: it is shown at every try
+            return CLOSE_WORDS[closed.code]
+        return describe_close(closed)
 
     async def connect_unless_interrupted(self, url: str) -> Connection | None:
         """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
@@ -6072,6 +6243,7 @@ class ChatClient:
         if spell:
             self.screen.note(spell)
         greeting = parse_greeting(line)
+        self.history.greeted(greeting.history if greeting else None, been_here=bool(self.seen))
         self.sender.obey(greeting)
         if greeting is None:
             return   # not our kind of server: no names, no receipts
@@ -6093,10 +6265,13 @@ class ChatClient:
         text = line[history.end():] if history else line
         # After a reconnect the history repeats what was shown before: skip
         # that. (So a line said twice in the same words may then show once.)
-        if history and self.reconnected and text in self.seen:
-            return
-        self.seen.append(text)
-        self.screen.show(line, name=self.name)
+        repeated = bool(history) and self.reconnected and text in self.seen
+        before, after = self.history.around(bool(history), not repeated)
+        if not repeated:
+            self.seen.append(text)
+            before.append(line)
+        for shown in before + after:
+            self.screen.show(shown, name=self.name)
 
     # -- between connections ----------------------------------------------
 
@@ -6118,15 +6293,39 @@ class ChatClient:
         return True
 
     async def ask_for_a_name(self) -> bool:
-        """The room refused our name: the next line typed is the new one."""
-        self.screen.show("* type another name and Enter (Ctrl-C leaves)", "notice")
-        waiting = len(self.keyboard.lines)   # lines typed before this are chat, kept for later
-        await self.keyboard.wait_until(
-            lambda: len(self.keyboard.lines) > waiting or self.keyboard.done)
-        if len(self.keyboard.lines) <= waiting:
-            return False
-        self.name, self.token = self.keyboard.lines.pop().strip(), None
-        return True
+        """The room refused our name: ask for another at the name prompt; False if the user leaves.
+
+        At a prompt of its own, so that chat typed there can't pass for a
+        name. A line that can't be one is not sent anywhere: the screen says
+        why (a chat line, by its spaces), Up brings it back, and we ask again.
+        """
+        self.screen.show(f"* type another name after {NAME_PROMPT.strip()} and press Enter "
+                         "(Ctrl-C leaves)", "notice")
+        with self.screen.prompting(NAME_PROMPT):
+            while True:
+                line = await self.next_line_typed()
+                if line is None or is_quit_command(line):
+                    return False
+                try:
+                    self.name, self.token = check_typed_name(line), None
+                    return True
+                except ValueError as why:
+                    self.screen.show(f"* not sent: {why} (Up brings it back)", "error")
+
+    async def next_line_typed(self) -> str | None:
+        """The next line the user types; None if the input ends first, or Ctrl-C.
+        Lines typed before are chat, waiting to be sent: they stay."""
+        waiting = len(self.keyboard.lines)
+        await self.keyboard.wait_until(lambda: len(self.keyboard.lines) > waiting
+                                       or self.keyboard.ended or self.keyboard.interrupted)
+        return self.keyboard.lines.pop() if len(self.keyboard.lines) > waiting else None
+
+
+def check_typed_name(line: str) -> str:
+    """check_name for a line typed at the name prompt: one with spaces is chat typed there."""
+    if any(char.isspace() for char in line.strip()):
+        raise ValueError("a chat line? A name has no spaces")
+    return check_name(line)
 
 
 def is_quit_command(line: str) -> bool:
@@ -6144,78 +6343,180 @@ def is_quit_command(line: str) -> bool:
 
 #: The page served at "/": self-contained (no external scripts, styles or
 #: fonts), text shown with textContent so it is never parsed as HTML. It
-#: keeps the terminal client's promises: lines paced to the room's limit,
-#: dimmed until the room's copy comes back, and sent again after a reconnect.
-PAGE = """<!doctype html>
+#: keeps the terminal client's promises, with the rules it is given from
+#: Python (@FROM_PYTHON@, see page()): lines escaped as printable() escapes
+#: them, notices and actions marked as the terminal marks them, lines paced
+#: to the room's limit, listed until the room's copy comes back and sent
+#: again after a reconnect, a pasted block sent line by line, Up and Down
+#: for the lines sent before, and the same backoff between tries.
+#:
+#: Every text colour has a contrast of at least 4.5:1 with its background
+#: (WCAG 2 AA), on white / on the bars' #f3f3f3: text #1a1a1a 17.4 / 15.7,
+#: times, history, lines on their way and placeholders #595959 7.0 / 6.3,
+#: notices #7a5200 6.9, actions #00666b 6.8, private lines #8a008a 8.6, our
+#: own #006400 7.4, errors #b00000 7.4 (the last five on white only).
+PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>chat.py</title>
 <style>
-body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
-header, form { padding: .5em 1em; background: #f3f3f3; display: flex; gap: .5em; }
-#log { flex: 1; overflow-y: auto; padding: .5em 1em; margin: 0; list-style: none; white-space: pre-wrap; }
-#waiting { margin: 0; padding: 0 1em; list-style: none; color: #aaa; white-space: pre-wrap; }
-.notice { color: #777; font-style: italic; } .history { color: #999; } .private { color: #a0a; }
-.mine { color: #070; } .action { color: #088; } .error { color: #b00; }
-.time { color: #aaa; font-size: 85%; margin-right: .5em; }
-input[type=text] { flex: 1; } [hidden] { display: none !important; }
+body { font: 16px/1.4 system-ui, sans-serif; color: #1a1a1a; background: #fff; margin: 0;
+       display: flex; flex-direction: column; height: 100vh; height: 100dvh; }
+header, form { padding: .5em 1em; background: #f3f3f3; display: flex; align-items: center; gap: .5em; }
+#status { min-width: 0; overflow-wrap: anywhere; }
+#log { flex: 1; min-height: 0; overflow-y: auto; overflow-anchor: none; margin: 0; padding: .5em 1em; }
+#log, #waiting { list-style: none; white-space: pre-wrap; overflow-wrap: anywhere; }
+#waiting { margin: 0; padding: 0 1em; color: #595959; font-style: italic; }
+input { flex: 1; min-width: 0; font: inherit; color: inherit; background: #fff;
+        border: 1px solid #595959; padding: .2em .4em; }
+input::placeholder { color: #595959; }
+button { font: inherit; color: #1a1a1a; background: #fff; border: 1px solid #595959; padding: .2em .8em; }
+.time, .history { color: #595959; } .time { font-size: 85%; margin-right: .5em; }
+.notice { color: #7a5200; font-style: italic; } .action { color: #00666b; }
+.private { color: #8a008a; } .mine { color: #006400; } .error { color: #b00000; }
+[hidden] { display: none !important; }
 </style></head>
 <body>
-<header><strong>chat.py</strong><span id="status">not connected</span></header>
-<ul id="log"></ul>
-<ul id="waiting"></ul>
-<form id="join"><input id="name" type="text" placeholder="your name" maxlength="32" autofocus>
+<header><strong>chat.py</strong> <span id="status" role="status">not connected</span></header>
+<ul id="log" role="log" aria-live="polite" aria-label="messages"></ul>
+<ul id="waiting" aria-label="your lines on their way"></ul>
+<form id="join"><label for="name">Name</label>
+<input id="name" type="text" maxlength="32" autocomplete="nickname" autofocus>
 <button>Join</button></form>
-<form id="send" hidden><input id="text" type="text" placeholder="message, or /help" autocomplete="off">
+<form id="send" hidden><label for="text">Message</label>
+<input id="text" type="text" placeholder="/help for commands" autocomplete="off">
 <button>Send</button></form>
 <script>
 "use strict";
-const {PATTERNS, LINES, RESENT_MARK, RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
+const {PATTERNS, LINES, NOTICE_MARK, ACTION_MARK, RESENT_MARK, HIDDEN, FLAG_TAG_SEQUENCE,
+       MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE, CONFIRM_TIMEOUT, MAX_REASON_BYTES,
+       RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
-let socket = null, myName = "", token = "", greeted = false, delivered = 0, reconnected = false;
-let backoff = FIRST_BACKOFF, bucket = null, pumping = null;   // backoffs in seconds
-const pending = [];   // our lines on their way: {line, copy, sent, item}
-const seen = [];      // the latest lines shown, so a reconnect's history doesn't repeat them
+const input = $("text"), nameInput = $("name");
+const LINE = Object.fromEntries(Object.entries(LINES).map(([kind, pattern]) => [kind, new RegExp(pattern)]));
+let socket = null, greeted = false, myName = "", token = "", delivered = 0, reconnected = false;
+let backoff = FIRST_BACKOFF, retries = 0, retrying = null;   // backoffs in seconds
+let bucket = null, pumping = null, leaving = null, leaveBy = null;   // leaving: the /quit reason
+const pending = [];     // our lines on their way, oldest first: {line, copy, sent}
+const seen = [];        // the latest lines shown, so a reconnect's history doesn't repeat them
+const sentLines = [];   // for Up and Down, as LineEditor in chat.py
+let recalled = 0, draft = "";
 
-function field(line, name) { const m = new RegExp(PATTERNS[name]).exec(line); return m ? m[1] : null; }
-function kind(line, name) { return new RegExp(LINES[name]).exec(line); }   // LINES in chat.py
-
-function show(text, when, cls) {
-  const item = document.createElement("li"), time = document.createElement("span");
-  time.className = "time"; time.textContent = (when || new Date()).toTimeString().slice(0, 5);
-  const action = kind(text, "action"), said = kind(text, "said");
-  if (action) text = "* " + action[1] + " " + text.slice(action[0].length);
-  item.className = cls || (action ? "action" : kind(text, "notice") ? "notice"
-      : kind(text, "private") ? "private" : said && said[1] === myName ? "mine" : "");
-  item.append(time, text);
-  const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 5;
-  log.appendChild(item);
-  if (atBottom) log.scrollTop = log.scrollHeight;
+// printable() in chat.py, by the rule it gives: the code points it escapes
+// (HIDDEN, runs [first, last]) written as Python writes them (\x1b, \n,
+// \u202e, \U000e0041), flag tag sequences left whole.
+const HIDDEN_CHAR = new RegExp("[" + HIDDEN.map(([first, last]) =>
+  "\\u{" + first.toString(16) + "}-\\u{" + last.toString(16) + "}").join("") + "]", "gu");
+const FLAG = new RegExp(FLAG_TAG_SEQUENCE, "gu");
+const NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"};
+function escaped(char) {   // as Python's unicode_escape codec writes it
+  const code = char.codePointAt(0), hex = code.toString(16);
+  return NAMED_ESCAPES[char] || (code < 0x100 ? "\\x" + hex.padStart(2, "0")
+    : code < 0x10000 ? "\\u" + hex.padStart(4, "0") : "\\U" + hex.padStart(8, "0"));
+}
+function printable(text) {
+  let shown = "", from = 0;
+  for (const flag of text.matchAll(FLAG)) {
+    shown += text.slice(from, flag.index).replace(HIDDEN_CHAR, escaped) + flag[0];
+    from = flag.index + flag[0].length;
+  }
+  return shown + text.slice(from).replace(HIDDEN_CHAR, escaped);
 }
 
-function copyOf(line) {   // how the room relays a line of ours (parse_line in chat.py)
+function field(line, name) {   // a fact from the greeting (parse_greeting in chat.py)
+  const found = new RegExp(PATTERNS[name]).exec(line);
+  return found ? found[1] : null;
+}
+
+// display_line() in chat.py: a line from the room as the terminal shows it,
+// [text, time, style]. The room's notices ("* bob left") show as "-!- bob
+// left" and actions ("[bob] waves") as "* bob waves": no member can write a
+// line that looks like the server's.
+function display(line) {
+  let when = null, style = "";
+  const history = LINE.history.exec(line);
+  if (history) {
+    when = new Date(history[1]); style = "history"; line = line.slice(history[0].length);
+    if (isNaN(when)) when = null;   // a month 13 from a broken server: stamp it now
+  }
+  const action = LINE.action.exec(line), notice = LINE.notice.exec(line), said = LINE.said.exec(line);
+  style = style || (action ? "action" : notice ? "notice" : LINE.private.test(line) ? "private"
+    : said && said[1] === myName ? "mine" : "");
+  if (action) line = ACTION_MARK + action[1] + " " + line.slice(action[0].length);
+  else if (notice) line = NOTICE_MARK + line.slice(notice[0].length);
+  return [printable(line), when, style];
+}
+
+function show(text, when, style) {
+  const item = document.createElement("li"), time = document.createElement("span");
+  time.className = "time"; time.textContent = (when || new Date()).toTimeString().slice(0, 5);
+  item.className = style; item.append(time, text);
+  log.appendChild(item);
+  follow();
+}
+function notify(text, style) {   // the page's own notices, marked as the room's are
+  show(printable(NOTICE_MARK + text), null, style || "notice");
+}
+function setStatus(text) { status.textContent = printable(text); }
+
+// Whether to follow is decided by how the reader scrolls, not measured when
+// a line comes: by then the lines on their way, or a phone's keyboard, may
+// have made the log shorter, its bottom no longer where it was. A scroll
+// up leaves the newest lines; one to the bottom comes back to them.
+let following = true, scrolledTo = 0;   // keep the newest line in view; where the reader was
+function noteScroll() {
+  if (log.scrollTop + log.clientHeight >= log.scrollHeight - 2) following = true;
+  else if (log.scrollTop < scrolledTo) following = false;
+  scrolledTo = log.scrollTop;
+}
+function follow() {
+  noteScroll();   // a scroll whose event is yet to come counts too
+  if (following) { log.scrollTop = log.scrollHeight; scrolledTo = log.scrollTop; }
+}
+log.addEventListener("scroll", noteScroll);
+new ResizeObserver(() => follow()).observe(log);   // lines on their way come and go; a window turns
+
+function showWaiting() {   // ChatClient.waiting() in chat.py: the first few, then a count
+  const lines = pending.slice(0, MAX_WAITING_SHOWN).map((p) => "… " + printable(p.line));
+  const more = pending.length - lines.length;
+  if (more) lines.push("… and " + more + " more line" + (more === 1 ? "" : "s") + " waiting");
+  waitingList.replaceChildren(...lines.map((text) =>
+    Object.assign(document.createElement("li"), {textContent: text})));
+  follow();   // the log just grew or shrank
+}
+
+function copyOf(line) {   // echo_of() in chat.py: how the room relays a line of ours; null: not at all
   if (!line.trim()) return null;
   if (line.startsWith("//")) return "[" + myName + "]: " + line.slice(1);
-  if (!line.startsWith("/") || line.length === 1 || /\\s/.test(line[1])) return "[" + myName + "]: " + line;
-  const me = /^\\/me\\s+(\\S[\\s\\S]*)$/i.exec(line);
+  if (!line.startsWith("/") || line.length === 1 || /\s/.test(line[1])) return "[" + myName + "]: " + line;
+  const me = /^\/me\s+(\S[\s\S]*)$/i.exec(line);
   return me ? "[" + myName + "] " + me[1].trim() : null;
 }
 
+function mark(line) {   // mark_resent() in chat.py
+  const me = /^\/me\s+/i.exec(line);
+  if (me) return "/me " + RESENT_MARK + line.slice(me[0].length);
+  return RESENT_MARK + (line.startsWith("//") ? line.slice(1) : line);   // "//etc": no longer a command
+}
+
 function connect() {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = new URLSearchParams();
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:", query = new URLSearchParams();
   if (myName) query.set("name", myName);
   if (token) query.set("resume", token);
   const ws = socket = new WebSocket(scheme + "//" + location.host + "/chat?" + query);
-  greeted = false; status.textContent = "connecting…"; $("join").hidden = true;
-  ws.onopen = () => { status.textContent = "connected"; backoff = FIRST_BACKOFF; };
-  ws.onmessage = (event) => greeted ? received(event.data) : greeting(event.data);
+  greeted = false; retrying = null;
+  setStatus(retries ? "connecting… (attempt " + retries + ")" : "connecting…");
+  ws.onmessage = (event) => {
+    const line = typeof event.data === "string" ? event.data
+      : "* (binary message of " + event.data.size + " bytes)";
+    if (greeted) received(line); else greeting(line);
+  };
   ws.onclose = (event) => { if (ws === socket) closed(event); };   // not an older socket's
 }
 
 function greeting(line) {
-  greeted = true;
+  greeted = true; backoff = FIRST_BACKOFF; retries = 0;   // in the room: the next outage starts over
   const name = field(line, "name"), rate = parseFloat(field(line, "rate")), resume = field(line, "token");
   const has = parseInt(field(line, "delivered")) || 0;
   // Back in the same room (it gave our token back): it says how many of our
@@ -6223,97 +6524,171 @@ function greeting(line) {
   // sent again. A room that doesn't know us can't say: all go again, marked;
   // so do they when its count can't be reconciled (DeliveryLedger in chat.py).
   let arrived = token !== "" && resume === token ? has - delivered : null;
-  if (arrived < 0) show("* lost: " + -arrived + " of your lines the room had confirmed", null, "error");
+  if (arrived < 0) notify("lost: " + -arrived + " of your lines the room had confirmed", "error");
   if (arrived < 0 || arrived > pending.filter((p) => p.sent).length) arrived = null;
   if (name) { myName = name; token = resume || ""; }
   delivered = has;
   const burst = parseInt(field(line, "burst")) || 1;
   bucket = rate ? {rate, burst, tokens: burst, stamp: Date.now()} : null;
-  $("send").hidden = false; $("text").focus();
-  show(line.split(" Limits: ")[0]);
+  setStatus(name ? "connected as " + name : "connected");
+  $("join").hidden = true; $("send").hidden = false; input.focus();
+  show(...display(line.split(" Limits: ")[0]));   // the limits and the token are for the page
   pending.filter((p) => p.sent).forEach((p, i) => {
-    if (arrived !== null && i < arrived) { drop(p); return; }
+    if (arrived !== null && i < arrived) { pending.splice(pending.indexOf(p), 1); return; }
     p.sent = false;
-    if (arrived === null) { p.line = mark(p.line); p.item.textContent = "… " + p.line; }
+    if (arrived === null) p.line = mark(p.line);
   });
   pump();
 }
 
 function received(line) {
   const first = pending.find((p) => p.sent);
-  if (first && line === first.copy) { delivered += 1; drop(first); }
-  const renamed = /^\\* (\\S+) is now known as (\\S+)$/.exec(line);
+  if (first && line === first.copy) {   // confirmed
+    delivered += 1; pending.splice(pending.indexOf(first), 1); showWaiting();
+  }
+  const renamed = /^\* (\S+) is now known as (\S+)$/.exec(line);
   if (renamed && renamed[1] === myName) {
-    myName = renamed[2];
+    myName = renamed[2]; setStatus("connected as " + myName);
     for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
   }
-  const history = kind(line, "history"), text = history ? line.slice(history[0].length) : line;
-  if (history && reconnected && seen.includes(text)) return;   // shown before the reconnect
-  seen.push(text); if (seen.length > 100) seen.shift();
-  if (history) show(text, new Date(history[1]), "history"); else show(line);
-}
-
-function mark(line) {
-  const me = /^\\/me\\s+/i.exec(line);
-  return me ? "/me " + RESENT_MARK + line.slice(me[0].length) : RESENT_MARK + (line.startsWith("//") ? line.slice(1) : line);
+  const history = LINE.history.exec(line), text = history ? line.slice(history[0].length) : line;
+  if (!(history && reconnected && seen.includes(text))) {   // else shown before the reconnect
+    seen.push(text); if (seen.length > 100) seen.shift();
+    show(...display(line));
+  }
+  leaveIfDone();
 }
 
 function pump() {   // send what waits, at the room's pace (it would hold the rest anyway)
   clearTimeout(pumping);
-  for (const p of pending) {
+  for (const p of pending.slice()) {
     if (p.sent) continue;
-    if (!socket || socket.readyState !== WebSocket.OPEN || !greeted) return;
+    if (!socket || socket.readyState !== WebSocket.OPEN || !greeted) break;
     if (bucket) {
       const now = Date.now();
       bucket.tokens = Math.min(bucket.burst, bucket.tokens + (now - bucket.stamp) / 1000 * bucket.rate);
       bucket.stamp = now;
-      if (bucket.tokens < 1) { pumping = setTimeout(pump, (1 - bucket.tokens) / bucket.rate * 1000); return; }
+      if (bucket.tokens < 1) { pumping = setTimeout(pump, (1 - bucket.tokens) / bucket.rate * 1000); break; }
       bucket.tokens -= 1;
     }
     socket.send(p.line); p.sent = true; p.copy = copyOf(p.line);
-    if (p.copy === null) drop(p);
+    if (p.copy === null) pending.splice(pending.indexOf(p), 1);   // a command: a reply comes, no copy
   }
+  showWaiting();
+  leaveIfDone();
 }
-function drop(p) { pending.splice(pending.indexOf(p), 1); p.item.remove(); }
 
 function closed(event) {
-  if (greeted || !RECONNECT.includes(event.code))   // a failed reconnect says nothing new
-    show("disconnected (" + event.code + (event.reason ? ": " + event.reason : "") + ")", null, "error");
-  if (greeted) reconnected = true;
-  status.textContent = "not connected"; socket = null; greeted = false;
-  if (RECONNECT.includes(event.code)) {
-    status.textContent = "reconnecting in " + backoff + " s";
-    setTimeout(connect, backoff * 1000); backoff = Math.min(backoff * 2, MAX_BACKOFF);   // as next_backoff()
-  } else {
-    $("join").hidden = false; $("send").hidden = true;
-    if (/^(the|a) name /.test(event.reason)) { myName = ""; token = ""; }
+  const wasGreeted = greeted, why = event.code + (event.reason ? ": " + event.reason : "");
+  socket = null; greeted = false; clearTimeout(pumping);
+  if (wasGreeted) reconnected = true;
+  if (leaving !== null) { left(); return; }
+  if (RECONNECT.includes(event.code)) {   // RECONNECT_CODES: the room may well be back soon
+    if (wasGreeted) notify("disconnected (" + why + "); reconnecting");
+    retries += 1;   // one status, updated: not a line per try
+    setStatus("reconnecting in " + backoff + " s (attempt " + retries + ")"
+      + (event.reason ? ": " + event.reason : ""));
+    retrying = setTimeout(connect, backoff * 1000);
+    backoff = Math.min(backoff * 2, MAX_BACKOFF);   // as next_backoff()
+    return;
   }
+  $("send").hidden = true; $("join").hidden = false; retries = 0; backoff = FIRST_BACKOFF;
+  if (event.code === 1008 && /^(the|a) name /.test(event.reason)) {   // is_name_refusal(): another may do
+    notify(event.reason); setStatus("pick another name");
+    nameInput.value = myName || nameInput.value; myName = ""; token = "";
+    nameInput.focus(); nameInput.select();
+    return;
+  }
+  notify("disconnected (" + why + ")", "error"); setStatus("not connected");
+}
+
+function typed(line) {   // a line the user sent: remembered for Up, then on its way
+  if (line && sentLines[sentLines.length - 1] !== line) sentLines.push(line);   // twice: recalled once
+  if (sentLines.length > INPUT_HISTORY_SIZE) sentLines.shift();
+  recalled = 0; draft = "";
+  if (!line.trim() || leaving !== null) return;   // typed after /quit: not for the room
+  const quit = /^\/quit(?:\s+([\s\S]*))?$/i.exec(line);
+  if (quit) { leave((quit[1] || "").trim()); return; }
+  pending.push({line, copy: null, sent: false});
+  pump();
+}
+
+function leave(reason) {   // /quit: once the room has every line sent before, as the terminal does
+  leaving = reason;
+  if (!socket) { clearTimeout(retrying); left(); return; }
+  leaveBy = setTimeout(() => socket && socket.close(1000, closeReason()), CONFIRM_TIMEOUT * 1000);
+  leaveIfDone();
+}
+function leaveIfDone() {
+  if (leaving !== null && socket && !pending.length) socket.close(1000, closeReason());
+}
+function closeReason() {   // at most MAX_REASON_BYTES of UTF-8, whole characters (RFC 6455 §5.5)
+  const chars = Array.from(leaving || "bye");
+  while (new TextEncoder().encode(chars.join("")).length > MAX_REASON_BYTES) chars.pop();
+  return chars.join("");
+}
+function left() {   // calm, with the way back in
+  clearTimeout(leaveBy);
+  notify("you left" + (leaving ? " (" + leaving + ")" : ""));
+  for (const p of pending) notify("not sent: " + p.line, "error");
+  pending.length = 0; showWaiting();
+  leaving = null; token = ""; retries = 0; backoff = FIRST_BACKOFF;
+  setStatus("not connected");
+  $("send").hidden = true; $("join").hidden = false;
+  nameInput.value = myName; nameInput.focus();
+}
+
+function recall(back) {   // LineEditor._recall() in chat.py: `back` lines ago, 0 the new one
+  if (back < 0 || back > sentLines.length) return;
+  if (recalled === 0) draft = input.value;
+  recalled = back;
+  input.value = back ? sentLines[sentLines.length - back] : draft;
+  input.setSelectionRange(input.value.length, input.value.length);
 }
 
 $("join").addEventListener("submit", (event) => {
   event.preventDefault();
-  myName = $("name").value.trim(); token = "";
+  myName = nameInput.value.trim(); token = ""; delivered = 0;
   connect();
 });
-
 $("send").addEventListener("submit", (event) => {
   event.preventDefault();
-  const input = $("text"), line = input.value;
+  const line = input.value;
   input.value = "";
-  if (!line.trim()) return;
-  const quit = /^\\/quit(\\s+([\\s\\S]*))?$/i.exec(line);
-  if (quit && socket) { socket.close(1000, (quit[2] || "bye").slice(0, 40)); return; }
-  const item = document.createElement("li");
-  item.textContent = "… " + line; waitingList.appendChild(item);
-  pending.push({line, copy: null, sent: false, item});
-  pump();
+  typed(line);
+});
+input.addEventListener("keydown", (event) => {
+  if (event.isComposing || (event.key !== "ArrowUp" && event.key !== "ArrowDown")) return;
+  event.preventDefault();
+  recall(recalled + (event.key === "ArrowUp" ? 1 : -1));
+});
+// A pasted block: each whole line is sent at once, the last, unfinished
+// one stays to be edited, as LineEditor.paste() does with the terminal's
+// bracketed paste. (A one-line <input> would run the lines together.)
+input.addEventListener("paste", (event) => {
+  const text = event.clipboardData.getData("text");
+  if (!/[\r\n]/.test(text)) return;   // one line: the browser pastes it
+  event.preventDefault();
+  const lines = text.replace(/\r\n?/g, "\n").split("\n"), rest = lines.pop();
+  lines[0] = input.value.slice(0, input.selectionStart) + lines[0] + input.value.slice(input.selectionEnd);
+  input.value = rest;
+  lines.forEach(typed);
 });
 </script>
 </body></html>
-""".replace("@FROM_PYTHON@", json.dumps(dict(
-    PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
-    RESENT_MARK=RESENT_MARK, RECONNECT=sorted(RECONNECT_CODES),
-    FIRST_BACKOFF=FIRST_BACKOFF, MAX_BACKOFF=MAX_BACKOFF)))
+"""
+
+
+@functools.cache
+def page() -> str:
+    """PAGE with the rules it takes from Python, built when first served (see hidden_ranges)."""
+    return PAGE.replace("@FROM_PYTHON@", json.dumps(dict(
+        PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
+        NOTICE_MARK=NOTICE_MARK, ACTION_MARK=ACTION_MARK, RESENT_MARK=RESENT_MARK,
+        HIDDEN=hidden_ranges(), FLAG_TAG_SEQUENCE=FLAG_TAG_SEQUENCE.pattern,
+        MAX_WAITING_SHOWN=MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE=INPUT_HISTORY_SIZE,
+        CONFIRM_TIMEOUT=CONFIRM_TIMEOUT, MAX_REASON_BYTES=MAX_CONTROL_PAYLOAD - 2,
+        RECONNECT=sorted(RECONNECT_CODES), FIRST_BACKOFF=FIRST_BACKOFF, MAX_BACKOFF=MAX_BACKOFF)))
 
 
 # 18. Command line ##########################################################
@@ -6445,6 +6820,7 @@ async def run_server(args: argparse.Namespace) -> int:
                    allowed_origins=args.allow_origin,
                    allowed_hosts=args.allow_host, secure=ssl_context is not None)
     room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else BatchedRoom(**options)
+    page()   # built now (0.2-0.5 s), not in a stall of the room when a browser first asks
     if isinstance(room, SharedRoom):
         try:
             await room.connect()
@@ -6667,13 +7043,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="A WebSocket chat (RFC 6455) in one file, standard library only.",
         epilog="Try: 'python chat.py server' in one terminal, "
                "'python chat.py client --name bob' in another, http://127.0.0.1:8080/ in a browser.")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log every frame (direction, opcode, FIN, length, mask)")
+    add_verbose_flag(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_server_command(commands)
     add_client_command(commands)
     echo_cmd = commands.add_parser("echo", help="an echo server for conformance suites (Autobahn)",
                                    description="Send every message back unchanged, on any path.")
+    add_verbose_flag(echo_cmd)
     add_listening_flags(echo_cmd, port=9001)
     echo_cmd.add_argument("--no-compression", action="store_true",
                           help="don't accept permessage-deflate (RFC 7692)")
@@ -6681,12 +7057,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_verbose_flag(command: argparse.ArgumentParser, default: typing.Any = argparse.SUPPRESS) -> None:
+    """-v before the command ("chat.py -v server") and after it ("chat.py server -v").
+
+    A command's parser sets every default it has over the main parser's
+    values: with none (SUPPRESS) its -v can't undo a -v given before it.
+    """
+    command.add_argument("-v", "--verbose", action="store_true", default=default,
+                         help="log every frame: direction, opcode, FIN, length, mask (default: off)")
+
+
 def add_server_command(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser(
         "server", help="run the chat room (WebSocket at /chat, web page at /)",
         description="Run the chat room: WebSocket clients at /chat?name=NAME, a web page at /. "
                     "Ctrl-C closes every connection with 1001 (going away) and exits.")
-    add_listening_flags(server, port=8080)
+    add_verbose_flag(server)
+    add_listening_flags(server, port=CHAT_PORT)
     server.add_argument("--max-buffer", type=whole_number(1), default=MAX_OUTGOING_BUFFER,
                         help="bytes a client may leave unread before it is dropped with 1008 "
                              "(default: %(default)s)")
@@ -6721,9 +7108,14 @@ def add_server_command(commands: argparse._SubParsersAction) -> None:
     server.set_defaults(run=run_server)
 
 
+#: Where the chat server listens, and so where the client looks for it, unless told.
+CHAT_HOST = "127.0.0.1"
+CHAT_PORT = 8080
+
+
 def add_listening_flags(command: argparse.ArgumentParser, port: int) -> None:
     """--host, --port and --max-size, as the chat server and the echo server share them."""
-    command.add_argument("--host", default="127.0.0.1",
+    command.add_argument("--host", default=CHAT_HOST,
                          help="address to listen on; '' means all interfaces (default: %(default)s)")
     command.add_argument("--port", type=whole_number(0, 65535), default=port,
                          help="port to listen on (default: %(default)s)")
@@ -6778,26 +7170,41 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     f"server goes away the client reconnects, waiting {FIRST_BACKOFF:g}, "
                     f"{2 * FIRST_BACKOFF:g}, {4 * FIRST_BACKOFF:g} ... up to {MAX_BACKOFF:g} "
                     "seconds, and gets its name back.")
+    add_verbose_flag(client)
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
+    client.add_argument("--host", help=f"the server's host name or address (default: {CHAT_HOST})")
+    client.add_argument("--port", type=whole_number(1, 65535),
+                        help=f"the server's port (default: {CHAT_PORT})")
     client.add_argument("--url", type=parsed_by(parse_uri, keep_text=True),
-                        default=f"ws://127.0.0.1:8080{CHAT_PATH}",
-                        help="the chat's WebSocket URL (default: %(default)s)")
+                        help=f"the whole WebSocket URL, instead of --host and --port (default: "
+                             f"ws://HOST:PORT{CHAT_PATH}, wss:// with --cafile or --insecure)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection is lost")
     client.add_argument("--history", type=whole_number(0), metavar="N",
                         help="lines of the room's history to be shown on joining, 0 for none "
                              "(default: all the room keeps at a terminal; none when stdin or "
                              "stdout is not a terminal)")
-    client.add_argument("--cafile", type=readable_file, help="trust the CA certificate(s) in this PEM file for wss://")
+    client.add_argument("--cafile", type=readable_file, metavar="FILE",
+                        help="trust the CA certificate(s) in this PEM file for wss://")
     client.add_argument("--insecure", action="store_true",
                         help="don't verify the server's certificate (testing only)")
     client.add_argument("--max-size", type=whole_number(1), default=MAX_MESSAGE_SIZE + RELAY_OVERHEAD,
-                        help="largest message accepted, in bytes (default: %(default)s)")
+                        metavar="BYTES", help="largest message accepted (default: %(default)s)")
     client.add_argument("--no-timestamps", action="store_true",
                         help="don't start each line with the local time (HH:MM)")
     client.add_argument("--no-compression", action="store_true",
                         help="don't offer permessage-deflate (RFC 7692)")
     client.set_defaults(run=run_client)
+
+
+def client_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """--url as given, or one built from --host and --port; both ways at once is an error."""
+    if args.url is None:
+        scheme = "wss" if args.cafile or args.insecure else "ws"   # flags only TLS needs
+        return f"{scheme}://{host_port(args.host or CHAT_HOST, args.port or CHAT_PORT)}{CHAT_PATH}"
+    if args.host is not None or args.port is not None:
+        parser.error("give --url, or --host and --port, not both: --url is the whole address")
+    return args.url
 
 
 @contextlib.contextmanager
@@ -6821,6 +7228,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv   # what --workers runs again
     if getattr(args, "workers", 1) > 1 and not args.redis:
         parser.error("--workers needs --redis: separate processes share a room only through Redis")
+    if args.command == "client":
+        args.url = client_url(parser, args)
     if getattr(args, "redis", None) and args.max_size > MAX_MESSAGE_SIZE:
         parser.error(f"with --redis, --max-size can be at most {MAX_MESSAGE_SIZE}: "
                      "Redis's replies are read within RESP_MAX_REPLY")

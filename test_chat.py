@@ -14,6 +14,8 @@ import glob
 import http
 import importlib.util
 import io
+import itertools
+import json
 import logging
 import os
 import random
@@ -33,6 +35,7 @@ import typing
 import unicodedata
 import unittest
 import unittest.mock
+import urllib.request
 
 import chat
 from chat import CloseCode, Opcode
@@ -1100,7 +1103,7 @@ class TestChatRoom(ChatTestCase):
         alice = await self.open(self.server, "/chat?name=alice")
         greeting = await within(alice.recv())
         self.assertTrue(greeting.startswith(
-            "* You are connected as alice! There is 1 user here. Type /help for commands. "
+            "* You are connected as alice! There is 1 user here. Try /help. "
             "Limits: lines of up to 4096 bytes; bursts of 20 lines, then 2 per second. "
             "Your resume token is "), greeting)
         self.assertTrue(greeting.endswith(
@@ -2533,6 +2536,21 @@ class TestPrintable(unittest.TestCase):
     def test_escapes_among_emoji(self):
         self.assertEqual(printable(f"{TECHNOLOGIST}\u202e{SCOTLAND}\n"),
                          f"{TECHNOLOGIST}\\u202e{SCOTLAND}\\n")
+
+    def test_the_page_is_given_the_runs_of_characters_printable_escapes(self):
+        runs = chat.hidden_ranges()
+
+        def escaped(code):
+            return printable(chr(code)) != chr(code)
+
+        for (first, last), after in zip(runs, [*runs[1:], (sys.maxunicode + 2, 0)]):
+            self.assertTrue(first <= last < after[0] - 1)   # sorted, apart
+            self.assertTrue(escaped(first) and escaped(last), (first, last))
+            self.assertFalse(first > 0 and escaped(first - 1), first)
+            self.assertFalse(last < sys.maxunicode and escaped(last + 1), last)
+        for code in random.Random(6455).sample(range(sys.maxunicode + 1), 2000):   # and between
+            inside = any(first <= code <= last for first, last in runs)
+            self.assertEqual(inside, escaped(code), hex(code))
 
 
 # 12. Compression ###########################################################
@@ -4003,14 +4021,14 @@ class TestScreen(unittest.TestCase):
 
     def test_plain_lines_when_not_coloured(self):
         self.assertEqual(self.show("[alice]: \x1b[31mred?", "* bob joined"),
-                         ["[alice]: \\x1b[31mred?", "* bob joined"])
+                         ["[alice]: \\x1b[31mred?", "-!- bob joined"])
 
     def test_colours_mark_me_private_actions_notices_and_history(self):
         lines = ("[bob]: mine", "[alice → bob]: psst", "* notice", "[alice] waves",
                  "(history 2026-12-02T09:15:00Z) [x]: old", "[alice]: hi")
         self.assertEqual(self.show(*lines, color=True), [
             "\x1b[1;32m[bob]: mine\x1b[0m", "\x1b[35m[alice → bob]: psst\x1b[0m",
-            "\x1b[33m* notice\x1b[0m", "\x1b[36m* alice waves\x1b[0m", "\x1b[2m[x]: old\x1b[0m",
+            "\x1b[33m-!- notice\x1b[0m", "\x1b[36m* alice waves\x1b[0m", "\x1b[2m[x]: old\x1b[0m",
             "[alice]: hi"])
 
     def test_live_lines_are_stamped_now_and_history_with_its_own_time_in_local_time(self):
@@ -4027,7 +4045,7 @@ class TestScreen(unittest.TestCase):
                     "Limits: lines of up to 10 bytes; no rate limit. Your resume token is x "
                     "(keep it to yourself). 0 lines of history follow.")
         self.assertEqual(self.show(greeting), [
-            "* You are connected as bob! There is 1 user here. Type /help for commands."])
+            "-!- You are connected as bob! There is 1 user here. Type /help for commands."])
 
     def test_zwj_emoji_are_shown_whole_and_bidi_overrides_escaped(self):
         self.assertEqual(self.show(f"[alice]: {TECHNOLOGIST} {RAINBOW_FLAG} {FAMILY}",
@@ -4044,6 +4062,164 @@ class TestScreen(unittest.TestCase):
         self.assertEqual(chat.with_query("ws://h/chat?name=x&a=1", name="b o", resume="t"),
                          "ws://h/chat?a=1&name=b+o&resume=t")
         self.assertEqual(chat.with_query("ws://h/chat", name=None), "ws://h/chat")
+
+
+class TestMarks(unittest.TestCase):
+    """Who wrote a line, told apart on screen: the server and the client (NOTICE_MARK) from
+    a member's action (ACTION_MARK), in colour, with NO_COLOR and piped alike."""
+
+    def shown(self, line, style=None, timestamps=False):
+        out = io.StringIO()
+        chat.Screen(out, color=False, timestamps=timestamps).show(line, style, name="alice")
+        return out.getvalue().rstrip("\n")
+
+    def test_an_action_can_never_pass_for_a_notice(self):
+        # The issue's forgeries: members named the, 3, You, unknown and bob doing /me.
+        for notice, forged in [("* the room is split: a, b", "[the] room is split: a, b"),
+                               ("* 3 here: alice, bob, carol", "[3] here: alice, bob, carol"),
+                               ("* You are connected as alice! Try /help.",
+                                "[You] are connected as alice! Try /help."),
+                               ("* unknown command /x — /help lists them", "[unknown] command /x"),
+                               ("* bob left: see you", "[bob] left: see you")]:
+            for timestamps in (False, True):
+                with self.subTest(forged=forged, timestamps=timestamps):
+                    head = r"\d\d:\d\d " if timestamps else ""
+                    self.assertRegex(self.shown(notice, timestamps=timestamps), f"^{head}-!- ")
+                    self.assertRegex(self.shown(forged, timestamps=timestamps), f"^{head}\\* ")
+                    history = f"(history 2026-12-05T19:00:00Z) {forged}"
+                    self.assertRegex(self.shown(history, timestamps=timestamps), f"^{head}\\* ")
+        # Nothing else a member can write starts with the notice mark either.
+        names = ["bob", "-!-", "*", "You", "3"]
+        texts = ["-!- the room is split", "* bob left", "hi"]
+        lines = [chat.LINES[kind].template.format(name=name, sender=name, recipient="alice",
+                                                  text=text)
+                 for kind in ("said", "action", "private") for name in names for text in texts]
+        lines += [f"(history 2026-12-05T19:00:00Z) {line}" for line in lines]
+        for line in lines:
+            with self.subTest(line=line):
+                self.assertFalse(self.shown(line).startswith(chat.NOTICE_MARK))
+
+    def test_the_clients_own_lines_are_notices_too(self):
+        self.assertEqual(self.shown("* reconnecting in 1 s", "notice"), "-!- reconnecting in 1 s")
+        self.assertEqual(self.shown("cannot connect to ws://h/chat: refused", "error"),
+                         "-!- cannot connect to ws://h/chat: refused")
+
+    def test_the_greeting_fits_80_columns_with_the_time_and_the_mark(self):
+        greeting = chat.GREETING.format(name="alice", count="are 12 users here", max_size=1,
+                                        rate="no rate limit", token="T", delivered="0 lines",
+                                        history="0 lines")
+        shown = self.shown(greeting, timestamps=True)
+        self.assertRegex(shown, r"^\d\d:\d\d -!- You are connected as alice! .*/help")
+        self.assertLessEqual(display_width(shown), 80)
+
+
+class TestWrapWords(unittest.TestCase):
+    """wrap_words: a shown line broken between words at the terminal's width, not mid-word."""
+
+    def test_rows_break_between_words_and_are_indented_under_the_text(self):
+        self.assertEqual(chat.wrap_words("12:00 -!- one two three four", 20),
+                         ["12:00 -!- one two", "          three four"])
+        self.assertEqual(chat.wrap_words("12:00 * bob waves at everyone", 20),
+                         ["12:00 * bob waves at", "        everyone"])
+        self.assertEqual(chat.wrap_words("12:00 [bob]: one two three", 20),
+                         ["12:00 [bob]: one two", "      three"])
+
+    def test_a_row_after_the_first_never_starts_at_the_left_edge(self):
+        # Without timestamps a member's line could otherwise put "-!- " where a notice starts.
+        rows = chat.wrap_words("[bob]: " + "x" * 10 + " -!- the room is split", 20)
+        self.assertEqual(rows, ["[bob]: xxxxxxxxxx", "  -!- the room is", "  split"])
+
+    def test_a_word_longer_than_a_row_breaks_where_the_row_ends(self):
+        self.assertEqual(chat.wrap_words("[bob]: " + "x" * 30, 20),
+                         ["[bob]: xxxxxxxxxxxxx", "  xxxxxxxxxxxxxxxxx"])
+
+    def test_wide_characters_count_two_cells(self):
+        rows = chat.wrap_words("[bob]: 漢字漢字 漢字漢字 漢字", 16)
+        self.assertEqual(rows, ["[bob]: 漢字漢字", "  漢字漢字 漢字"])
+        self.assertTrue(all(display_width(row) <= 16 for row in rows))
+
+    def test_a_line_that_fits_is_left_alone(self):
+        self.assertEqual(chat.wrap_words("12:00 [bob]:   spaced   out  ", 80),
+                         ["12:00 [bob]:   spaced   out  "])
+
+
+class TestHistoryBlock(unittest.TestCase):
+    """The room's replay of its history, marked where it starts and ends: dimming alone
+    is lost with NO_COLOR and in a pipe."""
+
+    GREETING = ("* You are connected as bob! Your resume token is T (keep it to yourself). "
+                "{} of history follow.")
+
+    def setUp(self):
+        self.out = io.StringIO()
+        self.client = chat.ChatClient("ws://h/chat", chat.Screen(self.out, color=False, timestamps=False),
+                                      chat.Keyboard())
+
+    def receive(self, *lines):
+        """Lines from the room as receive() hands them over: the first is the greeting."""
+        start = len(self.out.getvalue())
+        self.client.on_greeting(lines[0])
+        for line in lines:
+            self.client.on_line(line)
+        return self.out.getvalue()[start:].splitlines()
+
+    def test_history_is_marked_where_it_starts_and_where_it_ends(self):
+        shown = self.receive(self.GREETING.format("2 lines"), "(history 2026-12-05T19:00:00Z) [x]: one",
+                             "(history 2026-12-05T19:01:00Z) [y] waves", "[x]: now")
+        self.assertEqual(shown[1:], ["-!- history: what was said here before you came",
+                                     "[x]: one", "* y waves", "-!- end of history (2 lines)",
+                                     "[x]: now"])
+
+    def test_after_a_reconnect_only_what_was_missed_is_marked_as_history(self):
+        old = "(history 2026-12-05T19:00:00Z) [x]: one"
+        self.receive(self.GREETING.format("1 line"), old)
+        self.client.reconnected = True
+        shown = self.receive(self.GREETING.format("2 lines"), old,
+                             "(history 2026-12-05T19:05:00Z) [x]: missed")
+        self.assertEqual(shown[1:], ["-!- history: what was said while you were away",
+                                     "[x]: missed", "-!- end of history (1 line)"])
+        self.assertEqual(self.receive(self.GREETING.format("1 line"), old)[1:], [])   # all seen
+
+    def test_a_block_the_greeting_did_not_count_ends_at_the_first_live_line(self):
+        shown = self.receive("* welcome", "(history 2026-12-05T19:00:00Z) [x]: one", "* x left")
+        self.assertEqual(shown, ["-!- welcome", "-!- history: what was said here before you came",
+                                 "[x]: one", "-!- end of history (1 line)", "-!- x left"])
+
+
+class TestCloseWords(QuietLogs, unittest.IsolatedAsyncioTestCase):
+    """describe_close: why the connection ended, in words, the code kept for experts."""
+
+    def closed(self, code, reason="", *, by_us=False):
+        close = chat.Close(code, reason)
+        return chat.ConnectionClosed(None if by_us else close, close if by_us else None,
+                                     tcp_closed=True)
+
+    def test_close_codes_in_words(self):
+        for closed, words in [
+            (self.closed(1006), "the connection dropped (1006)"),
+            (self.closed(1001), "the server is going away (restarting?) (1001)"),
+            (self.closed(1013, "full"), "the room can't take you just now: full (1013)"),
+            (self.closed(1008, "the name bob is taken"), "the name bob is taken (1008)"),
+            (self.closed(1011), "the server hit an unexpected error (1011)"),
+            (self.closed(4321, "kicked"), "the server closed the connection: kicked (4321)"),
+        ]:
+            with self.subTest(code=closed.code):
+                self.assertEqual(chat.describe_close(closed), words)
+
+    async def test_a_keepalive_timeout_is_not_an_internal_error(self):
+        # The reason as Connection.keepalive_tick really writes it, not a copy of it.
+        reader = asyncio.StreamReader()
+        conn = chat.Connection(reader, FakeWriter(FakeTransport(reader)), is_client=True,
+                               close_timeout=0.05)
+        conn.keepalive_tick()   # a ping...
+        conn.keepalive_tick()   # ... with no pong by the next one
+        closed = await expect_closed(conn.recv())
+        self.assertEqual(chat.describe_close(closed), "the connection went quiet "
+                         f"(no answer to keepalive pings) ({closed.code})")
+        # The server's close frame says the same when it is the one that gave up.
+        theirs = self.closed(1011, closed.sent.reason)
+        self.assertEqual(chat.describe_close(theirs),
+                         "the connection went quiet (no answer to keepalive pings) (1011)")
 
 
 class TestDelivery(unittest.TestCase):
@@ -4159,7 +4335,7 @@ class TestSender(unittest.TestCase):
         self.assertIsNone(sender.check_typed("x" * 11))
         self.assertEqual(sender.check_typed("x" * 10), chat.ChatLine("x" * 10))
         self.assertEqual(sender.refused, 1)
-        self.assertEqual(out.getvalue(), "* not sent: the line is 11 bytes; "
+        self.assertEqual(out.getvalue(), "-!- not sent: the line is 11 bytes; "
                                          "the room takes lines of up to 10\n")
 
     def test_a_server_that_announces_no_limits_gets_none_kept(self):
@@ -4194,10 +4370,10 @@ class TestReconnectBackoff(unittest.TestCase):
         self.assertEqual(spell.delay, 1)   # a new spell starts from the first wait
 
     def test_the_page_is_given_the_same_numbers(self):
-        given = re.search(r"const \{PATTERNS, .*\} = (\{.*\});\n", chat.PAGE)
-        self.assertIn(f'"FIRST_BACKOFF": {chat.FIRST_BACKOFF}, "MAX_BACKOFF": {chat.MAX_BACKOFF}}}',
-                      given[1])
-        self.assertNotRegex(chat.PAGE, r"@[A-Z_]+@")   # every placeholder filled in
+        given = json.loads(re.search(r"^       RECONNECT, .*\} = (\{.*\});$", chat.page(), re.M)[1])
+        self.assertEqual((given["FIRST_BACKOFF"], given["MAX_BACKOFF"]),
+                         (chat.FIRST_BACKOFF, chat.MAX_BACKOFF))
+        self.assertNotRegex(chat.page(), r"@[A-Z_]+@")   # every placeholder filled in
 
 
 class TestHistoryRequest(ChatTestCase):
@@ -4281,7 +4457,7 @@ class TestChatClient(ChatTestCase):
         await self.join("watcher")
         client, out = self.client(self.url, io.StringIO("/who\n"), "asker")
         self.assertEqual(await within(client.run()), 0)
-        self.assertIn("* 2 here: asker, watcher", out.getvalue().splitlines())
+        self.assertIn("-!- 2 here: asker, watcher", out.getvalue().splitlines())
 
     async def test_piped_the_room_is_on_stdout_and_the_clients_own_words_on_stderr(self):
         await self.start_room()
@@ -4289,10 +4465,10 @@ class TestChatClient(ChatTestCase):
         err = io.StringIO()
         client, out = self.client(self.url, io.StringIO("/who\n/dance\n"), "asker", err=err)
         self.assertEqual(await within(client.run()), 1)   # /dance was refused
-        self.assertEqual(out.getvalue().splitlines()[1:], ["* 2 here: asker, watcher"])
-        self.assertTrue(out.getvalue().startswith("* You are connected as asker!"))
-        self.assertEqual(err.getvalue().splitlines(), [f"* connecting to {self.url} …",
-                                                       "* unknown command /dance — /help lists them"])
+        self.assertEqual(out.getvalue().splitlines()[1:], ["-!- 2 here: asker, watcher"])
+        self.assertTrue(out.getvalue().startswith("-!- You are connected as asker!"))
+        self.assertEqual(err.getvalue().splitlines(), [f"-!- connecting to {self.url} …",
+                                                       "-!- unknown command /dance — /help lists them"])
 
     async def test_a_line_refused_here_makes_the_exit_status_1_and_the_rest_is_sent(self):
         await self.start_room()
@@ -4308,7 +4484,7 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(self.url, io.StringIO("hi\n/quit\none\ntwo\n"), "bot", err=err)
         self.assertEqual(await within(client.run()), 0)
         await self.expect(alice, "* bot joined", "[bot]: hi", "* bot left: bye")
-        self.assertIn("* 2 lines after /quit not sent", err.getvalue().splitlines())
+        self.assertIn("-!- 2 lines after /quit not sent", err.getvalue().splitlines())
 
     async def test_a_piped_client_shows_no_history_unless_asked_and_exits_0(self):
         await self.start_room()
@@ -4325,9 +4501,10 @@ class TestChatClient(ChatTestCase):
                 out, err = await within(done.communicate(b"/who\n"))
                 self.assertEqual(done.returncode, 0, err)
                 lines = out.decode().splitlines()
-                self.assertTrue(lines[0].startswith("* You are connected as asker! "), lines)
-                self.assertEqual(lines[1:], [*shown, "* 2 here: asker, speaker"])
-                self.assertEqual(err.decode(), f"* connecting to {self.url} …\n")
+                self.assertTrue(lines[0].startswith("-!- You are connected as asker! "), lines)
+                self.assertEqual(lines[-1], "-!- 2 here: asker, speaker")
+                self.assertEqual([line for line in lines if line.startswith("[")], shown)
+                self.assertEqual(err.decode(), f"-!- connecting to {self.url} …\n")
 
     async def test_a_server_that_says_try_later_is_retried_with_backoff(self):
         await self.start_room(connects_per_minute=60)
@@ -4338,9 +4515,9 @@ class TestChatClient(ChatTestCase):
                                   first_backoff=0.05)
         self.assertEqual(await within(client.run()), 0, err.getvalue())
         said = err.getvalue().splitlines()   # piped: one line as the spell begins, one as it ends
-        self.assertEqual(said[1], "* reconnecting (the room can't take you just now): trying "
-                                  "again in 0.05 s, then waiting longer each time, up to 30 s")
-        self.assertRegex(said[2], r"^\* reconnected after \d+ attempts \(\d+ s\)$")
+        self.assertEqual(said[1], "-!- the room can't take you just now; reconnecting in 0.05 s, "
+                                  "then waiting longer each time, up to 30 s")
+        self.assertRegex(said[2], r"^-!- reconnected after \d+ attempts \(\d+ s\)$")
         self.assertEqual(len(said), 3, said)
         self.assertIn("[late]: hello", out.getvalue())
 
@@ -4355,8 +4532,8 @@ class TestChatClient(ChatTestCase):
                     ["… hello"], *([f"-!- reconnecting now (attempt {n}: the room can't take you "
                                     "just now)", "… hello"] for n in range(1, 5))])
                 if at_a_terminal:   # the status line changed; no line was added per try
-                    self.assertEqual(said[:2], [f"* connecting to {self.url} …",
-                                                "* reconnected after 4 attempts (1 s)"])
+                    self.assertEqual(said[0], f"-!- connecting to {self.url} …")
+                    self.assertRegex(said[1], r"^-!- reconnected after 4 attempts \(\d+ s\)$")
                 else:
                     self.assertEqual(len([line for line in said if "reconnect" in line]), 2, said)
                 self.assertFalse([line for line in said if "disconnected" in line], said)
@@ -4373,6 +4550,8 @@ class TestChatClient(ChatTestCase):
                 return await super().enter(conn)
 
         class Shown(list):   # a terminal, as far as the Screen can tell
+            width = 80
+
             def show(self, lines):
                 self.extend(lines)
 
@@ -4396,8 +4575,8 @@ class TestChatClient(ChatTestCase):
         client, out = self.client(self.url, io.StringIO("/foo\n" + "x" * 101 + "\nok\n"), "bot")
         self.assertEqual(await within(client.run()), 1)   # a line did not get through
         await self.expect(alice, "* bot joined", "[bot]: ok", "* bot left")
-        self.assertIn("* unknown command /foo — /help lists them", out.getvalue())
-        self.assertIn("* not sent: the line is 101 bytes; the room takes lines of up to 100",
+        self.assertIn("-!- unknown command /foo — /help lists them", out.getvalue())
+        self.assertIn("-!- not sent: the line is 101 bytes; the room takes lines of up to 100",
                       out.getvalue())
 
     async def test_lines_sent_but_never_confirmed_may_have_arrived_and_the_exit_status_is_1(self):
@@ -4433,8 +4612,8 @@ class TestChatClient(ChatTestCase):
         client.keyboard.interrupt()   # Ctrl-C: at once, not when the pace allows "two"
         self.assertEqual(await within(running), 1)
         shown = out.getvalue().splitlines()
-        self.assertIn("* not confirmed (it may have arrived): one", shown)   # it did
-        self.assertIn("* not sent: two", shown)
+        self.assertIn("-!- not confirmed (it may have arrived): one", shown)   # it did
+        self.assertIn("-!- not sent: two", shown)
         self.assertEqual(received, ["one"])
 
     async def test_quit_command_exits_0_and_sends_nothing_after_it(self):
@@ -4485,8 +4664,8 @@ class TestChatClient(ChatTestCase):
         sock.close()   # nothing listens there now
         client, out = self.client(f"ws://127.0.0.1:{port}/chat", io.StringIO(""))
         self.assertEqual(await within(client.run()), 1)
-        self.assertEqual(out.getvalue(), f"* connecting to ws://127.0.0.1:{port}/chat …\n"
-                                         f"cannot connect to ws://127.0.0.1:{port}/chat: "
+        self.assertEqual(out.getvalue(), f"-!- connecting to ws://127.0.0.1:{port}/chat …\n"
+                                         f"-!- cannot connect to ws://127.0.0.1:{port}/chat: "
                                          "connection refused — is the server running?\n")
 
     async def silent_listener(self):
@@ -4511,7 +4690,7 @@ class TestChatClient(ChatTestCase):
             stderr=asyncio.subprocess.PIPE)   # piped: the client's own words on stderr
         self.addCleanup(lambda: client.returncode is None and client.kill())
         self.assertEqual(await within(client.stderr.readline()),
-                         f"* connecting to ws://127.0.0.1:{port}/chat …\n".encode())
+                         f"-!- connecting to ws://127.0.0.1:{port}/chat …\n".encode())
         await within(accepted.wait())
         client.send_signal(signal.SIGINT)
         # Well within connect()'s own 10 s timeout: Ctrl-C itself ended it.
@@ -4533,7 +4712,7 @@ class TestChatClient(ChatTestCase):
         stdin, feed = self.pipe()
         client, out = self.client(self.url, stdin, "bob")
         self.assertEqual(await within(client.run()), 1)
-        self.assertIn("disconnected: 1008 (policy violation): the name bob is taken", out.getvalue())
+        self.assertIn("disconnected: the name bob is taken; pick another (1008)", out.getvalue())
 
     async def test_a_refused_name_at_a_terminal_lets_the_user_pick_another(self):
         await self.start_room()
@@ -4558,7 +4737,8 @@ class TestChatClient(ChatTestCase):
         await within(self.server.close())
         await within(watching)
         self.assertEqual(await within(running), 1)
-        self.assertIn("disconnected: 1001 (going away): server shutting down", out.getvalue())
+        self.assertIn("disconnected: the server is going away (restarting?): server shutting down (1001)",
+                      out.getvalue())
 
     async def test_a_guest_keeps_its_name_and_its_lines_across_a_server_restart(self):
         first = await self.start_room()
@@ -4587,9 +4767,8 @@ class TestChatClient(ChatTestCase):
         self.assertEqual(lines[-1], "[user1]: typed while the server was down")   # never sent before
         feed.close()   # end of input: the client closes and exits 0
         self.assertEqual(await within(running), 0)
-        self.assertIn("disconnected: 1001 (going away)", out.getvalue())
-        self.assertIn("* reconnecting (1001 (going away): server shutting down): trying again in "
-                      "0.05 s", out.getvalue())
+        self.assertIn("disconnected: the server is going away", out.getvalue())
+        self.assertIn("server shutting down (1001); reconnecting in 0.05 s", out.getvalue())
 
 
 @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal (POSIX)")
@@ -4654,6 +4833,42 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.terminal.repaint()   # what SIGWINCH does
         rows = self.drawn(40, 10, since).screen()
         self.assertEqual(rows, [f"line {i}" for i in range(21, 30)] + ["> 漢字 and 👩‍💻"])
+
+    async def test_the_screen_wraps_lines_between_words_at_the_terminal_s_width(self):
+        line = "* " + " ".join(["word"] * 30)   # 150 characters: "-!- word word ..."
+        screen = chat.Screen(io.StringIO(), color=True, timestamps=False)
+        screen.terminal = self.terminal
+        screen.show(line)
+        self.assertEqual(self.drawn().screen()[:3], ["-!- " + " ".join(["word"] * 15),
+                                                     "    " + " ".join(["word"] * 15), ">"])
+        self.set_size(40, 24)
+        since = len(self.out.getvalue())
+        screen.show(line)
+        self.assertEqual(self.drawn(40, 24, since).screen()[:2], ["-!- " + " ".join(["word"] * 7),
+                                                                  "    " + " ".join(["word"] * 7)])
+        piped = chat.Screen(io.StringIO(), color=False, timestamps=False)
+        piped.show(line)
+        self.assertEqual(piped.out.getvalue(), "-!- " + line[2:] + "\n")   # a pipe: not wrapped
+
+    async def test_a_name_is_asked_at_a_prompt_of_its_own_and_chat_typed_there_is_kept(self):
+        out = io.StringIO()
+        screen = chat.Screen(out, color=False, timestamps=False)
+        screen.terminal = self.terminal
+        client = chat.ChatClient("ws://127.0.0.1:9/chat", screen, self.keyboard, interactive=True)
+        asking = asyncio.create_task(client.ask_for_a_name())
+        self.addCleanup(asking.cancel)
+        await until(lambda: self.drawn().screen()[1] == "name>")
+        await self.type(b"hello everyone, sorry I'm late\r", "")
+        await until(lambda: "not sent" in self.drawn().screen()[1])
+        self.assertEqual(self.drawn().screen()[:3], [
+            "-!- type another name after name> and press Enter (Ctrl-C leaves)",
+            "-!- not sent: a chat line? A name has no spaces (Up brings it back)", "name>"])
+        self.assertFalse(asking.done())
+        await self.type(b"\x1b[A", "hello everyone, sorry I'm late")   # Up
+        await self.type(b"\x15robert\r", "")                          # Ctrl-U, a name, Enter
+        self.assertTrue(await within(asking))
+        self.assertEqual((client.name, list(self.keyboard.lines)), ("robert", []))
+        self.assertEqual(self.drawn().screen()[2], ">")   # the chat's prompt again
 
     async def test_ctrl_c_and_ctrl_d_reach_the_keyboard_as_keys(self):
         os.write(self.master, b"\x04")   # Ctrl-D on an empty line: the end of input
@@ -4721,6 +4936,31 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
                 self.assertEqual(err.splitlines()[-1], f"chat.py {argv[0]}: error: {message}")
                 self.assertNotIn("Traceback", err)
 
+    def test_client_takes_host_and_port_or_a_whole_url(self):
+        parser = chat.build_parser()
+        for argv, url in [
+            ([], "ws://127.0.0.1:8080/chat"),
+            (["--port", "18001"], "ws://127.0.0.1:18001/chat"),
+            (["--host", "chat.example", "--port", "80"], "ws://chat.example:80/chat"),
+            (["--host", "::1"], "ws://[::1]:8080/chat"),
+            (["--host", "chat.example", "--insecure"], "wss://chat.example:8080/chat"),
+            (["--url", "wss://chat.example/chat"], "wss://chat.example/chat"),
+        ]:
+            with self.subTest(argv=argv):
+                self.assertEqual(chat.client_url(parser, parser.parse_args(["client", *argv])), url)
+        status, err = self.run_main(["client", "--url", "ws://h/chat", "--port", "18001"])
+        self.assertEqual(status, 2)
+        self.assertEqual(err.splitlines()[-1], "chat.py: error: give --url, or --host and --port, "
+                                               "not both: --url is the whole address")
+
+    def test_verbose_before_or_after_the_command(self):
+        parser = chat.build_parser()
+        for command in ("server", "client", "echo"):
+            for argv, verbose in [([command], False), (["-v", command], True),
+                                  ([command, "-v"], True), ([command, "--verbose"], True)]:
+                with self.subTest(argv=argv):
+                    self.assertIs(parser.parse_args(argv).verbose, verbose)
+
     async def test_start_up_failures_are_one_sentence_with_status_1(self):
         with tempfile.NamedTemporaryFile("w", suffix=".pem") as not_pem:
             not_pem.write("not a certificate\n")
@@ -4784,6 +5024,390 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertIn(">>> HTTP/1.1 101 Switching Protocols", text)
         self.assertRegex(text, r"<<< TEXT fin=1 len=5 masked \| 81 85( [0-9a-f]{2}){4}")
         self.assertIn(">>> TEXT fin=1 len=5 | 81 05", text)
+
+
+# The web page, in a real browser ############################################
+
+def browser_or_skip() -> str:
+    """A Chromium to drive; skip without one, except in CI, where it must be there."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        program = shutil.which(name)
+        if program is not None:
+            return program
+    if os.environ.get("CI") == "true":
+        raise AssertionError("CI=true but chromium is missing: .ci/run installs it")
+    raise unittest.SkipTest("needs Chromium (Debian: apt-get install chromium)")
+
+
+class Chromium:
+    """A headless Chromium of our own: its DevTools on a port it picks, a throwaway profile."""
+
+    def __init__(self, program: str):
+        self.profile = tempfile.mkdtemp(prefix="chat-page-")
+        self.process = subprocess.Popen(
+            [program, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={self.profile}", "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port = self._devtools_port()
+
+    def _devtools_port(self) -> int:
+        """The port Chromium chose, from the DevToolsActivePort file it writes (bounded wait)."""
+        path = os.path.join(self.profile, "DevToolsActivePort")
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with contextlib.suppress(OSError):
+                with open(path) as file:
+                    lines = file.read().splitlines()
+                if len(lines) == 2:   # the port, then the browser's path: written whole
+                    return int(lines[0])
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("Chromium did not start")
+            time.sleep(0.05)   # polling for the file, not a guess at how long it takes
+
+    def _http(self, path: str, method: str = "GET") -> bytes:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/{path}", method=method)
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.read()
+
+    def new_tab(self) -> dict:
+        """A blank tab: its "id" and its "webSocketDebuggerUrl"."""
+        return json.loads(self._http("new?about:blank", method="PUT"))
+
+    def close_tab(self, tab_id: str):
+        self._http(f"close/{tab_id}")
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+#: Run before the page's own script: timers run 20 times faster (backoffs of
+#: 50 ms, not 1 s) and the delays asked for are kept in window.delays.
+FASTER_TIMERS = """
+window.delays = [];
+const realSetTimeout = window.setTimeout;
+window.setTimeout = (callback, ms, ...args) => {
+  window.delays.push(ms);
+  return realSetTimeout(callback, ms / 20, ...args);
+};"""
+
+#: The log's lines, without their times, and their styles.
+LOG_LINES = "[...document.querySelectorAll('#log li')].map((li) => [li.childNodes[1].textContent, li.className])"
+
+#: What a person would see go wrong: boxes overlapping or spilling out of
+#: their bar, a horizontal scroll, the newest line out of view, the focus
+#: on something without a label.
+LAYOUT = """new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done((() => {
+  const box = (element) => element.getBoundingClientRect();
+  const shown = ["header", "#log", "#waiting", "#join", "#send"].map((s) => document.querySelector(s))
+    .filter((element) => element.getClientRects().length && box(element).height > 0);
+  const problems = [];
+  shown.forEach((element, i) => {
+    if (i && box(element).top < box(shown[i - 1]).bottom - 0.5) problems.push(element.id + " overlaps");
+  });
+  if (box(shown[shown.length - 1]).bottom > innerHeight + 0.5) problems.push("below the window");
+  for (const bar of document.querySelectorAll("header, form")) {
+    for (const child of bar.children) {
+      const inner = box(child), outer = box(bar);
+      if (child.getClientRects().length && (inner.left < outer.left || inner.right > outer.right + 0.5
+          || inner.top < outer.top || inner.bottom > outer.bottom + 0.5)) problems.push(child.tagName + " spills");
+    }
+  }
+  if (document.documentElement.scrollWidth > innerWidth) problems.push("horizontal scroll");
+  const log = document.getElementById("log"), newest = log.lastElementChild;
+  if (newest && (box(newest).top < box(log).top - 0.5 || box(newest).bottom > box(log).bottom + 0.5))
+    problems.push("newest line out of view");
+  const focused = document.activeElement;
+  if (!focused.labels || !focused.labels.length || !focused.labels[0].textContent.trim())
+    problems.push("focus on " + focused.tagName + " without a label");
+  return problems;
+})()))))"""   # as drawn: two frames on
+
+#: Every text's contrast with the background behind it, WCAG 2's formula:
+#: [ratio, colour, background, the text], for each element with text of its
+#: own, each input's placeholder, and a sample line in every style.
+CONTRASTS = """(() => {
+  const log = document.getElementById("log"), waiting = document.getElementById("waiting");
+  const samples = ["", "notice", "action", "private", "mine", "history", "error"].map((style) => {
+    const item = document.createElement("li"), time = document.createElement("span");
+    time.className = "time"; time.textContent = "12:00"; item.className = style;
+    item.append(time, "a sample " + style + " line"); log.appendChild(item); return item;
+  });
+  samples.push(waiting.appendChild(Object.assign(document.createElement("li"), {textContent: "… on its way"})));
+  const rgb = (colour) => colour.match(/[\\d.]+/g).map(Number);
+  const luminance = (colour) => rgb(colour).slice(0, 3).map((c) => c / 255)
+    .map((c) => c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4)
+    .reduce((sum, c, i) => sum + c * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = (element) => {
+    for (; element; element = element.parentElement) {
+      const colour = getComputedStyle(element).backgroundColor;
+      if (rgb(colour)[3] !== 0) return colour;
+    }
+    return "rgb(255, 255, 255)";
+  };
+  const ratio = (a, b) => { const [l1, l2] = [luminance(a), luminance(b)].sort((x, y) => y - x); return (l1 + 0.05) / (l2 + 0.05); };
+  const found = [];
+  for (const element of document.body.querySelectorAll("*")) {
+    if (!element.getClientRects().length || element.tagName === "SCRIPT") continue;
+    const own = [...element.childNodes].filter((n) => n.nodeType === 3).map((n) => n.textContent).join("").trim();
+    const texts = [[own, getComputedStyle(element).color]];
+    if (element.placeholder) texts.push([element.placeholder, getComputedStyle(element, "::placeholder").color]);
+    for (const [text, colour] of texts)
+      if (text) found.push([ratio(colour, background(element)), colour, background(element), text]);
+  }
+  samples.forEach((sample) => sample.remove());
+  return found;
+})()"""
+
+
+class Tab:
+    """One browser tab, driven over the DevTools protocol with chat.py's own client."""
+
+    def __init__(self, conn: chat.Connection):
+        self.conn, self.calls = conn, 0
+
+    async def call(self, method: str, **params) -> dict:
+        self.calls += 1
+        await self.conn.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:   # events may come first
+            reply = json.loads(await within(self.conn.recv()))
+            if reply.get("id") == self.calls:
+                break
+        if "error" in reply:
+            raise AssertionError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    async def evaluate(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                                 awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, seconds: float = TIMEOUT):
+        """The expression's value once it is truthy in the page; fail after ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still not true after {seconds} s: {expression}")
+            await asyncio.sleep(0.02)   # between polls: the browser runs meanwhile
+
+    async def type(self, text: str):
+        await self.call("Input.insertText", text=text)
+
+    async def press(self, key: str):
+        """Enter, ArrowUp or ArrowDown, as the keyboard sends them."""
+        code = {"Enter": 13, "ArrowUp": 38, "ArrowDown": 40}[key]
+        text = {"text": "\r"} if key == "Enter" else {}
+        await self.call("Input.dispatchKeyEvent", type="keyDown", key=key, code=key,
+                        windowsVirtualKeyCode=code, **text)
+        await self.call("Input.dispatchKeyEvent", type="keyUp", key=key, code=key,
+                        windowsVirtualKeyCode=code)
+
+    async def log_lines(self) -> list[list[str]]:
+        return await self.evaluate(LOG_LINES)
+
+    async def shown(self, text: str) -> list[str]:
+        """Wait until the log shows the line ``text``; return [text, its style]."""
+        return (await self.wait_for(f"{LOG_LINES}.filter(([text]) => text === {json.dumps(text)})"))[-1]
+
+
+class TestPage(ChatTestCase):
+    """The page at "/" in headless Chromium: the terminal client's promises, kept accessibly."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chromium = Chromium(browser_or_skip())   # one for the class: starting one takes a while
+        chat.page()   # built once (0.2-0.5 s), here rather than while a test's loop waits
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.chromium.stop()
+
+    async def open_page(self, width: int = 390, height: int = 800, *, server=None) -> Tab:
+        """A new tab at ``width`` x ``height`` showing the page of ``server`` (a room of our own)."""
+        if server is None:
+            server = await self.start_room()
+        target = await asyncio.to_thread(self.chromium.new_tab)
+        self.addAsyncCleanup(asyncio.to_thread, self.chromium.close_tab, target["id"])
+        conn = await within(chat.connect(target["webSocketDebuggerUrl"], max_size=2**26,
+                                         compression=False))
+        self.addAsyncCleanup(conn.close)
+        tab = Tab(conn)
+        await tab.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                       deviceScaleFactor=1, mobile=False)
+        await tab.call("Page.enable")   # without it, Chromium 156 did not run the script below
+        await tab.call("Page.addScriptToEvaluateOnNewDocument", source=FASTER_TIMERS)
+        await tab.call("Page.navigate", url=f"http://127.0.0.1:{server.port}/")
+        await tab.wait_for(f"location.port === '{server.port}' && document.readyState === 'complete'")
+        return tab
+
+    async def join_page(self, tab: Tab, name: str = "alice"):
+        await tab.evaluate("document.getElementById('name').focus()")
+        await tab.type(name)
+        await tab.press("Enter")
+        await tab.wait_for("document.activeElement.id === 'text' && document.getElementById('log')"
+                           f".textContent.includes('You are connected as {name}!')")
+
+    async def assertLaidOut(self, tab: Tab):
+        self.assertEqual(await tab.evaluate(LAYOUT), [])
+
+    async def test_text_is_escaped_as_printable_escapes_it(self):
+        tricky = ["brb\n19:16 * bob left: bye", "a\u2028b\u2029c", "see \u202e!tsil eht no si bob",
+                  f"{TECHNOLOGIST} {RAINBOW_FLAG}", f"go {SCOTLAND} go", "hi\U000E0041",
+                  "\U000E0067\U000E007F", "soft\xadhyphen pay\u200bpal", "nul\x00 del\x7f",
+                  "c1\x85\x9b", "tab\tcr\r", "\ue000 \U000F0000 \U0010FFFD", "\u0378 \U0010FFFF",
+                  "\ufeff\u2060\u061c", "e\u0301 \u3000\u00a0 \u200c"]
+        edges = sorted({code for first, last in chat.hidden_ranges()   # every run's ends, and past them
+                        for code in (first - 1, first, last, last + 1) if 0 <= code <= sys.maxunicode})
+        tricky += [f"<{chr(code)}>" for code in edges]
+        tab = await self.open_page()
+        shown = await tab.evaluate(f"{json.dumps(tricky)}.map(printable)")
+        self.assertEqual(shown, [printable(text) for text in tricky])
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await bob.send(tricky[0])
+        await bob.send(tricky[2])
+        await tab.shown(f"[bob]: {printable(tricky[2])}")
+        self.assertIn([f"[bob]: {printable(tricky[0])}", ""], await tab.log_lines())   # one line
+
+    async def test_notices_and_actions_are_marked_apart(self):
+        tab = await self.open_page()
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        self.assertEqual(await tab.shown("-!- bob joined"), ["-!- bob joined", "notice"])
+        await bob.send("/me waves")
+        self.assertEqual(await tab.shown("* bob waves"), ["* bob waves", "action"])
+        await bob.send("* alice left: bye")   # what a member says can't pass for a notice
+        await tab.shown("[bob]: * alice left: bye")
+        await bob.close(CloseCode.NORMAL_CLOSURE, "bye")
+        self.assertEqual(await tab.shown("-!- bob left: bye"), ["-!- bob left: bye", "notice"])
+        lines = [text for text, _ in await tab.log_lines()]
+        self.assertTrue(lines[0].startswith("-!- You are connected as alice! There is 1 user here."))
+
+    async def test_the_newest_line_stays_in_view_through_pending_lines_and_an_outage(self):
+        tab = await self.open_page(390, 800)
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        for i in range(40):
+            await bob.send(f"line {i}")
+        await tab.shown("[bob]: line 39")
+        await self.assertLaidOut(tab)
+        port = self.server.port
+        await self.server.close()   # the server goes away ...
+        await tab.wait_for("document.getElementById('status').textContent.startsWith('reconnecting')")
+        for line in ("one", "two", "three"):   # ... while alice goes on typing
+            await tab.type(line)
+            await tab.press("Enter")
+        await tab.wait_for("document.querySelectorAll('#waiting li').length === 3")
+        await self.assertLaidOut(tab)
+        room = chat.ChatRoom(rate=0)   # ... and comes back on the same port, knowing no one
+        self.server = await chat.serve(room.handle, "127.0.0.1", port, keepalive_interval=None,
+                                       process_request=room.process_request)
+        self.addAsyncCleanup(self.server.close)
+        await tab.shown("[alice]: three")   # never sent before: not marked as resent
+        await tab.wait_for("!document.querySelector('#waiting li')")
+        await self.assertLaidOut(tab)
+        await tab.evaluate("document.getElementById('log').scrollTop = 0")   # the reader scrolls up
+        carol = await self.join("carol")
+        await carol.send("hello")
+        await tab.shown("[carol]: hello")
+        self.assertEqual(await tab.evaluate("document.getElementById('log').scrollTop"), 0)
+
+    async def test_refusals_back_off_with_one_status_and_no_lines(self):
+        gate, tries = chat.Gate(), itertools.count(1)
+
+        def refuse_every_other(request):   # 503 before the upgrade, then 1013 after it
+            answer = gate.process_request(request)
+            if answer is None and next(tries) % 2:
+                return chat.Response(http.HTTPStatus.SERVICE_UNAVAILABLE, "busy\n")
+            return answer
+
+        async def try_later(conn):
+            await conn.close(CloseCode.TRY_AGAIN_LATER, "names can't be checked just now")
+
+        server = await self.start(try_later, process_request=refuse_every_other)
+        tab = await self.open_page(server=server)
+        await tab.type("alice")
+        await tab.press("Enter")
+        status = await tab.wait_for(
+            "((status) => status.includes('attempt 4') && status)(document.getElementById('status').textContent)")
+        self.assertEqual(status, "reconnecting in 8 s (attempt 4): names can't be checked just now")
+        self.assertEqual(await tab.evaluate("window.delays"), [1000, 2000, 4000, 8000])
+        self.assertEqual(await tab.log_lines(), [])
+
+    async def test_a_pasted_block_goes_line_by_line_and_up_recalls_the_lines(self):
+        tab = await self.open_page()
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await tab.evaluate("""(() => {
+          const data = new DataTransfer();
+          data.setData("text/plain", "one\\r\\ntwo\\nthree");
+          document.getElementById("text").dispatchEvent(
+            new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true}));
+        })()""")
+        await self.expect(bob, "[alice]: one", "[alice]: two")
+        self.assertEqual(await tab.evaluate("document.getElementById('text').value"), "three")
+        await self.assertLaidOut(tab)
+        await tab.press("Enter")
+        await self.expect(bob, "[alice]: three")
+        recalled = []
+        for key in ("ArrowUp", "ArrowUp", "ArrowDown", "ArrowDown"):
+            await tab.press(key)
+            recalled.append(await tab.evaluate("document.getElementById('text').value"))
+        self.assertEqual(recalled, ["three", "two", "three", ""])
+
+    async def test_quit_is_calm_and_offers_to_join_again(self):
+        tab = await self.open_page()
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await tab.type("/quit gone for lunch")
+        await tab.press("Enter")
+        await self.expect(bob, "* alice left: gone for lunch")
+        self.assertEqual(await tab.shown("-!- you left (gone for lunch)"),
+                         ["-!- you left (gone for lunch)", "notice"])
+        self.assertEqual(await tab.evaluate(
+            "[document.activeElement.id, document.activeElement.value, document.getElementById('join').hidden]"),
+            ["name", "alice", False])
+        await tab.press("Enter")
+        await tab.wait_for("document.getElementById('status').textContent === 'connected as alice'")
+
+    async def test_a_refused_name_asks_for_another(self):
+        tab = await self.open_page()
+        await self.join("alice")
+        await tab.type("alice")
+        await tab.press("Enter")
+        self.assertEqual(await tab.shown("-!- the name alice is taken; pick another"),
+                         ["-!- the name alice is taken; pick another", "notice"])
+        self.assertEqual(await tab.evaluate("document.getElementById('status').textContent"),
+                         "pick another name")
+        await self.assertLaidOut(tab)   # the focus among them: in the name field, labelled
+        self.assertEqual(await tab.evaluate("document.activeElement.id"), "name")
+        await tab.type("carol")   # over the refused name, which is selected
+        await tab.press("Enter")
+        await tab.wait_for("document.getElementById('status').textContent === 'connected as carol'")
+
+    async def test_labels_roles_and_contrast_at_phone_and_desktop_widths(self):
+        for width in (390, 1280):
+            with self.subTest(width=width):
+                tab = await self.open_page(width, 800)
+                labels = "['name', 'text'].map((id) => document.getElementById(id).labels[0].textContent)"
+                self.assertEqual(await tab.evaluate(labels), ["Name", "Message"])
+                log = "['role', 'aria-live'].map((name) => document.getElementById('log').getAttribute(name))"
+                self.assertEqual(await tab.evaluate(log), ["log", "polite"])
+                await self.join_page(tab, f"user{width}")
+                await self.assertLaidOut(tab)
+                contrasts = await tab.evaluate(CONTRASTS)
+                self.assertGreater(len(contrasts), 10)
+                self.assertEqual([found for found in contrasts if found[0] < 4.5], [])
 
 
 # Fuzzing ###################################################################
