@@ -3056,11 +3056,15 @@ class AddressLimits:
                             f"too many new connections from {client} (at most "
                             f"{self.connects_per_minute:g} a minute); try again in {wait} s", wait)
 
+    def is_full(self, client: str) -> bool:
+        """Does the address hold all the connections it may (count() would refuse one more)?"""
+        return self.max_per_address is not None and self.held[client] >= self.max_per_address
+
     def count(self, writer: asyncio.StreamWriter, client: str) -> Response | None:
         """Count the connection against its address; 503 for one too many."""
         if self.max_per_address is None:
             return None
-        if self.held[client] >= self.max_per_address:
+        if self.is_full(client):
             return self._refuse("held", client, f"at its limit of {self.max_per_address} connection(s); "
                                 "refusing more with 503 until one closes",
                                 f"too many connections from {client} (at most "
@@ -3159,8 +3163,10 @@ class PublicServer(WebSocketServer):
         if self._loop_errors is not None:
             self._loop_errors.accepted(loop.time())
         peer = peer_address(writer)
-        over = None if peer in self.trusted_proxies else self.limits.count(writer, peer)
-        self._handshaking[writer] = loop.time()
+        over = peer not in self.trusted_proxies and self.limits.is_full(peer)
+        if not over and peer not in self.trusted_proxies:
+            self.limits.count(writer, peer)   # within the limit; the one over it is refused once,
+        self._handshaking[writer] = loop.time()   # with its 503, in _handshake
         reader = asyncio.StreamReader(limit=READ_BUFFER_LIMIT)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:   # over its address's limit: a second for TLS, then the 503 (_handshake)
@@ -4878,8 +4884,8 @@ class KeyDecoder:
 
 # Grapheme clusters. What a reader takes for one character may be several
 # code points: e + U+0301 is é; 👋🏽 is a hand and a skin tone; 👩‍💻 is a
-# woman, a ZERO WIDTH JOINER and a laptop; 🇫🇷 is two regional indicators,
-# 1️⃣ a digit, U+FE0F and U+20E3. Unicode calls that unit an extended grapheme
+# woman, a ZERO WIDTH JOINER and a laptop; 🇫🇷 is two regional indicators;
+# and 1️⃣ is a digit, U+FE0F and U+20E3. Unicode calls that unit an extended grapheme
 # cluster (UAX #29 §3, https://www.unicode.org/reports/tr29/), and the editor
 # moves and deletes by it: stepping by code points, Left then Q would type
 # into the middle of 👩‍💻, and Backspace would leave half a flag. Whether two
@@ -5249,7 +5255,8 @@ class InputView:
         """Erase the input as last drawn; draw it again: status lines (dimmed), prompt, buffer."""
         width = max(width, MIN_WIDTH)
         start = self._erase(width)
-        above = [row for line in status for row in wrap_rows(line, width)]
+        # Status lines may quote the server (a close reason): escaped as its lines are.
+        above = [row for line in status for row in wrap_rows(printable(line), width)]
         # Shown as lines from the room are (printable): a typed U+202E must not
         # reorder the row. The text either side of the cursor is escaped apart,
         # so the cursor's index counts an escape's characters (\u202e: six)

@@ -2384,6 +2384,7 @@ class TestTLS(ChatTestCase):
         with self.assertRaises(chat.InvalidStatus) as caught:
             await within(chat.connect(f"wss://localhost:{self.server.port}/chat", ssl_context=client_context))
         self.assertEqual(caught.exception.status, 503)
+        self.assertEqual(self.server.limits.refusals.refused, {("held", "127.0.0.1"): 1})   # once
 
     async def test_out_of_descriptors_a_silent_tls_handshake_is_dropped(self):
         context = chat.server_ssl_context(self.files["cert"], self.files["key"])
@@ -3800,6 +3801,13 @@ class TestRendering(unittest.TestCase):
         terminal.write("e漢\r\n\n")
         self.assertEqual(terminal.screen(), ["e漢", "", ""])
         self.assertEqual(terminal.scrolled_off, ["abcd"])
+
+    def test_a_status_line_quoting_the_server_is_escaped(self) -> None:
+        # A reconnect's status quotes the server's close reason: it must not clear the screen.
+        drawn = chat.InputView().redraw("", 0, 80, 24, ["-!- reconnecting (\x1b[2J\u202eevil)"])
+        self.assertNotIn("\x1b[2J", drawn)
+        self.assertNotIn("\u202e", drawn)
+        self.assertIn("\\x1b[2J\\u202eevil", drawn)
 
     def test_long_typed_line_wraps_over_two_rows(self) -> None:     # (a)
         client = Client()
