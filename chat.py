@@ -5407,9 +5407,6 @@ MAX_REPAINTED_LINES = 200
 #: The input line's prompt while the client asks for a name, not the chat's "> ".
 NAME_PROMPT = "name> "
 
-#: Colour codes (Select Graphic Rendition), which take no room on the screen.
-SGR = re.compile(r"\x1b\[[0-9;]*m")
-
 #: How a client marks what it shows, so that no member can pass for anyone
 #: else: the server's notices and the client's own ("-!- bob left: bye")
 #: apart from actions ("* bob waves"), which any member can write, as irssi
@@ -5558,10 +5555,14 @@ def wrap_words(text: str, width: int) -> list[str]:
             rows[-1] = rows[-1].rstrip(" ")
             rows.append(indent + piece)
         else:
-            for char in piece:   # longer than a row: break it where the row ends
-                if rows[-1].strip() and display_width(rows[-1]) + char_width(char) > width:
+            start = 0   # longer than a row: break it where the row ends, not inside 👩‍💻
+            while start < len(piece):
+                end = next_boundary(piece, start)
+                cluster = piece[start:end]
+                if rows[-1].strip() and display_width(rows[-1] + cluster) > width:
                     rows.append(indent)
-                rows[-1] += char
+                rows[-1] += cluster
+                start = end
     return rows
 
 
@@ -5653,7 +5654,9 @@ class Terminal:
         self.keyboard, self.fd, self.out, self.status = keyboard, fd, out, status
         self.keys, self.editor, self.view = KeyDecoder(), LineEditor(), InputView()
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.recent: collections.deque[str] = collections.deque(maxlen=MAX_REPAINTED_LINES)
+        # (text, colour) of the latest lines shown: wrapped again at each repaint's width.
+        self.recent: collections.deque[tuple[str, str | None]] = collections.deque(
+            maxlen=MAX_REPAINTED_LINES)
         self._saved: list | None = None   # the terminal's settings before raw mode
 
     def start(self) -> None:
@@ -5730,12 +5733,18 @@ class Terminal:
         self._enter_raw_mode()
         self.repaint()   # the shell may have written over us meanwhile
 
-    def show(self, lines: list[str]) -> None:
-        """Lines from the room, above the input."""
-        self.recent.extend(lines)
+    def show(self, text: str, color: str | None = None) -> None:
+        """A line, above the input: wrapped between words, in ``color`` (an SGR code)."""
+        self.recent.append((text, color))
         width, height = self._size()
-        self._write(self.view.show_above(lines, self.editor.buffer, self.editor.cursor,
-                                         width, height, self.status()))
+        self._write(self.view.show_above(self._rows(text, color, width), self.editor.buffer,
+                                         self.editor.cursor, width, height, self.status()))
+
+    @staticmethod
+    def _rows(text: str, color: str | None, width: int) -> list[str]:
+        """The line's rows at this width, each coloured: a repaint may draw only the last."""
+        rows = wrap_words(text, max(width, MIN_WIDTH))
+        return [f"\x1b[{color}m{row}\x1b[0m" for row in rows] if color else rows
 
     def repaint(self) -> None:
         """Clear the screen and draw it again: the latest lines that fit, then the input.
@@ -5747,14 +5756,15 @@ class Terminal:
         terminal's scrollback, as it reflowed them.
         """
         width, height = self._size()
-        lines_below = [*self.status(), self.view.prompt + self.editor.buffer]
+        lines_below = [*map(printable, self.status()), self.view.prompt + printable(self.editor.buffer)]
         room = height - sum(rows_needed(display_width(line), width) for line in lines_below)
         shown: list[str] = []
-        for line in reversed(self.recent):
-            room -= rows_needed(display_width(SGR.sub("", line)), width)
+        for text, color in reversed(self.recent):   # wrapped anew: the width may have changed
+            rows = self._rows(text, color, width)
+            room -= len(rows)
             if room < 0:
                 break
-            shown.insert(0, line)
+            shown[:0] = rows
         self.view.forget()
         self._write(CSI + "H" + CSI + "2J" + "".join(line + "\r\n" for line in shown))
         self.redraw()
@@ -5763,10 +5773,6 @@ class Terminal:
         width, height = self._size()
         self._write(self.view.redraw(self.editor.buffer, self.editor.cursor,
                                      width, height, self.status()))
-
-    @property
-    def width(self) -> int:
-        return self._size()[0]
 
     def _size(self) -> tuple[int, int]:
         try:
@@ -5808,9 +5814,8 @@ class Screen:
         text, found_style = display_line(line, name=name, timestamps=self.timestamps,
                                          now=time.time())
         code = STYLES.get(found_style if style is None else style)
-        if self.terminal is not None:   # each row coloured: a repaint may draw only the last
-            self.terminal.show([self.colored(row, code)
-                                for row in wrap_words(text, self.terminal.width)])
+        if self.terminal is not None:
+            self.terminal.show(text, code if self.color else None)
         else:
             out = self.err if own else self.out
             out.write(self.colored(text, code) + "\n")

@@ -4124,6 +4124,13 @@ class TestMarks(unittest.TestCase):
 class TestWrapWords(unittest.TestCase):
     """wrap_words: a shown line broken between words at the terminal's width, not mid-word."""
 
+    def test_a_word_longer_than_a_row_breaks_between_grapheme_clusters(self):
+        line = "[bob]: " + "👩‍💻" * 30   # each 👩‍💻 is one cluster of three code points
+        for width in (20, 21, 22):
+            for row in chat.wrap_words(line, width):
+                self.assertFalse(row.startswith("\u200d") or row.endswith("\u200d"), (width, row))
+                self.assertFalse(row.lstrip().startswith("💻"), (width, row))
+
     def test_rows_break_between_words_and_are_indented_under_the_text(self):
         self.assertEqual(chat.wrap_words("12:00 -!- one two three four", 20),
                          ["12:00 -!- one two", "          three four"])
@@ -4558,10 +4565,8 @@ class TestChatClient(ChatTestCase):
                 return await super().enter(conn)
 
         class Shown(list):   # a terminal, as far as the Screen can tell
-            width = 80
-
-            def show(self, lines):
-                self.extend(lines)
+            def show(self, text, color=None):
+                self.append(text)
 
         await self.start_room(room=BusyRoom(rate=0))
         err = io.StringIO()
@@ -4815,11 +4820,11 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
 
     async def test_typing_and_a_long_incoming_line_at_80_columns(self):
         await self.type(b"half way through typing", "half way through typing")
-        self.terminal.show(["[bob]: " + "x" * 233])   # 240 characters, three rows
+        self.terminal.show("[bob]: " + "x" * 233)   # 240 characters: a word longer than a row
         screen = self.drawn()
-        self.assertEqual(screen.screen()[:4], ["[bob]: " + "x" * 73, "x" * 80, "x" * 80,
-                                               "> half way through typing"])
-        self.assertEqual(screen.cursor, (3, 25))
+        self.assertEqual(screen.screen()[:5], ["[bob]: " + "x" * 73, "  " + "x" * 78, "  " + "x" * 78,
+                                               "  xxxx", "> half way through typing"])
+        self.assertEqual(screen.cursor, (4, 25))
 
     async def test_waiting_lines_are_drawn_between_the_room_and_the_input(self):
         self.waiting = ["… sent, not yet confirmed"]
@@ -4834,13 +4839,22 @@ class TestTerminal(QuietLogs, unittest.IsolatedAsyncioTestCase):
 
     async def test_a_resize_repaints_the_latest_lines_and_the_input(self):
         for i in range(30):
-            self.terminal.show([f"line {i}"])
+            self.terminal.show(f"line {i}")
         await self.type("漢字 and 👩‍💻".encode(), "漢字 and 👩‍💻")
         since = len(self.out.getvalue())
         self.set_size(40, 10)
         self.terminal.repaint()   # what SIGWINCH does
         rows = self.drawn(40, 10, since).screen()
         self.assertEqual(rows, [f"line {i}" for i in range(21, 30)] + ["> 漢字 and 👩‍💻"])
+
+    async def test_a_resize_wraps_the_latest_lines_again_between_words(self):
+        self.terminal.show("[bob]: " + " ".join(["word"] * 30))   # 156 characters
+        since = len(self.out.getvalue())
+        self.set_size(40, 10)
+        self.terminal.repaint()   # what SIGWINCH does
+        rows = self.drawn(40, 10, since).screen()
+        self.assertEqual(rows[0], "[bob]: word word word word word word")
+        self.assertTrue(all(row.endswith("word") for row in rows[:5]), rows)
 
     async def test_the_screen_wraps_lines_between_words_at_the_terminal_s_width(self):
         line = "* " + " ".join(["word"] * 30)   # 150 characters: "-!- word word ..."
