@@ -5369,9 +5369,10 @@ class Reconnecting:
         when = "now" if self.trying else f"in {self.delay:g} s"
         return [f"{NOTICE_MARK}reconnecting {when} (attempt {self.tries}: {self.why})"]
 
-    def begun(self) -> str:
-        """The one line a pipe gets when the spell begins."""
-        return (f"* {self.why}; reconnecting in {self.delay:g} s, then waiting longer each "
+    def begun(self, said_why: bool = False) -> str:
+        """The one line a pipe gets when the spell begins (``said_why``: without the why)."""
+        why = "" if said_why else f"{self.why}; "
+        return (f"* {why}reconnecting in {self.delay:g} s, then waiting longer each "
                 f"time, up to {MAX_BACKOFF:g} s")
 
     def over(self) -> str | None:
@@ -6105,8 +6106,8 @@ class ChatClient:
             self.reconnecting.failed(outcome)
             if self.screen.terminal is not None:
                 self.keyboard.changed()   # the status line says it (see waiting)
-            elif self.reconnecting.tries == 1:
-                self.screen.note(self.reconnecting.begun())
+            elif self.reconnecting.tries == 1:   # why, unless "disconnected: why" just said it
+                self.screen.note(self.reconnecting.begun(said_why=self.greeted.is_set()))
             if await self.wants_out_within(self.reconnecting.delay):
                 return self.finish(0)
 
@@ -6122,8 +6123,8 @@ class ChatClient:
                 self.screen.note(f"cannot connect to {self.url}: {explain_connect_error(error)}",
                                  "error")
                 return 1
-            if is_try_later(error):   # the same refusal as 1013, before the upgrade
-                return CLOSE_WORDS[CloseCode.TRY_AGAIN_LATER]
+            if is_try_later(error):   # the same refusal as 1013, before the upgrade; its reason
+                return f"{CLOSE_WORDS[CloseCode.TRY_AGAIN_LATER]}: {error.reason} (503)"   # says why
             return explain_connect_error(error)
         if conn is None:
             return 0   # Ctrl-C while connecting
@@ -6134,13 +6135,11 @@ class ChatClient:
         if self.greeted.is_set() or not retrying:   # else a refusal, said by the spell
             self.screen.note(f"* disconnected: {describe_close(closed)}", "error")
         self.reconnected = True
-        if is_name_refusal(closed) and self.interactive and await self.ask_for_a_name():
+        # Not once the user is leaving (/quit, end of input): no line typed could answer.
+        asking = is_name_refusal(closed) and self.interactive and self.leave_by is None
+        if asking and await self.ask_for_a_name():
             return None
-        if not retrying:
-            return 1
-        if closed.code == CloseCode.TRY_AGAIN_LATER:   # short: it is shown at every try
-            return CLOSE_WORDS[closed.code]
-        return describe_close(closed)
+        return describe_close(closed) if retrying else 1
 
     async def connect_unless_interrupted(self, url: str) -> Connection | None:
         """connect(), said on the screen; None if Ctrl-C comes first (it works at once)."""
@@ -6311,8 +6310,8 @@ class ChatClient:
         name. A line that can't be one is not sent anywhere: the screen says
         why (a chat line, by its spaces), Up brings it back, and we ask again.
         """
-        self.screen.show(f"* type another name after {NAME_PROMPT.strip()} and press Enter "
-                         "(Ctrl-C leaves)", "notice")
+        self.screen.note(f"* type another name after {NAME_PROMPT.strip()} and press Enter "
+                         "(Ctrl-C leaves)")
         with self.screen.prompting(NAME_PROMPT):
             while True:
                 line = await self.next_line_typed()
@@ -6322,7 +6321,7 @@ class ChatClient:
                     self.name, self.token = check_typed_name(line), None
                     return True
                 except ValueError as why:
-                    self.screen.show(f"* not sent: {why} (Up brings it back)", "error")
+                    self.screen.note(f"* not sent: {why} (Up brings it back)", "error")
 
     async def next_line_typed(self) -> str | None:
         """The next line the user types; None if the input ends first, or Ctrl-C.

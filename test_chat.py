@@ -4530,8 +4530,9 @@ class TestChatClient(ChatTestCase):
                                   first_backoff=0.05)
         self.assertEqual(await within(client.run()), 0, err.getvalue())
         said = err.getvalue().splitlines()   # piped: one line as the spell begins, one as it ends
-        self.assertEqual(said[1], "-!- the room can't take you just now; reconnecting in 0.05 s, "
-                                  "then waiting longer each time, up to 30 s")
+        self.assertEqual(said[1], "-!- the room can't take you just now: too many new connections "
+                                  "from 127.0.0.1 (at most 60 a minute); try again in 1 s (503); "
+                                  "reconnecting in 0.05 s, then waiting longer each time, up to 30 s")
         self.assertRegex(said[2], r"^-!- reconnected after \d+ attempts \(\d+ s\)$")
         self.assertEqual(len(said), 3, said)
         self.assertIn("[late]: hello", out.getvalue())
@@ -4545,7 +4546,8 @@ class TestChatClient(ChatTestCase):
                     self.assertGreater(wait, backoff - 0.01, waits)   # not 0.05 each time
                 self.assertEqual([status for _, status in tries], [
                     ["… hello"], *([f"-!- reconnecting now (attempt {n}: the room can't take you "
-                                    "just now)", "… hello"] for n in range(1, 5))])
+                                    "just now: the room is split; try again soon (1013))", "… hello"]
+                                   for n in range(1, 5))])
                 if at_a_terminal:   # the status line changed; no line was added per try
                     self.assertEqual(said[0], f"-!- connecting to {self.url} …")
                     self.assertRegex(said[1], r"^-!- reconnected after 4 attempts \(\d+ s\)$")
@@ -4780,8 +4782,8 @@ class TestChatClient(ChatTestCase):
         self.assertEqual(lines[-1], "[user1]: typed while the server was down")   # never sent before
         feed.close()   # end of input: the client closes and exits 0
         self.assertEqual(await within(running), 0)
-        self.assertIn("disconnected: the server is going away", out.getvalue())
-        self.assertIn("server shutting down (1001); reconnecting in 0.05 s", out.getvalue())
+        self.assertIn("-!- disconnected: the server is going away (restarting?): server shutting "
+                      "down (1001)\n-!- reconnecting in 0.05 s", out.getvalue())   # the why said once
 
 
 @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal (POSIX)")
