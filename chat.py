@@ -2085,6 +2085,8 @@ class Gate:
         self.allowed_hosts = {"localhost", own_name, own_name.partition(".")[0]} | {
             host.lower().rstrip(".") for host in allowed_hosts}
         self.secure = secure
+        page()   # built now, once a process (0.2-0.5 s), not in a stall of the room
+                 # when a browser first asks
 
     def process_request(self, request: Request) -> Response | None:
         """Serve the page at /, refuse unknown hosts, other paths and foreign origins, upgrade /chat."""
@@ -3395,8 +3397,8 @@ def hidden_ranges() -> tuple[tuple[int, int], ...]:
     The page (section 17) is given these runs (about 700) and FLAG_TAG_SEQUENCE,
     so it escapes what the terminal escapes, by this Python's Unicode version.
     Asking about all 1.1 million code points takes 0.2 s (0.5 s on Python
-    3.10): done once, as `chat.py server` starts (run_server), not in a stall
-    of the room when a browser first asks.
+    3.10): done once, as the first room starts (Gate), not in a stall of the
+    room when a browser first asks.
     """
     runs = []
     first = 0
@@ -6640,8 +6642,9 @@ function closeReason() {   // at most MAX_REASON_BYTES of UTF-8, whole character
 }
 function left() {   // calm, with the way back in
   clearTimeout(leaveBy);
-  notify("you left" + (leaving ? " (" + leaving + ")" : ""));
-  for (const p of pending) notify("not sent: " + p.line, "error");
+  notify("you left" + (leaving ? " (" + closeReason() + ")" : ""));   // the reason as sent
+  for (const p of pending)   // ChatClient.finish()'s words: one sent may be in the room
+    notify((p.sent ? "not confirmed (it may have arrived): " : "not sent: ") + p.line, "error");
   pending.length = 0; showWaiting();
   leaving = null; token = ""; retries = 0; backoff = FIRST_BACKOFF;
   setStatus("not connected");
@@ -6692,7 +6695,7 @@ input.addEventListener("paste", (event) => {
 
 @functools.cache
 def page() -> str:
-    """PAGE with the rules it takes from Python, built when first served (see hidden_ranges)."""
+    """PAGE with the rules it takes from Python, built once, as the first room starts (Gate)."""
     return PAGE.replace("@FROM_PYTHON@", json.dumps(dict(
         PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
         NOTICE_MARK=NOTICE_MARK, ACTION_MARK=ACTION_MARK, RESENT_MARK=RESENT_MARK,
@@ -6831,7 +6834,6 @@ async def run_server(args: argparse.Namespace) -> int:
                    allowed_origins=args.allow_origin,
                    allowed_hosts=args.allow_host, secure=ssl_context is not None)
     room = SharedRoom(args.redis, name_ttl=args.name_ttl, **options) if args.redis else BatchedRoom(**options)
-    page()   # built now (0.2-0.5 s), not in a stall of the room when a browser first asks
     if isinstance(room, SharedRoom):
         try:
             await room.connect()
