@@ -5912,10 +5912,13 @@ def describe_close(closed: ConnectionClosed) -> str:
     return f"{text} ({closed.code})"
 
 
+#: How the room's reason starts when it refuses a name (taken, or not valid); the page's too.
+NAME_REFUSAL = r"^(the|a) name "
+
+
 def is_name_refusal(closed: ConnectionClosed) -> bool:
     """Did the room refuse our name (taken, or not a valid name)? Then another may do."""
-    return closed.code == CloseCode.POLICY_VIOLATION and closed.reason.startswith(
-        ("the name ", "a name "))
+    return closed.code == CloseCode.POLICY_VIOLATION and bool(re.match(NAME_REFUSAL, closed.reason))
 
 
 class Sender:
@@ -6401,7 +6404,7 @@ button { font: inherit; color: #1a1a1a; background: #fff; border: 1px solid #595
 <button>Send</button></form>
 <script>
 "use strict";
-const {PATTERNS, LINES, NOTICE_MARK, ACTION_MARK, RESENT_MARK, HIDDEN, FLAG_TAG_SEQUENCE,
+const {PATTERNS, LINES, NOTICE_MARK, ACTION_MARK, RESENT_MARK, NAME_REFUSAL, HIDDEN, FLAG_TAG_SEQUENCE,
        MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE, CONFIRM_TIMEOUT, MAX_REASON_BYTES,
        RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
 const $ = (id) => document.getElementById(id);
@@ -6606,7 +6609,7 @@ function closed(event) {
     return;
   }
   $("send").hidden = true; $("join").hidden = false; retries = 0; backoff = FIRST_BACKOFF;
-  if (event.code === 1008 && /^(the|a) name /.test(event.reason)) {   // is_name_refusal(): another may do
+  if (event.code === 1008 && new RegExp(NAME_REFUSAL).test(event.reason)) {   // is_name_refusal()
     notify(event.reason); setStatus("pick another name");
     nameInput.value = myName || nameInput.value; myName = ""; token = "";
     nameInput.focus(); nameInput.select();
@@ -6698,7 +6701,7 @@ def page() -> str:
     """PAGE with the rules it takes from Python, built once, as the first room starts (Gate)."""
     return PAGE.replace("@FROM_PYTHON@", json.dumps(dict(
         PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
-        NOTICE_MARK=NOTICE_MARK, ACTION_MARK=ACTION_MARK, RESENT_MARK=RESENT_MARK,
+        NOTICE_MARK=NOTICE_MARK, ACTION_MARK=ACTION_MARK, RESENT_MARK=RESENT_MARK, NAME_REFUSAL=NAME_REFUSAL,
         HIDDEN=hidden_ranges(), FLAG_TAG_SEQUENCE=FLAG_TAG_SEQUENCE.pattern,
         MAX_WAITING_SHOWN=MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE=INPUT_HISTORY_SIZE,
         CONFIRM_TIMEOUT=CONFIRM_TIMEOUT, MAX_REASON_BYTES=MAX_CONTROL_PAYLOAD - 2,
