@@ -1626,6 +1626,7 @@ LINES = types.MappingProxyType({
     "private": LineFormat("[{sender} → {recipient}]: {text}", r"^\[([^\]\s]+) → ([^\]\s]+)\]: "),
     "history": LineFormat("(history {stamp}) {text}", r"^\(history (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\) "),
     "notice": LineFormat("* {text}", r"^\* "),
+    "renamed": LineFormat("* {old} is now known as {new}", r"^\* (\S+) is now known as (\S+)$"),
 })
 
 
@@ -2394,7 +2395,7 @@ class ChatRoom:
         old, member.name = member.name, name
         del self.members[name_key(old)]
         self.members[name_key(name)] = member
-        self.notice(f"* {old} is now known as {name}")
+        self.notice(LINES["renamed"].template.format(old=old, new=name))
 
     def command_quit(self, member: Member, reason: str) -> None:
         member.quit_reason = reason
@@ -6274,7 +6275,7 @@ class ChatClient:
         """One line from the room: show it, and note what it tells about our lines."""
         if self.ledger.confirms(line, self.name):
             self.keyboard.changed()   # no longer shown as waiting
-        renamed = re.fullmatch(r"\* (\S+) is now known as (\S+)", line)
+        renamed = LINES["renamed"].match(line)
         if renamed and renamed[1] == self.name:
             self.name = renamed[2]
         history = LINES["history"].match(line)
@@ -6562,7 +6563,7 @@ function received(line) {
   if (first && line === first.copy) {   // confirmed
     delivered += 1; pending.splice(pending.indexOf(first), 1); showWaiting();
   }
-  const renamed = /^\* (\S+) is now known as (\S+)$/.exec(line);
+  const renamed = LINE.renamed.exec(line);
   if (renamed && renamed[1] === myName) {
     myName = renamed[2]; setStatus("connected as " + myName);
     for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
