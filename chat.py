@@ -2366,7 +2366,7 @@ class ChatRoom:
         recipient_name, text = argument.split(maxsplit=1)   # parse_line checked there are two
         recipient = self.members.get(name_key(recipient_name))
         if recipient is None:
-            self.tell(member.conn, f"* there is no {recipient_name} here; /who lists who is")
+            self.tell(member.conn, f"* no one named {recipient_name} is here; /who lists who is")
             return
         line = private_line(member.name, recipient.name, text)
         self.tell(recipient.conn, line)
@@ -4655,7 +4655,7 @@ class SharedRoom(BatchedRoom):
             return
         holder = await self.names.holder(recipient_name)
         if holder is None:
-            self.tell(member.conn, f"* there is no {recipient_name} here; /who lists who is")
+            self.tell(member.conn, f"* no one named {recipient_name} is here; /who lists who is")
             return
         digest, _, recipient = holder
         line = private_line(member.name, recipient, text)
@@ -5119,13 +5119,17 @@ class LineEditor:
         self.cursor = self._boundary_from(self.cursor + len(text))
 
     def paste(self, text: str) -> list[str | Action]:
-        """A pasted block, as if typed: each complete line is sent on its own."""
+        """A pasted block, as if typed: each complete line is sent on its own. What
+        was after the cursor stays after the paste, in the line still being typed."""
         *lines, rest = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        after = self.buffer[self.cursor:] if lines else ""
+        self.buffer = self.buffer[:len(self.buffer) - len(after)]
         sent: list[str | Action] = []
         for line in lines:
             self.insert(line)
             sent.append(self.submit())
         self.insert(rest)
+        self.buffer += after   # the cursor stays where the paste ended
         return sent
 
     def submit(self) -> str:
@@ -6688,8 +6692,10 @@ input.addEventListener("paste", (event) => {
   if (!/[\r\n]/.test(text)) return;   // one line: the browser pastes it
   event.preventDefault();
   const lines = text.replace(/\r\n?/g, "\n").split("\n"), rest = lines.pop();
-  lines[0] = input.value.slice(0, input.selectionStart) + lines[0] + input.value.slice(input.selectionEnd);
-  input.value = rest;
+  const after = input.value.slice(input.selectionEnd);   // stays after the paste, unsent
+  lines[0] = input.value.slice(0, input.selectionStart) + lines[0];
+  input.value = rest + after;
+  input.setSelectionRange(rest.length, rest.length);
   lines.forEach(typed);
 });
 </script>

@@ -1166,7 +1166,7 @@ class TestChatRoom(ChatTestCase):
         await self.expect(alice, "[alice → bob]: psst")
         await self.expect(bob, "[alice → bob]: psst")
         await alice.send("/msg dave hello?")
-        await self.expect(alice, "* there is no dave here; /who lists who is")
+        await self.expect(alice, "* no one named dave is here; /who lists who is")
         await alice.send("public")
         for conn in (alice, bob, carol):   # carol's next line is this one: she saw no private message
             await self.expect(conn, "[alice]: public")
@@ -3028,7 +3028,7 @@ class TestSharedRoom(SharedRoomTestCase):
         await self.expect(bob, "[bob → alice]: psst")
         await self.expect(alice, "[bob → alice]: psst")
         await bob.send("/msg carol hello?")
-        await self.expect(bob, "* there is no carol here; /who lists who is")
+        await self.expect(bob, "* no one named carol is here; /who lists who is")
 
     async def test_names_are_unique_across_servers_and_history_is_shared(self):
         (_, one), (_, two) = await self.start_shared(), await self.start_shared()
@@ -3640,8 +3640,8 @@ class TestLineEditor(unittest.TestCase):
     def test_paste_is_as_if_typed(self) -> None:
         editor = self.editor("<>", 1)
         results = editor.handle(KeyEvent(Key.PASTE, "a\r\nb\rc\nd\tD\x1b\x07"))
-        self.assertEqual(results, ["<a>", "b", "c"])
-        self.assertEqual((editor.buffer, editor.cursor), ("d" + TAB_SPACES + "D", 6))
+        self.assertEqual(results, ["<a", "b", "c"])   # what was after the cursor stays, unsent
+        self.assertEqual((editor.buffer, editor.cursor), ("d" + TAB_SPACES + "D>", 6))
 
     # The issue's examples: 👩‍💻, 🏳️‍🌈 and 👨‍👩‍👧‍👦, each one grapheme cluster of 3 to 7 code points.
     CODER = "\U0001f469\u200d\U0001f4bb"
@@ -5377,21 +5377,23 @@ class TestPage(ChatTestCase):
         await self.join_page(tab)
         bob = await self.join("bob")
         await tab.evaluate("""(() => {
+          const text = document.getElementById("text");
+          text.value = " draft"; text.setSelectionRange(0, 0);   // stays after the paste, unsent
           const data = new DataTransfer();
           data.setData("text/plain", "one\\r\\ntwo\\nthree");
           document.getElementById("text").dispatchEvent(
             new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true}));
         })()""")
         await self.expect(bob, "[alice]: one", "[alice]: two")
-        self.assertEqual(await tab.evaluate("document.getElementById('text').value"), "three")
+        self.assertEqual(await tab.evaluate("document.getElementById('text').value"), "three draft")
         await self.assertLaidOut(tab)
         await tab.press("Enter")
-        await self.expect(bob, "[alice]: three")
+        await self.expect(bob, "[alice]: three draft")
         recalled = []
         for key in ("ArrowUp", "ArrowUp", "ArrowDown", "ArrowDown"):
             await tab.press(key)
             recalled.append(await tab.evaluate("document.getElementById('text').value"))
-        self.assertEqual(recalled, ["three", "two", "three", ""])
+        self.assertEqual(recalled, ["three draft", "two", "three draft", ""])
 
     async def test_quit_is_calm_and_offers_to_join_again(self):
         tab = await self.open_page()
