@@ -5648,6 +5648,9 @@ def read_lines_in_thread(keyboard: Keyboard, stdin: typing.TextIO, prompt: str |
                 line = ""
             if prompt is None and not line:
                 break            # "" is the end of a pipe
+            # Bytes that are not UTF-8 arrive as lone surrogates (surrogateescape):
+            # shown and sent as U+FFFD, as the terminal's decoder does.
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             loop.call_soon_threadsafe(keyboard.put, line.rstrip("\n"))
         loop.call_soon_threadsafe(keyboard.end)
 
@@ -7044,6 +7047,14 @@ def ip_address(text: str) -> str:
     return address
 
 
+def host_only(text: str) -> str:
+    """--host: a host name or an IP address (an IPv6 one bare or in brackets), no port."""
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" in host and canonical_address(host) is None:
+        raise ValueError(f"{text!r} is not a host name or address (a port goes in --port)")
+    return host
+
+
 def describe_os_error(error: OSError) -> str:
     """The few system errors a person starting chat.py meets, in words to act on."""
     if isinstance(error, socket.gaierror):
@@ -7195,7 +7206,7 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     "seconds, and gets its name back.")
     add_verbose_flag(client)
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
-    client.add_argument("--host", help=f"the server's host name or address (default: {CHAT_HOST})")
+    client.add_argument("--host", type=parsed_by(host_only), help=f"the server's host name or address (default: {CHAT_HOST})")
     client.add_argument("--port", type=whole_number(1, 65535),
                         help=f"the server's port (default: {CHAT_PORT})")
     client.add_argument("--url", type=parsed_by(parse_uri, keep_text=True),

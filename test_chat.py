@@ -4971,6 +4971,7 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
             (["--port", "18001"], "ws://127.0.0.1:18001/chat"),
             (["--host", "chat.example", "--port", "80"], "ws://chat.example:80/chat"),
             (["--host", "::1"], "ws://[::1]:8080/chat"),
+            (["--host", "[::1]"], "ws://[::1]:8080/chat"),
             (["--host", "chat.example", "--insecure"], "wss://chat.example:8080/chat"),
             (["--url", "wss://chat.example/chat"], "wss://chat.example/chat"),
         ]:
@@ -4980,6 +4981,15 @@ class TestCommandLine(QuietLogs, unittest.IsolatedAsyncioTestCase):
         self.assertEqual(status, 2)
         self.assertEqual(err.splitlines()[-1], "chat.py: error: give --url, or --host and --port, "
                                                "not both: --url is the whole address")
+        status, err = self.run_main(["client", "--host", "localhost:18001"])   # was a traceback
+        self.assertEqual((status, err.splitlines()[-1]), (2, "chat.py client: error: argument --host: "
+                         "'localhost:18001' is not a host name or address (a port goes in --port)"))
+
+    async def test_piped_bytes_that_are_not_utf8_are_sent_as_replacement_characters(self):
+        keyboard = chat.Keyboard()
+        chat.read_lines_in_thread(keyboard, io.StringIO("ok\udcff\udcfe bytes\n"), None)   # surrogateescape
+        await within(keyboard.wait_until(lambda: keyboard.ended))
+        self.assertEqual(list(keyboard.lines), ["ok\ufffd\ufffd bytes"])   # was a traceback when sent
 
     def test_verbose_before_or_after_the_command(self):
         parser = chat.build_parser()
