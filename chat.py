@@ -6422,6 +6422,7 @@ const LINE = Object.fromEntries(Object.entries(LINES).map(([kind, pattern]) => [
 let socket = null, greeted = false, myName = "", token = "", delivered = 0, reconnected = false;
 let backoff = FIRST_BACKOFF, retries = 0, retrying = null;   // backoffs in seconds
 let bucket = null, pumping = null, leaving = null, leaveBy = null;   // leaving: the /quit reason
+let maxSize = null;   // the room's limit on a line, in bytes, from its greeting
 const pending = [];     // our lines on their way, oldest first: {line, copy, sent}
 const seen = [];        // the latest lines shown, so a reconnect's history doesn't repeat them
 const sentLines = [];   // for Up and Down, as LineEditor in chat.py
@@ -6543,6 +6544,7 @@ function greeting(line) {
   greeted = true; backoff = FIRST_BACKOFF; retries = 0;   // in the room: the next outage starts over
   const name = field(line, "name"), rate = parseFloat(field(line, "rate")), resume = field(line, "token");
   const has = parseInt(field(line, "delivered")) || 0;
+  maxSize = parseInt(field(line, "max_size")) || null;
   // Back in the same room (it gave our token back): it says how many of our
   // lines it has, so the first of the unconfirmed ones arrived; the rest are
   // sent again. A room that doesn't know us can't say: all go again, marked;
@@ -6633,6 +6635,11 @@ function typed(line) {   // a line the user sent: remembered for Up, then on its
   if (!line.trim() || leaving !== null) return;   // typed after /quit: not for the room
   const quit = /^\/quit(?:\s+([\s\S]*))?$/i.exec(line);
   if (quit) { leave((quit[1] || "").trim()); return; }
+  const size = new TextEncoder().encode(line).length;   // refused here, as Sender.check_typed() does:
+  if (maxSize && size > maxSize) {                      // the room would close the connection (1009)
+    notify("not sent: the line is " + size + " bytes; the room takes lines of up to " + maxSize, "error");
+    return;
+  }
   pending.push({line, copy: null, sent: false});
   pump();
 }

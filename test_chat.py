@@ -5405,6 +5405,18 @@ class TestPage(ChatTestCase):
             recalled.append(await tab.evaluate("document.getElementById('text').value"))
         self.assertEqual(recalled, ["three draft", "two", "three draft", ""])
 
+    async def test_a_line_over_the_room_s_limit_is_refused_here_and_the_page_stays(self):
+        server = await self.start_room(room=chat.ChatRoom(rate=0, max_size=100), max_size=100)
+        tab = await self.open_page(server=server)
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await tab.evaluate("document.getElementById('text').value = 'z'.repeat(101)")
+        await tab.press("Enter")   # the room would close the connection with 1009
+        await tab.shown("-!- not sent: the line is 101 bytes; the room takes lines of up to 100")
+        await tab.type("short")
+        await tab.press("Enter")
+        await self.expect(bob, "[alice]: short")
+
     async def test_quit_is_calm_and_offers_to_join_again(self):
         tab = await self.open_page()
         await self.join_page(tab)
