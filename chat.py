@@ -6413,7 +6413,7 @@ button { font: inherit; color: #1a1a1a; background: #fff; border: 1px solid #595
 <script>
 "use strict";
 const {PATTERNS, LINES, NOTICE_MARK, ACTION_MARK, RESENT_MARK, NAME_REFUSAL, HIDDEN, FLAG_TAG_SEQUENCE,
-       MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE, CONFIRM_TIMEOUT, MAX_REASON_BYTES,
+       MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE, CONFIRM_TIMEOUT, MAX_REASON_BYTES, NO_ANSWER_TIMEOUT,
        RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
 const $ = (id) => document.getElementById(id);
 const log = $("log"), waitingList = $("waiting"), status = $("status");
@@ -6423,6 +6423,7 @@ let socket = null, greeted = false, myName = "", token = "", delivered = 0, reco
 let backoff = FIRST_BACKOFF, retries = 0, retrying = null;   // backoffs in seconds
 let bucket = null, pumping = null, leaving = null, leaveBy = null;   // leaving: the /quit reason
 let maxSize = null;   // the room's limit on a line, in bytes, from its greeting
+let watching = null;  // the timer that gives up on a room that doesn't answer (watch())
 const pending = [];     // our lines on their way, oldest first: {line, copy, sent}
 const seen = [];        // the latest lines shown, so a reconnect's history doesn't repeat them
 const sentLines = [];   // for Up and Down, as LineEditor in chat.py
@@ -6570,7 +6571,7 @@ function greeting(line) {
 function received(line) {
   const first = pending.find((p) => p.sent);
   if (first && line === first.copy) {   // confirmed
-    delivered += 1; pending.splice(pending.indexOf(first), 1); showWaiting();
+    delivered += 1; pending.splice(pending.indexOf(first), 1); showWaiting(); watch();
   }
   const renamed = LINE.renamed.exec(line);
   if (renamed && renamed[1] === myName) {
@@ -6600,13 +6601,28 @@ function pump() {   // send what waits, at the room's pace (it would hold the re
     socket.send(p.line); p.sent = true; p.copy = copyOf(p.line);
     if (p.copy === null) pending.splice(pending.indexOf(p), 1);   // a command: a reply comes, no copy
   }
-  showWaiting();
+  showWaiting(); watch();
   leaveIfDone();
+}
+
+// A frozen server answers nothing, and a page can't send a ping (the
+// browser's WebSocket has no API for it): a line of ours unanswered for
+// NO_ANSWER_TIMEOUT s means the link is dead, as unanswered pings tell the
+// terminal client. Then the page reconnects, and the greeting says what to resend.
+function watch() {
+  clearTimeout(watching);
+  if (socket && pending.some((p) => p.sent)) watching = setTimeout(noAnswer, NO_ANSWER_TIMEOUT * 1000);
+}
+function noAnswer() {
+  const ws = socket;
+  if (!ws) return;
+  socket = null; ws.close();   // its close may never finish: it is no longer ours (connect())
+  closed({code: 1006, reason: "no answer from the server in " + NO_ANSWER_TIMEOUT + " s"});
 }
 
 function closed(event) {
   const wasGreeted = greeted, why = event.code + (event.reason ? ": " + event.reason : "");
-  socket = null; greeted = false; clearTimeout(pumping);
+  socket = null; greeted = false; clearTimeout(pumping); clearTimeout(watching);
   if (wasGreeted) reconnected = true;
   if (leaving !== null) { left(); return; }
   if (RECONNECT.includes(event.code)) {   // RECONNECT_CODES: the room may well be back soon
@@ -6646,6 +6662,7 @@ function typed(line) {   // a line the user sent: remembered for Up, then on its
 
 function leave(reason) {   // /quit: once the room has every line sent before, as the terminal does
   leaving = reason;
+  setStatus("leaving…");
   if (!socket) { clearTimeout(retrying); left(); return; }
   leaveBy = setTimeout(() => socket && socket.close(1000, closeReason()), CONFIRM_TIMEOUT * 1000);
   leaveIfDone();
@@ -6722,6 +6739,7 @@ def page() -> str:
         HIDDEN=hidden_ranges(), FLAG_TAG_SEQUENCE=FLAG_TAG_SEQUENCE.pattern,
         MAX_WAITING_SHOWN=MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE=INPUT_HISTORY_SIZE,
         CONFIRM_TIMEOUT=CONFIRM_TIMEOUT, MAX_REASON_BYTES=MAX_CONTROL_PAYLOAD - 2,
+        NO_ANSWER_TIMEOUT=3 * CLIENT_KEEPALIVE_INTERVAL,
         RECONNECT=sorted(RECONNECT_CODES), FIRST_BACKOFF=FIRST_BACKOFF, MAX_BACKOFF=MAX_BACKOFF)))
 
 

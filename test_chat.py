@@ -5417,6 +5417,26 @@ class TestPage(ChatTestCase):
         await tab.press("Enter")
         await self.expect(bob, "[alice]: short")
 
+    async def test_a_room_that_never_answers_a_line_is_left_and_rejoined(self):
+        class Frozen(chat.ChatRoom):   # as a server stopped with kill -STOP: the first line gets nothing
+            def on_text(self, member, text):
+                if member.name == "alice" and not self.froze:
+                    self.froze = True
+                    return
+                super().on_text(member, text)
+        room = Frozen(rate=0)
+        room.froze = False
+        server = await self.start_room(room=room)
+        tab = await self.open_page(server=server)
+        await self.join_page(tab)
+        bob = await self.join("bob")
+        await tab.type("are you there?")
+        await tab.press("Enter")
+        await self.expect(bob, "* alice left", "* alice joined")   # the page gave up, came back
+        await self.expect(bob, "[alice]: (resent) are you there?")   # sent again, marked: the
+        # room forgot alice when she left, so it can't say whether it had the line
+        await tab.wait_for("!document.getElementById('waiting').textContent")
+
     async def test_quit_is_calm_and_offers_to_join_again(self):
         tab = await self.open_page()
         await self.join_page(tab)
