@@ -6187,9 +6187,12 @@ class ChatClient:
             reason = sending.result()
             if reason is None:               # a send failed: the connection is closing
                 return await receiving       # bounded: a closing connection has its timer
-            if not self.keyboard.interrupted:
-                if not await self.confirmed_before_leaving(conn, receiving):
-                    return receiving.result()
+            if self.keyboard.interrupted:   # Ctrl-C: out within a second, answered or not
+                with contextlib.suppress(asyncio.TimeoutError):   # (a frozen server never is)
+                    await asyncio.wait_for(conn.close(CloseCode.NORMAL_CLOSURE, reason), 1.0)
+                return None
+            if not await self.confirmed_before_leaving(conn, receiving):
+                return receiving.result()
             await conn.close(CloseCode.NORMAL_CLOSURE, reason)
             return None
         finally:
