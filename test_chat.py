@@ -4635,6 +4635,21 @@ class TestChatClient(ChatTestCase):
         self.assertIn("-!- not sent: two", shown)
         self.assertEqual(received, ["one"])
 
+    async def test_ctrl_c_leaves_within_a_second_when_the_server_is_frozen(self):
+        async def frozen_room(conn):   # greets, then reads nothing: a close is never answered
+            await conn.send("* You are connected as bot! 0 lines of history follow.")
+            await asyncio.Event().wait()
+
+        server = await self.start(frozen_room, close_timeout=0.5)
+        stdin, feed = self.pipe()
+        client, out = self.client(f"ws://127.0.0.1:{server.port}/chat", stdin, "bot")
+        running = asyncio.create_task(client.run())
+        await until(lambda: "You are connected" in out.getvalue())
+        client.keyboard.interrupt()
+        started = asyncio.get_running_loop().time()
+        self.assertEqual(await within(running), 0)
+        self.assertLess(asyncio.get_running_loop().time() - started, 2.5)   # not the 5 s close timeout
+
     async def test_quit_command_exits_0_and_sends_nothing_after_it(self):
         await self.start_room()
         alice = await self.join("alice")
