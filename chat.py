@@ -7234,7 +7234,8 @@ def add_client_command(commands: argparse._SubParsersAction) -> None:
                     "seconds, and gets its name back.")
     add_verbose_flag(client)
     client.add_argument("--name", help="your name in the room (default: the server picks userN)")
-    client.add_argument("--host", type=parsed_by(host_only), help=f"the server's host name or address (default: {CHAT_HOST})")
+    client.add_argument("--host", type=parsed_by(host_only),
+                        help=f"the server's host name or address (default: {CHAT_HOST})")
     client.add_argument("--port", type=whole_number(1, 65535),
                         help=f"the server's port (default: {CHAT_PORT})")
     client.add_argument("--url", type=parsed_by(parse_uri, keep_text=True),
