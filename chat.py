@@ -4752,9 +4752,20 @@ def char_width(ch: str) -> int:
     return 2 if unicodedata.east_asian_width(ch) in WIDE_CLASSES else 1
 
 
+def cell_widths(text: str) -> Iterator[int]:
+    """The cells each character of text takes: char_width, except that an emoji after
+    a ZERO WIDTH JOINER takes none. 👩‍💻 is then one glyph two cells wide, as tmux,
+    kitty, WezTerm and iTerm2 draw it (xterm draws both halves: no count is right
+    on every terminal, and this one is right on most)."""
+    joined = False
+    for ch in text:
+        yield 0 if joined and grapheme_break(ch) == "ExtPict" else char_width(ch)
+        joined = ch == "\u200d"
+
+
 def display_width(text: str) -> int:
     """How many terminal cells text takes on one unbounded row."""
-    return sum(char_width(ch) for ch in text)
+    return sum(cell_widths(text))
 
 
 def is_control(ch: str) -> bool:
@@ -5203,8 +5214,7 @@ def layout(text: str, cursor: int, width: int) -> Layout:
     """Break text into rows of at most width cells; find the cell of text[cursor]."""
     rows, col = [""], 0
     cursor_row = cursor_col = 0
-    for i, ch in enumerate(text):
-        w = char_width(ch)
+    for i, (ch, w) in enumerate(zip(text, cell_widths(text))):
         if col + w > width:    # a wide char that would straddle the margin starts the next row
             rows.append("")
             col = 0
