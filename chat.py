@@ -6584,7 +6584,7 @@ function greeting(line) {
 function received(line) {
   const first = pending.find((p) => p.sent);
   if (first && line === first.copy) {   // confirmed
-    delivered += 1; pending.splice(pending.indexOf(first), 1); showWaiting(); watch();
+    delivered += 1; pending.splice(pending.indexOf(first), 1); showWaiting(); watch(true);
   }
   const renamed = LINE.renamed.exec(line);
   if (renamed && renamed[1] === myName) {
@@ -6622,12 +6622,15 @@ function pump() {   // send what waits, at the room's pace (it would hold the re
 // browser's WebSocket has no API for it): a line of ours unanswered for
 // NO_ANSWER_TIMEOUT s means the link is dead, as unanswered pings tell the
 // terminal client. Then the page reconnects, and the greeting says what to resend.
-function watch() {
-  clearTimeout(watching);
-  if (socket && pending.some((p) => p.sent)) watching = setTimeout(noAnswer, NO_ANSWER_TIMEOUT * 1000);
+function watch(answered) {   // answered: the room confirmed a line, so it is alive now
+  if (answered || !pending.some((p) => p.sent)) { clearTimeout(watching); watching = null; }
+  if (watching === null && socket && pending.some((p) => p.sent)) {   // not reset by each send
+    watching = setTimeout(noAnswer, NO_ANSWER_TIMEOUT * 1000);
+  }
 }
 function noAnswer() {
   const ws = socket;
+  watching = null;
   if (!ws) return;
   socket = null; ws.close();   // its close may never finish: it is no longer ours (connect())
   closed({code: 1006, reason: "no answer from the server in " + NO_ANSWER_TIMEOUT + " s"});
@@ -6635,7 +6638,7 @@ function noAnswer() {
 
 function closed(event) {
   const wasGreeted = greeted, why = event.code + (event.reason ? ": " + event.reason : "");
-  socket = null; greeted = false; clearTimeout(pumping); clearTimeout(watching);
+  socket = null; greeted = false; clearTimeout(pumping); clearTimeout(watching); watching = null;
   if (wasGreeted) reconnected = true;
   if (leaving !== null) { left(); return; }
   if (RECONNECT.includes(event.code)) {   // RECONNECT_CODES: the room may well be back soon
