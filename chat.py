@@ -6039,6 +6039,12 @@ class Sender:
         return parsed
 
 
+#: The notice before a replayed history: for a newcomer, and for one back after an outage.
+HISTORY_BEGINS = types.MappingProxyType({
+    "new": "history: what was said here before you came",
+    "back": "history: what was said while you were away"})
+
+
 class HistoryBlock:
     """Notices around the history a room replays after its greeting: no I/O.
 
@@ -6057,8 +6063,7 @@ class HistoryBlock:
         """A greeting announced ``count`` lines of history (None: it didn't say)."""
         self.due, self.shown = count, 0
         # After a reconnect, only what we have not seen is shown (ChatClient.on_line).
-        self.heading = "* history: what was said " + (
-            "while you were away" if been_here else "here before you came")
+        self.heading = "* " + HISTORY_BEGINS["back" if been_here else "new"]
 
     def around(self, history: bool, shown: bool) -> tuple[list[str], list[str]]:
         """The notices to show before and after one line from the room (``shown``: not a repeat)."""
@@ -6425,7 +6430,7 @@ button { font: inherit; color: #1a1a1a; background: #fff; border: 1px solid #595
 <button>Send</button></form>
 <script>
 "use strict";
-const {PATTERNS, LINES, NOTICE_MARK, ACTION_MARK, RESENT_MARK, NAME_REFUSAL, HIDDEN, FLAG_TAG_SEQUENCE,
+const {PATTERNS, LINES, NOTICE_MARK, ACTION_MARK, RESENT_MARK, NAME_REFUSAL, HISTORY_BEGINS, HIDDEN, FLAG_TAG_SEQUENCE,
        MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE, CONFIRM_TIMEOUT, MAX_REASON_BYTES, NO_ANSWER_TIMEOUT,
        RECONNECT, FIRST_BACKOFF, MAX_BACKOFF} = @FROM_PYTHON@;
 const $ = (id) => document.getElementById(id);
@@ -6437,6 +6442,7 @@ let backoff = FIRST_BACKOFF, retries = 0, retrying = null;   // backoffs in seco
 let bucket = null, pumping = null, leaving = null, leaveBy = null;   // leaving: the /quit reason
 let maxSize = null;   // the room's limit on a line, in bytes, from its greeting
 let watching = null;  // the timer that gives up on a room that doesn't answer (watch())
+let historyDue = 0, historyShown = 0;   // the replay after a greeting (HistoryBlock in chat.py)
 const pending = [];     // our lines on their way, oldest first: {line, copy, sent}
 const seen = [];        // the latest lines shown, so a reconnect's history doesn't repeat them
 const sentLines = [];   // for Up and Down, as LineEditor in chat.py
@@ -6559,6 +6565,7 @@ function greeting(line) {
   const name = field(line, "name"), rate = parseFloat(field(line, "rate")), resume = field(line, "token");
   const has = parseInt(field(line, "delivered")) || 0;
   maxSize = parseInt(field(line, "max_size")) || null;
+  historyDue = parseInt(field(line, "history")) || 0; historyShown = 0;
   // Back in the same room (it gave our token back): it says how many of our
   // lines it has, so the first of the unconfirmed ones arrived; the rest are
   // sent again. A room that doesn't know us can't say: all go again, marked;
@@ -6592,11 +6599,18 @@ function received(line) {
     for (const p of pending) if (p.sent) p.copy = copyOf(p.line);   // copies now carry it
   }
   const history = LINE.history.exec(line), text = history ? line.slice(history[0].length) : line;
+  if (!history) endHistory();   // the room has gone live
   if (!(history && reconnected && seen.includes(text))) {   // else shown before the reconnect
+    if (history && !historyShown++) notify(HISTORY_BEGINS[reconnected ? "back" : "new"]);
     seen.push(text); if (seen.length > 100) seen.shift();
     show(...display(line));
   }
+  if (history && --historyDue === 0) endHistory();
   leaveIfDone();
+}
+function endHistory() {   // grey alone is not enough to tell an hour ago from now
+  if (historyShown) notify("end of history (" + historyShown + (historyShown === 1 ? " line)" : " lines)"));
+  historyShown = historyDue = 0;
 }
 
 function pump() {   // send what waits, at the room's pace (it would hold the rest anyway)
@@ -6752,6 +6766,7 @@ def page() -> str:
     return PAGE.replace("@FROM_PYTHON@", json.dumps(dict(
         PATTERNS=dict(GREETING_PATTERNS), LINES={name: line.pattern for name, line in LINES.items()},
         NOTICE_MARK=NOTICE_MARK, ACTION_MARK=ACTION_MARK, RESENT_MARK=RESENT_MARK, NAME_REFUSAL=NAME_REFUSAL,
+        HISTORY_BEGINS=dict(HISTORY_BEGINS),
         HIDDEN=hidden_ranges(), FLAG_TAG_SEQUENCE=FLAG_TAG_SEQUENCE.pattern,
         MAX_WAITING_SHOWN=MAX_WAITING_SHOWN, INPUT_HISTORY_SIZE=INPUT_HISTORY_SIZE,
         CONFIRM_TIMEOUT=CONFIRM_TIMEOUT, MAX_REASON_BYTES=MAX_CONTROL_PAYLOAD - 2,

@@ -5457,6 +5457,19 @@ class TestPage(ChatTestCase):
         # room forgot alice when she left, so it can't say whether it had the line
         await tab.wait_for("!document.getElementById('waiting').textContent")
 
+    async def test_history_is_marked_where_it_starts_and_ends(self):
+        await self.start_room()
+        bob = await self.join("bob")
+        for text in ("one", "two"):
+            await bob.send(text)
+            await self.expect(bob, f"[bob]: {text}")
+        tab = await self.open_page(server=self.server)
+        await self.join_page(tab)
+        await tab.shown("-!- end of history (2 lines)")
+        texts = [text for text, _ in await tab.log_lines()]
+        self.assertEqual(texts[1:], ["-!- history: what was said here before you came",
+                                     "[bob]: one", "[bob]: two", "-!- end of history (2 lines)"])
+
     async def test_quit_is_calm_and_offers_to_join_again(self):
         tab = await self.open_page()
         await self.join_page(tab)
