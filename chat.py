@@ -3134,7 +3134,8 @@ class PublicServer(WebSocketServer):
         if isinstance(handler, LoopErrorLog):
             self._loop_errors = handler
             handler.servers.add(self)
-        if ssl_context is not None:   # TLS is done here, not by asyncio: see _serve_tls
+        if ssl_context is not None:   # TLS is done here, not by asyncio: each connection
+            # starts in _serve_tls instead (WebSocketServer.start hands self._serve_tcp to asyncio)
             self._tls, self._serve_tcp = ssl_context, self._serve_tls
         await super().start(host, port, None, reuse_port)
 
